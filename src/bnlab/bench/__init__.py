@@ -1,0 +1,1 @@
+"""Benchmarks behind ``bnlab bench`` and ``benchmarks/*.py``: scripts, never timed tests."""

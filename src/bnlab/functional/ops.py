@@ -1,0 +1,160 @@
+"""The torch-op path: normalization written as differentiable tensor formulas.
+
+This path serves every device and dtype (CUDA, fp16/bf16 with float32 accumulation) and every
+cross-process setting; autograd derives its backward. ``bnlab.functional`` dispatches to fused
+CPU kernels where they apply and to these formulas everywhere else, so the two must agree.
+
+The statistics are two-pass (mean first, then the spread of the centred values), which keeps a
+channel with mean 1e4 and unit variance accurate in float32 where E[x^2] - E[x]^2 would not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from bnlab.functional.distributed import (
+    ProcessGroup,
+    all_gather_stack,
+    all_reduce_sum,
+    global_count,
+)
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class BatchStats(NamedTuple):
+    """Per-channel statistics of one normalization, all shape (C,) in the compute dtype."""
+
+    mean: Tensor
+    scale: Tensor
+    """The divisor s: sqrt(var + eps) for BN and p = 2, D_p + eps for p = 1 and inf."""
+    var: Tensor
+    """Biased variance (p = 2) or the spread D_p (p = 1, inf)."""
+    n: int
+    """Values per channel over all ranks."""
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """fp16/bf16 inputs are normalized in float32 (their statistics would overflow or round)."""
+    return torch.float32 if x.dtype in LOW_PRECISION else x.dtype
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def channel_view(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a (C,) vector to broadcast against x of shape (N, C, *)."""
+    return v.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def check_batch_size(count: int, x: Tensor) -> None:
+    if count <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+        )
+
+
+def batch_stats(
+    x: Tensor, eps: float, p: float = 2.0, group: ProcessGroup | None = None
+) -> BatchStats:
+    """Differentiable per-channel mean and lp scale of x (N, C, *), over all ranks of ``group``."""
+    dims = reduce_dims(x)
+    n = global_count(x.numel() // x.shape[1], x.device, group)
+    check_batch_size(n, x)
+    mean = all_reduce_sum(x.sum(dims), group) / n
+    x_centered = x - channel_view(mean, x)
+    if p == 2:
+        var = all_reduce_sum((x_centered * x_centered).sum(dims), group) / n
+        return BatchStats(mean, torch.sqrt(var + eps), var, n)
+    if p == 1:
+        spread = all_reduce_sum(x_centered.abs().sum(dims), group) / n
+    elif p == math.inf:
+        spread = all_gather_stack(x_centered.abs().amax(dims), group).amax(0)
+    else:
+        raise ValueError(f"p must be one of 1, 2, inf, got {p}")
+    return BatchStats(mean, spread + eps, spread, n)
+
+
+def affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    if weight is not None:
+        x_hat = x_hat * channel_view(weight.to(x_hat.dtype), x_hat)
+    if bias is not None:
+        x_hat = x_hat + channel_view(bias.to(x_hat.dtype), x_hat)
+    return x_hat
+
+
+def normalize(
+    x: Tensor, mean: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """y = weight * (x - mean) / scale + bias, per channel."""
+    return affine((x - channel_view(mean, x)) / channel_view(scale, x), weight, bias)
+
+
+def update_running(running: Tensor | None, value: Tensor, momentum: float) -> None:
+    """running <- (1 - momentum) * running + momentum * value, in place, outside autograd."""
+    if running is None:
+        return
+    with torch.no_grad():
+        running.lerp_(value.detach().to(running.dtype), momentum)
+
+
+def unbiased(var: Tensor, count: int) -> Tensor:
+    return var * (count / (count - 1))
+
+
+def lp_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    p: float,
+    group: ProcessGroup | None = None,
+) -> tuple[Tensor, BatchStats]:
+    """Training-mode (lp) batch normalization in compute precision: returns (y, stats)."""
+    stats = batch_stats(x, eps, p, group)
+    return normalize(x, stats.mean, stats.scale, weight, bias), stats
+
+
+def ghost_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    virtual_batch_size: int,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Ghost BatchNorm: normalize each chunk of ``virtual_batch_size`` samples on its own.
+
+    Returns ``(y, mean_sum, unbiased_var_sum, chunks)``: sums over chunks of each chunk's mean and
+    unbiased variance, for the running statistics (their average over all chunks of all ranks).
+    """
+    outputs, means, variances = [], [], []
+    for chunk in torch.split(x, virtual_batch_size, dim=0):
+        y, stats = lp_train(chunk, weight, bias, eps, 2.0)
+        outputs.append(y)
+        means.append(stats.mean.detach())
+        variances.append(unbiased(stats.var.detach(), stats.n))
+    y = torch.cat(outputs, dim=0)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y, torch.stack(means).sum(0), torch.stack(variances).sum(0), len(outputs)
+
+
+def renorm_correction(
+    stats: BatchStats,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[Tensor, Tensor]:
+    """Batch Renormalization's r and d (Ioffe 2017), held constant in the backward pass."""
+    with torch.no_grad():
+        sigma = torch.sqrt(running_var.to(stats.scale.dtype) + eps)
+        r = (stats.scale / sigma).clamp(1.0 / r_max, r_max)
+        d = ((stats.mean - running_mean.to(stats.mean.dtype)) / sigma).clamp(-d_max, d_max)
+    return r, d
