@@ -217,7 +217,7 @@ def batch_renorm(
     x = input.to(dtype)
     stats = ops.batch_stats(x, eps, 2.0, resolve_group(process_group, sync_stats))
     r, d = ops.renorm_correction(stats, running_mean, running_var, eps, r_max, d_max)
-    x_hat = (x - ops.channel_view(stats.mean, x)) * ops.channel_view(r / stats.scale, x)
+    x_hat = stats.centered * ops.channel_view(r / stats.scale, x)
     y = ops.affine(x_hat + ops.channel_view(d, x), weight, bias)
     ops.update_running(running_mean, stats.mean, momentum)
     ops.update_running(running_var, ops.unbiased(stats.var, stats.n), momentum)

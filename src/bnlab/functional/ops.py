@@ -14,6 +14,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from bnlab.functional.distributed import (
@@ -36,6 +37,8 @@ class BatchStats(NamedTuple):
     """Biased variance (p = 2) or the spread D_p (p = 1, inf)."""
     n: int
     """Values per channel over all ranks."""
+    centered: Tensor
+    """x - mean, computed without the rounding of a large mean (see :func:`batch_stats`)."""
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -62,22 +65,36 @@ def check_batch_size(count: int, x: Tensor) -> None:
 def batch_stats(
     x: Tensor, eps: float, p: float = 2.0, group: ProcessGroup | None = None
 ) -> BatchStats:
-    """Differentiable per-channel mean and lp scale of x (N, C, *), over all ranks of ``group``."""
+    """Differentiable per-channel statistics of x (N, C, *), over all ranks of ``group``.
+
+    The data are first shifted by one of their own values per channel (any value near the data
+    works; it cancels exactly): x - shift is exact in floating point for values within a factor
+    of two of the shift (Sterbenz), so the mean of the shifted data is small and precise, and
+    ``centered`` = (x - shift) - mean_shifted keeps full relative accuracy even for a channel
+    with mean 1e4 and unit variance in float32, where x - mean would carry the rounding of a
+    1e4-sized mean.
+    """
     dims = reduce_dims(x)
     n = global_count(x.numel() // x.shape[1], x.device, group)
     check_batch_size(n, x)
-    mean = all_reduce_sum(x.sum(dims), group) / n
-    x_centered = x - channel_view(mean, x)
+    # The first sample's first value per channel; the same shift on every rank (rank 0's).
+    shift = x.detach()[0].reshape(x.shape[1], -1)[:, 0].clone()
+    if group is not None:
+        dist.broadcast(shift, src=dist.get_global_rank(group, 0), group=group)
+    shifted = x - channel_view(shift, x)
+    mean_shifted = all_reduce_sum(shifted.sum(dims), group) / n
+    centered = shifted - channel_view(mean_shifted, x)
+    mean = shift + mean_shifted
     if p == 2:
-        var = all_reduce_sum((x_centered * x_centered).sum(dims), group) / n
-        return BatchStats(mean, torch.sqrt(var + eps), var, n)
+        var = all_reduce_sum((centered * centered).sum(dims), group) / n
+        return BatchStats(mean, torch.sqrt(var + eps), var, n, centered)
     if p == 1:
-        spread = all_reduce_sum(x_centered.abs().sum(dims), group) / n
+        spread = all_reduce_sum(centered.abs().sum(dims), group) / n
     elif p == math.inf:
-        spread = all_gather_stack(x_centered.abs().amax(dims), group).amax(0)
+        spread = all_gather_stack(centered.abs().amax(dims), group).amax(0)
     else:
         raise ValueError(f"p must be one of 1, 2, inf, got {p}")
-    return BatchStats(mean, spread + eps, spread, n)
+    return BatchStats(mean, spread + eps, spread, n, centered)
 
 
 def affine(x_hat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -117,7 +134,7 @@ def lp_train(
 ) -> tuple[Tensor, BatchStats]:
     """Training-mode (lp) batch normalization in compute precision: returns (y, stats)."""
     stats = batch_stats(x, eps, p, group)
-    return normalize(x, stats.mean, stats.scale, weight, bias), stats
+    return affine(stats.centered / channel_view(stats.scale, x), weight, bias), stats
 
 
 def ghost_train(
