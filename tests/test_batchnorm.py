@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import TOL, rel_err
 from hypothesis import given
 from hypothesis import strategies as st
 
 import bnlab.nn as bnn
 from bnlab.functional import reference as R
+from helpers import TOL, rel_err
 
 RANKS = {
     1: (bnn.BatchNorm1d, torch.nn.BatchNorm1d),
@@ -214,7 +214,7 @@ def test_wrong_channel_count_names_expected_and_actual():
 )
 def test_wrong_rank_names_expected_and_actual(cls, shape, expected):
     with pytest.raises(
-        ValueError, match=f"expects a {expected} input .* got a {len(shape)}-D input"
+        ValueError, match=rf"expects a {expected} input .* got a {len(shape)}-D input"
     ):
         cls(3)(torch.randn(shape))
 
@@ -231,7 +231,7 @@ def test_one_value_per_channel_in_training_raises_like_torch():
 
 
 def test_integer_input_names_the_dtype():
-    with pytest.raises(TypeError, match="floating-point input, got dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"floating-point input, got dtype torch\.int64"):
         bnn.BatchNorm1d(3)(torch.ones(4, 3, dtype=torch.long))
 
 
