@@ -1,0 +1,263 @@
+"""lp, noisy, ghost and renorm BatchNorm: against the float64 reference, torch.nn and gradcheck."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import bnlab.functional as F
+import bnlab.nn as bnn
+from bnlab.functional import reference as R
+from helpers import TOL, rel_err
+
+P_VALUES = [1, 2, math.inf]
+
+
+@st.composite
+def lp_cases(draw):
+    rank = draw(st.sampled_from([1, 2]))
+    n, c = draw(st.integers(2, 6)), draw(st.integers(1, 4))
+    spatial = (draw(st.integers(1, 3)), draw(st.integers(1, 3))) if rank == 2 else ()
+    return {
+        "shape": (n, c, *spatial),
+        "p": draw(st.sampled_from(P_VALUES)),
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
+        "channels_last": rank == 2 and draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+@given(case=lp_cases())
+def test_lp_batch_norm_matches_float64_reference(case):
+    shape, p, dtype = case["shape"], case["p"], case["dtype"]
+    c = shape[1]
+    rng = np.random.default_rng(case["seed"])
+    gamma, beta = rng.uniform(0.5, 2, size=c), rng.normal(size=c)
+    layer = (bnn.LpBatchNorm2d if len(shape) == 4 else bnn.LpBatchNorm1d)(
+        c, p=p, momentum=0.2, dtype=dtype
+    )
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(gamma))
+        layer.bias.copy_(torch.from_numpy(beta))
+    x = torch.from_numpy(rng.normal(1.0, 2.0, size=shape)).to(dtype)
+    if case["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    dy = rng.normal(size=shape)
+    y = layer(x)
+    y.backward(torch.from_numpy(dy).to(dtype))
+    y_ref, cache = R.lp_batch_norm_forward(x.detach().double().numpy(), gamma, beta, layer.eps, p)
+    dx_ref, dgamma_ref, dbeta_ref = R.lp_batch_norm_backward(dy, cache)
+    tol = TOL[dtype]
+    assert rel_err(y, y_ref) <= tol
+    assert rel_err(x.grad, dx_ref) <= tol * 10
+    assert rel_err(layer.weight.grad, dgamma_ref) <= tol * 10
+    assert rel_err(layer.bias.grad, dbeta_ref) <= tol * 10
+    assert rel_err(layer.running_mean, 0.2 * cache.mean) <= tol
+    assert rel_err(layer.running_scale, 0.8 + 0.2 * cache.scale) <= tol
+    layer.eval()
+    x2 = rng.normal(size=shape)
+    y_eval = layer(torch.from_numpy(x2).to(dtype))
+    expected = R.lp_batch_norm_inference(
+        x2, layer.running_mean.double().numpy(), layer.running_scale.double().numpy(), gamma, beta
+    )
+    assert rel_err(y_eval, expected) <= tol
+
+
+def test_l2_batch_norm_equals_batch_norm_in_training():
+    x = (torch.randn(8, 3, 4, 4, dtype=torch.float64) * 2 + 1).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    dy = torch.randn_like(x)
+    bnn.LpBatchNorm2d(3, p=2, dtype=torch.float64)(x).backward(dy)
+    y = bnn.BatchNorm2d(3, dtype=torch.float64)(x2)
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_lp_rejects_unknown_p():
+    with pytest.raises(ValueError, match="p must be 1, 2 or inf"):
+        bnn.LpBatchNorm2d(3, p=3)
+
+
+# --- gradcheck in float64 for every variant ---------------------------------------------------
+
+VARIANTS = {
+    "bn": lambda: bnn.BatchNorm2d(3, dtype=torch.float64),
+    "l1": lambda: bnn.LpBatchNorm2d(3, p=1, dtype=torch.float64),
+    "l2": lambda: bnn.LpBatchNorm2d(3, p=2, dtype=torch.float64),
+    "linf": lambda: bnn.LpBatchNorm2d(3, p=math.inf, dtype=torch.float64),
+    "noisy_bn": lambda: bnn.NoisyBatchNorm2d(3, seed=0, dtype=torch.float64),
+    "ghost": lambda: bnn.GhostBatchNorm2d(3, virtual_batch_size=2, dtype=torch.float64),
+    # Renorm's r and d are constants in the backward pass by design (Ioffe 2017); with running
+    # statistics far from the batch both are clipped, so the forward is locally the function the
+    # backward differentiates and gradcheck is meaningful.
+    "renorm": lambda: _far_renorm(),
+}
+
+
+def _far_renorm() -> bnn.BatchRenorm2d:
+    layer = bnn.BatchRenorm2d(3, r_max=3.0, d_max=5.0, dtype=torch.float64)
+    with torch.no_grad():
+        layer.running_mean.fill_(-1000.0)
+        layer.running_var.fill_(1e4)
+    return layer
+
+
+@pytest.mark.parametrize("kind", sorted(VARIANTS))
+def test_gradcheck_float64(kind):
+    torch.manual_seed(0)
+    x = (torch.randn(5, 3, 2, 3, dtype=torch.float64) * 2 + 1).requires_grad_()
+    template = VARIANTS[kind]()
+    weight = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64).requires_grad_()
+
+    def f(x, weight, bias):
+        layer = VARIANTS[kind]()  # the same running statistics and noise draw on every call
+        layer.load_state_dict(template.state_dict())
+        return torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, weight, bias))
+
+
+def test_variants_reject_wrong_channel_count():
+    for kind in ("noisy_bn", "l1", "ghost", "renorm"):
+        layer = bnn.norm_layer(kind, 4, rank=2)
+        with pytest.raises(ValueError, match=r"expects 4 channels, got 3"):
+            layer(torch.randn(2, 3, 2, 2))
+
+
+# --- noisy BatchNorm --------------------------------------------------------------------------
+
+
+def test_noisy_is_off_in_eval_and_equals_batch_norm_there():
+    noisy, plain = bnn.NoisyBatchNorm2d(3, seed=1), bnn.BatchNorm2d(3)
+    x = torch.randn(8, 3, 4, 4)
+    noisy(x), plain(x)
+    noisy.eval()
+    plain.eval()
+    assert torch.equal(noisy(x), plain(x))
+
+
+def test_noisy_is_reproducible_from_seed_and_generator_and_changes_every_step():
+    x = torch.randn(8, 3, 4, 4)
+    a, b = bnn.NoisyBatchNorm2d(3, seed=7), bnn.NoisyBatchNorm2d(3, seed=7)
+    ya1, ya2 = a(x), a(x)
+    assert torch.equal(ya1, b(x)) and torch.equal(ya2, b(x))
+    assert not torch.equal(ya1, ya2)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(
+        bnn.NoisyBatchNorm2d(3, generator=g1)(x), bnn.NoisyBatchNorm2d(3, generator=g2)(x)
+    )
+
+
+def test_noise_has_nonzero_mean_and_non_unit_variance_redrawn_each_step():
+    """The perturbation's per-channel mean and spread move from step to step."""
+    layer, plain = bnn.NoisyBatchNorm1d(4, seed=0), bnn.BatchNorm1d(4)
+    x = torch.randn(4096, 4)
+    clean = plain(x)
+    means, stds = [], []
+    for _ in range(20):
+        perturbation = layer(x) - clean
+        means.append(perturbation.mean(0))
+        stds.append(perturbation.std(0))
+    means_t, stds_t = torch.stack(means), torch.stack(stds)
+    spec = F.NoiseSpec()
+    assert means_t.abs().max() <= spec.mean_range + 0.1
+    assert means_t.std(0).min() > 0.05  # the mean is re-drawn every step
+    assert stds_t.std(0).min() > 0.05  # and so is the spread
+    assert (stds_t - 1).abs().max() > 0.2
+
+
+def test_frozen_noise_repeats_one_draw_and_restores_the_generator():
+    layer = bnn.NoisyBatchNorm2d(3, seed=5)
+    x = torch.randn(4, 3, 2, 2)
+    state = layer.generator.get_state()
+    with bnn.frozen_noise(layer):
+        first, second = layer(x), layer(x)
+    assert torch.equal(first, second)
+    assert torch.equal(layer.generator.get_state(), state)
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_noisy_generator_state_travels_in_the_state_dict():
+    a = bnn.NoisyBatchNorm2d(3, seed=11)
+    x = torch.randn(4, 3, 2, 2)
+    a(x)
+    b = bnn.NoisyBatchNorm2d(3, seed=99)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x), b(x))
+
+
+def test_noise_spec_rejects_bad_ranges():
+    with pytest.raises(ValueError, match="std_low <= std_high"):
+        F.NoiseSpec(std_low=2.0, std_high=1.0)
+
+
+# --- ghost BatchNorm --------------------------------------------------------------------------
+
+
+def test_ghost_normalizes_each_virtual_batch_like_torch():
+    x = torch.randn(12, 3, 2, 2, dtype=torch.float64) * 3 + 1
+    ghost = bnn.GhostBatchNorm2d(3, virtual_batch_size=4, momentum=0.5, dtype=torch.float64)
+    y = ghost(x)
+    reference = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    for chunk, out in zip(x.split(4), y.split(4), strict=True):
+        torch.testing.assert_close(out, reference(chunk), rtol=1e-12, atol=1e-12)
+    chunks = x.split(4)
+    mean = torch.stack([c.mean((0, 2, 3)) for c in chunks]).mean(0)
+    var = torch.stack([c.var((0, 2, 3), unbiased=True) for c in chunks]).mean(0)
+    torch.testing.assert_close(ghost.running_mean, 0.5 * mean)
+    torch.testing.assert_close(ghost.running_var, 0.5 + 0.5 * var)
+
+
+def test_ghost_with_a_batch_no_larger_than_the_virtual_batch_is_batch_norm():
+    x = torch.randn(6, 3, dtype=torch.float64)
+    torch.testing.assert_close(
+        bnn.GhostBatchNorm1d(3, virtual_batch_size=8, dtype=torch.float64)(x),
+        torch.nn.BatchNorm1d(3, dtype=torch.float64)(x),
+    )
+
+
+def test_ghost_uneven_last_chunk():
+    x = torch.randn(10, 2, dtype=torch.float64)
+    y = bnn.GhostBatchNorm1d(2, virtual_batch_size=4, dtype=torch.float64)(x)
+    torch.testing.assert_close(y[8:], torch.nn.BatchNorm1d(2, dtype=torch.float64)(x[8:]))
+
+
+# --- batch renormalization --------------------------------------------------------------------
+
+
+def test_renorm_without_correction_is_batch_norm_forward_and_backward():
+    x = (torch.randn(8, 3, 2, 2, dtype=torch.float64) * 2 + 5).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    dy = torch.randn_like(x)
+    renorm = bnn.BatchRenorm2d(3, r_max=1.0, d_max=0.0, dtype=torch.float64)
+    plain = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    y1, y2 = renorm(x), plain(x2)
+    y1.backward(dy)
+    y2.backward(dy)
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(renorm.running_var, plain.running_var)
+
+
+def test_renorm_matches_reference_forward():
+    rng = np.random.default_rng(0)
+    x = rng.normal(4, 3, size=(16, 3))
+    gamma, beta = rng.uniform(0.5, 2, size=3), rng.normal(size=3)
+    rm, rv = np.array([0.0, 3.5, 10.0]), np.array([1.0, 9.0, 0.01])
+    layer = bnn.BatchRenorm1d(3, r_max=2.0, d_max=1.0, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(gamma))
+        layer.bias.copy_(torch.from_numpy(beta))
+        layer.running_mean.copy_(torch.from_numpy(rm))
+        layer.running_var.copy_(torch.from_numpy(rv))
+    y = layer(torch.from_numpy(x))
+    y_ref, r, d = R.batch_renorm_forward(x, gamma, beta, rm, rv, layer.eps, 2.0, 1.0)
+    assert rel_err(y, y_ref) <= 1e-10
+    assert r.min() < r.max() and np.any(np.abs(d) == 1.0)  # clipping is exercised
