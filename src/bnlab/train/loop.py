@@ -1,0 +1,459 @@
+"""The training loop: ``train(config, run_dir)``.
+
+One step t (1-based) = the probes due at t (on the pre-update weights), forward and backward on
+batch t, a divergence check, the optimizer and scheduler update, the step's metric rows, and
+(every ``checkpoint.every`` steps) a checkpoint. Batch t is a pure function of (seed, t), and the
+checkpoint holds every other piece of state, so a resumed run repeats an uninterrupted one bit
+for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
+
+from bnlab.data import Dataset, load_dataset
+from bnlab.models import build_model
+from bnlab.train.checkpoint import load_latest, save_checkpoint
+from bnlab.train.config import ConfigError, TrainConfig, to_toml
+from bnlab.train.faults import kill_point
+from bnlab.train.probes import LossFn, ProbeContext, ProbeHook, make_probe
+from bnlab.train.schedule import build_scheduler
+from bnlab.train.store import FINAL_STATES, RunStore, read_status
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended: ``state`` (finished, diverged), the last ``step`` and its directory."""
+
+    run_dir: Path
+    state: str
+    step: int
+
+
+class BatchOrder:
+    """The samples of each step's batch: epoch e shuffles with ``DistributedSampler``'s rule
+    (a permutation seeded by seed + e), rank r of W takes every W-th index, so the W per-rank
+    batches of step t together are the single-process batch t. Incomplete batches are dropped.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if batch_size % world:
+            raise ConfigError(
+                "data.batch_size",
+                f"must be divisible by the number of processes ({world}), got {batch_size}",
+            )
+        self.local_batch = batch_size // world
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            range(n),  # type: ignore[arg-type]
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
+        self.batches_per_epoch = len(self.sampler) // self.local_batch
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                "data.batch_size", f"is larger than the training set ({n} samples): {batch_size}"
+            )
+        self._epoch = -1
+        self._indices = torch.empty(0, dtype=torch.long)
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of step ``step`` (1-based)."""
+        return divmod(step - 1, self.batches_per_epoch)
+
+    def indices(self, step: int) -> Tensor:
+        epoch, batch = self.position(step)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._indices = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+            self._epoch = epoch
+        return self._indices[batch * self.local_batch : (batch + 1) * self.local_batch]
+
+
+def _loss_fn(config: TrainConfig, dataset: Dataset) -> LossFn:
+    kind = config.loss
+    if kind == "auto":
+        kind = "cross_entropy" if dataset.task == "classification" else "mse"
+    if kind == "cross_entropy" and dataset.task != "classification":
+        raise ConfigError("loss", f"cross_entropy needs class labels; {dataset.name} is regression")
+    if kind == "mse" and dataset.task != "regression":
+        raise ConfigError("loss", f"mse needs regression targets; {dataset.name} has class labels")
+    function: LossFn = (
+        nn.functional.cross_entropy if kind == "cross_entropy" else nn.functional.mse_loss
+    )
+    return function
+
+
+def build_optimizer(config: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """``torch.optim.<optim.name>`` with lr, momentum and weight decay where it takes them."""
+    optim = config.optim
+    cls = getattr(torch.optim, optim.name)
+    accepted = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {"lr": optim.lr}
+    if "momentum" in accepted:
+        kwargs["momentum"] = optim.momentum
+    if "weight_decay" in accepted:
+        kwargs["weight_decay"] = optim.weight_decay
+    for key, value in optim.options.items():
+        if key not in accepted or key == "params":
+            raise ConfigError(
+                f"optim.options.{key}",
+                f"not an argument of torch.optim.{optim.name}; allowed: "
+                + ", ".join(a for a in accepted if a != "params"),
+            )
+        kwargs[key] = value
+    try:
+        optimizer: torch.optim.Optimizer = cls(params, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            "optim", f"torch.optim.{optim.name} rejected {kwargs}: {error}"
+        ) from error
+    return optimizer
+
+
+def _rng_state() -> dict[str, Any]:
+    # The legacy global NumPy RNG is saved because user code and probes may draw from it.
+    np_state: Any = np.random.get_state()  # noqa: NPY002
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, gauss = state["numpy_rest"]
+    keys = state["numpy_keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, int(pos), int(has_gauss), float(gauss)))  # noqa: NPY002
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """Whatever a probe does, the model's mode, buffers, noise generators and the global RNG
+    come back as they were; in a distributed run its norm layers keep statistics local."""
+    modes = [m.training for m in model.modules()]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    extra = {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
+    synced: list[Any] = [m for m in model.modules() if getattr(m, "sync_stats", False)]
+    rng = _rng_state()
+    for m in synced:
+        m.sync_stats = False
+    try:
+        yield
+    finally:
+        for m in synced:
+            m.sync_stats = True
+        _set_rng_state(rng)
+        with torch.no_grad():
+            for saved, b in zip(buffers, model.buffers(), strict=True):
+                b.copy_(saved)
+        if extra:
+            model.load_state_dict(extra, strict=False)
+        for m, mode in zip(model.modules(), modes, strict=True):
+            m.training = mode
+
+
+def _distributed_setup(device: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank): joins the process group torchrun describes in the
+    environment (gloo on CPU, nccl on CUDA), or (0, 1, 0) for a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _device(config: TrainConfig, local_rank: int) -> torch.device:
+    if config.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("device", "CUDA is not available on this machine; allowed values: cpu")
+    if config.device == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(config.device)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, batch_size: int
+) -> dict[str, float]:
+    """Mean loss (and accuracy for class labels) of ``model`` in eval mode over (x, y)."""
+    was_training = model.training
+    model.eval()
+    total, correct = 0.0, 0
+    classification = not y.is_floating_point()
+    for start in range(0, len(x), batch_size):
+        out = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        total += float(loss_fn(out, target).double()) * len(target)
+        if classification:
+            correct += int((out.argmax(dim=1) == target).sum())
+    model.train(was_training)
+    result = {"loss": total / len(x)}
+    if classification:
+        result["accuracy"] = correct / len(x)
+    return result
+
+
+def _check_run_dir(store: RunStore, config_text: str) -> None:
+    existing = store.read_config_text()
+    if existing is not None and existing != config_text:
+        raise ConfigError(
+            "run_dir",
+            f"{store.root} holds a run of a different config; resume it with its own "
+            "config.toml or choose another run directory",
+        )
+
+
+def train(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    hooks: Sequence[ProbeHook] = (),
+    progress: bool | Progress = True,
+) -> RunResult:
+    """Train ``config`` into ``run_dir``, resuming from its newest good checkpoint.
+
+    ``hooks``: extra probe hooks besides ``config.probes``. ``progress``: a tqdm bar (True),
+    none (False), or a callback ``(step, total)``. Under torchrun (WORLD_SIZE > 1) every process
+    calls this; rank 0 writes the run directory. A finished or diverged run returns at once.
+
+    Returns the RunResult; raises ConfigError for a bad config (nothing written) and re-raises
+    any other error after marking the run ``failed`` with its traceback.
+    """
+    run_dir = Path(run_dir)
+    status = read_status(run_dir)
+    if status is not None and status["state"] in FINAL_STATES:
+        return RunResult(run_dir, status["state"], int(status["step"]))
+    rank, world, local_rank = _distributed_setup(config.device)
+    device = _device(config, local_rank)
+    config_text = to_toml(config)
+    store = RunStore(run_dir, writer=rank == 0)
+    _check_run_dir(store, config_text)
+    store.write_config(config_text)
+    step = 0
+    try:
+        return _run(config, store, device, rank, world, list(hooks), progress)
+    except ConfigError:
+        raise
+    except BaseException as error:
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        last = read_status(run_dir)
+        step = int(last["step"]) if last else 0
+        store.set_status("failed", step, error=f"{type(error).__name__}: {error}")
+        store.write_traceback(traceback.format_exc())
+        raise
+    finally:
+        store.close()
+
+
+def _run(
+    config: TrainConfig,
+    store: RunStore,
+    device: torch.device,
+    rank: int,
+    world: int,
+    hooks: list[ProbeHook],
+    progress: bool | Progress,
+) -> RunResult:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    random.seed(config.seed)
+    np.random.seed(config.seed)  # noqa: NPY002
+    torch.manual_seed(config.seed)
+
+    data = config.data
+    try:
+        dataset = load_dataset(
+            data.spec,
+            seed=data.split_seed,
+            test_fraction=data.test_fraction,
+            standardize=data.standardize,
+            **data.options,
+        )
+    except TypeError as error:
+        raise ConfigError("data.options", str(error)) from error
+    x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
+    x_test, y_test = dataset.x_test.to(device), dataset.y_test.to(device)
+    order = BatchOrder(len(x_train), data.batch_size, config.seed, rank, world)
+    loss_fn = _loss_fn(config, dataset)
+
+    spec = config.model
+    model = build_model(
+        spec.name,
+        dataset.input_shape,
+        dataset.num_outputs,
+        norm=spec.norm,
+        norm_options=spec.norm_options,
+        init_scale=spec.init_scale,
+        seed=config.seed,
+        **spec.options,
+    ).to(device)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+    optimizer = build_optimizer(config, model.parameters())
+    scheduler = build_scheduler(optimizer, config.schedule, config.optim.lr, config.steps)
+    hooks = [make_probe(p.name, p.every, p.options) for p in config.probes] + hooks
+
+    start = 0
+    latest = load_latest(store.checkpoints)
+    if latest is not None:
+        start, state = latest
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+    store.truncate_metrics(start if latest is not None else -1)
+    store.write_env(
+        config.seed, str(device), world, {"resumed_from": start, "dataset": dataset.name}
+    )
+    store.set_status("running", start)
+
+    bar = None
+    report: Progress | None = progress if callable(progress) else None
+    if progress is True and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc=store.root.name, leave=False)
+
+    if start == 0 and config.eval_every:
+        _evaluate_rows(store, model, loss_fn, x_test, y_test, config, 0, rank)
+    step = start
+    try:
+        for step in range(start + 1, config.steps + 1):
+            idx = order.indices(step)
+            x, y = x_train[idx], y_train[idx]
+            due = [h for h in hooks if h.due(step)]
+            if due and rank == 0:
+                context = ProbeContext(model, loss_fn, (x, y), optimizer, step)
+                for hook in due:
+                    with _untouched(model):
+                        values = hook(context)
+                    store.append(step, "probe", probe=hook.name, **values)
+
+            net.train()
+            optimizer.zero_grad(set_to_none=True)
+            out = net(x)
+            loss = loss_fn(out, y)
+            loss.backward()
+            kill_point("step", step, fire=True)
+            lr = optimizer.param_groups[0]["lr"]
+            stats = _batch_stats(loss, out, y, world)
+            if not math.isfinite(stats["loss"]):
+                store.append(step, "train", lr=lr, **stats)
+                store.set_status("diverged", step, reason=f"loss is {stats['loss']}")
+                return RunResult(store.root, "diverged", step)
+            optimizer.step()
+            scheduler.step()
+            if step % config.log_every == 0 or step == config.steps:
+                store.append(step, "train", lr=lr, **stats)
+            if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+                _evaluate_rows(store, model, loss_fn, x_test, y_test, config, step, rank)
+            if step % config.checkpoint.every == 0 or step == config.steps:
+                _checkpoint(store, config, step, model, optimizer, scheduler, order, rank)
+            if bar is not None:
+                bar.update(1)
+            if report is not None:
+                report(step, config.steps)
+    finally:
+        if bar is not None:
+            bar.close()
+    store.set_status("finished", config.steps)
+    return RunResult(store.root, "finished", config.steps)
+
+
+def _batch_stats(loss: Tensor, out: Tensor, y: Tensor, world: int) -> dict[str, float]:
+    """The step's loss (and accuracy) over the global batch: per-rank sums are all-reduced."""
+    n = len(y)
+    values = [loss.detach().double() * n, torch.tensor(float(n), dtype=torch.float64)]
+    classification = not y.is_floating_point()
+    if classification:
+        values.append((out.detach().argmax(dim=1) == y).sum().double())
+    packed = torch.stack([v.to(loss.device) for v in values])
+    if world > 1:
+        dist.all_reduce(packed)
+    totals = packed.tolist()
+    stats = {"loss": totals[0] / totals[1]}
+    if classification:
+        stats["accuracy"] = totals[2] / totals[1]
+    return stats
+
+
+def _evaluate_rows(
+    store: RunStore,
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    config: TrainConfig,
+    step: int,
+    rank: int,
+) -> None:
+    if rank == 0:
+        values = evaluate(model, loss_fn, x, y, config.data.eval_batch_size)
+        store.append(step, "eval", split="test", **values)
+
+
+def _checkpoint(
+    store: RunStore,
+    config: TrainConfig,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    order: BatchOrder,
+    rank: int,
+) -> None:
+    if rank != 0:
+        return
+    store.sync()
+    epoch, batch = order.position(step + 1)
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "data_order": {"seed": config.seed, "next_epoch": epoch, "next_batch": batch},
+    }
+    save_checkpoint(store.checkpoints, step, state, keep=config.checkpoint.keep)
+    store.set_status("running", step)
+    kill_point("after_checkpoint", step, fire=True)
