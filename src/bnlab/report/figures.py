@@ -1,0 +1,327 @@
+"""The report's figures: one function per figure, each drawn only from stored numbers.
+
+Every function takes the numbers it plots (already read from the run store by
+:mod:`bnlab.report.evidence`) and an output folder, and returns a :class:`FigureFile`, or None
+when the store holds nothing to draw. Figures are plain matplotlib ``Figure`` objects on an Agg
+canvas: no pyplot, no global state, nothing shown.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bnlab.report.document import FigureFile, write_atomic
+
+# one colour per arm, the same in every figure
+COLORS: dict[str, str] = {
+    "standard": "#1f77b4",
+    "bn": "#d62728",
+    "noisy_bn": "#2ca02c",
+    "l1": "#9467bd",
+    "l2": "#8c564b",
+    "linf": "#e377c2",
+}
+LABELS: dict[str, str] = {
+    "standard": "Standard",
+    "bn": "Standard + BatchNorm",
+    "noisy_bn": "Standard + noisy BatchNorm",
+    "l1": "l1 BatchNorm",
+    "l2": "l2 BatchNorm",
+    "linf": "l-infinity BatchNorm",
+}
+
+Curve = tuple[Sequence[float], Sequence[Sequence[float]]]  # steps, one value list per seed
+
+
+def _save(fig: Figure, out_dir: Path, name: str, title: str, caption: str) -> FigureFile:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    path = out_dir / "figures" / f"{name}.png"
+    write_atomic(path, buffer.getvalue())
+    return FigureFile(name=name, title=title, caption=caption, path=path)
+
+
+def _subplots(
+    rows: int = 1, cols: int = 1, *, figsize: tuple[float, float], squeeze: bool = True
+) -> tuple[Figure, Any]:
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
+
+
+def _label(arm: str) -> str:
+    return LABELS.get(arm, arm)
+
+
+def _color(arm: str) -> str | None:
+    return COLORS.get(arm)
+
+
+def _band(ax: Any, steps: Sequence[float], runs: Sequence[Sequence[float]], arm: str) -> None:
+    """Median over seeds as a line, min-max over seeds as a shaded band."""
+    length = min(len(steps), *(len(r) for r in runs)) if runs else 0
+    if length == 0:
+        return
+    values = np.array([list(r[:length]) for r in runs], dtype=np.float64)
+    x = np.asarray(steps[:length], dtype=np.float64)
+    with np.errstate(all="ignore"):
+        ax.plot(x, np.nanmedian(values, axis=0), color=_color(arm), label=_label(arm))
+        if len(runs) > 1:
+            low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+            ax.fill_between(x, low, high, color=_color(arm), alpha=0.2, linewidth=0)
+
+
+def training_curves(
+    curves: Mapping[float, Mapping[str, Curve]], out_dir: Path, *, metric: str, dataset: str
+) -> FigureFile | None:
+    """Training loss (or accuracy) over steps, one panel per learning rate, one line per arm."""
+    if not curves:
+        return None
+    rates = sorted(curves)
+    fig, axes = _subplots(1, len(rates), figsize=(3.2 * len(rates), 3.0), squeeze=False)
+    for ax, lr in zip(axes[0], rates, strict=True):
+        for arm, (steps, runs) in curves[lr].items():
+            _band(ax, steps, runs, arm)
+        ax.set_title(f"learning rate {lr:g}")
+        ax.set_xlabel("training step")
+        if metric == "loss":
+            ax.set_yscale("log")
+    axes[0][0].set_ylabel("training loss (cross-entropy, nats)" if metric == "loss" else metric)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"Training curves per learning rate ({dataset})")
+    return _save(
+        fig,
+        out_dir,
+        "training_curves",
+        "Training curves per learning rate",
+        "Median over seeds (line) and min-max over seeds (band); a missing tail means the run "
+        "diverged (non-finite loss).",
+    )
+
+
+def init_scale_accuracy(
+    accuracy: Mapping[str, Mapping[float, Sequence[float]]], out_dir: Path, *, dataset: str
+) -> FigureFile | None:
+    """Final test accuracy against the initialization scale, one line per arm."""
+    if not accuracy:
+        return None
+    fig, ax = _subplots(figsize=(4.6, 3.2))
+    for arm, by_scale in accuracy.items():
+        scales = sorted(by_scale)
+        values = [np.asarray(by_scale[s], dtype=np.float64) for s in scales]
+        med = [float(np.nanmedian(v)) if len(v) else math.nan for v in values]
+        low = [float(np.nanmin(v)) if len(v) else math.nan for v in values]
+        high = [float(np.nanmax(v)) if len(v) else math.nan for v in values]
+        ax.plot(scales, med, "o-", color=_color(arm), label=_label(arm))
+        ax.fill_between(scales, low, high, color=_color(arm), alpha=0.2, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("initialization scale (multiple of Kaiming std)")
+    ax.set_ylabel("final test accuracy (fraction)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Sensitivity to the initialization scale ({dataset})")
+    return _save(
+        fig,
+        out_dir,
+        "init_scale",
+        "Final accuracy over initialization scales",
+        "Median over seeds with min-max band; every run trains for the same number of steps.",
+    )
+
+
+def activation_distributions(
+    quantiles: Mapping[str, tuple[Sequence[float], Sequence[Sequence[float]]]],
+    out_dir: Path,
+    *,
+    layer: str,
+    levels: Sequence[float],
+) -> FigureFile | None:
+    """Quantiles of one layer's activations over training, one panel per arm (the paper's
+    Figure 2 view of distributional stability)."""
+    if not quantiles:
+        return None
+    arms = list(quantiles)
+    fig, axes = _subplots(1, len(arms), figsize=(3.4 * len(arms), 3.0), squeeze=False)
+    for ax, arm in zip(axes[0], arms, strict=True):
+        steps, rows = quantiles[arm]
+        values = np.asarray(rows, dtype=np.float64)
+        if values.size == 0:
+            continue
+        for i, q in enumerate(levels):
+            ax.plot(
+                steps, values[:, i], color=_color(arm), alpha=0.35 + 0.6 * (1 - abs(q - 0.5) * 2)
+            )
+        ax.set_title(_label(arm), fontsize=9)
+        ax.set_xlabel("training step")
+    axes[0][0].set_ylabel("activation value")
+    fig.suptitle(
+        f"Activation distribution of layer {layer} over training (quantiles "
+        + ", ".join(f"{q:g}" for q in levels)
+        + ")"
+    )
+    return _save(
+        fig,
+        out_dir,
+        "activation_distributions",
+        "Activation distributions over training",
+        "Quantiles of one channel-pooled layer output on a fixed batch, first seed; noisy BN "
+        "shows its noise-shifted distribution as seen in training.",
+    )
+
+
+def covariate_shift(
+    shift: Mapping[str, Mapping[str, Sequence[float]]],
+    out_dir: Path,
+    *,
+    layers: Sequence[str],
+) -> FigureFile | None:
+    """ICS per layer (Definition 2.1): l2 difference and cosine of G and G', one bar per arm,
+    median over the probed steps and seeds with a min-max whisker."""
+    if not shift:
+        return None
+    fig, axes = _subplots(1, 2, figsize=(9.0, 3.2))
+    arms = list(shift)
+    width = 0.8 / max(len(arms), 1)
+    x = np.arange(len(layers))
+    for k, arm in enumerate(arms):
+        for ax, key in zip(axes, ("l2_difference", "cosine"), strict=True):
+            per_layer = [
+                np.asarray(shift[arm].get(f"{key}:{layer}", []), float) for layer in layers
+            ]
+            med = [np.nanmedian(v) if v.size else np.nan for v in per_layer]
+            low = [m - np.nanmin(v) if v.size else 0 for m, v in zip(med, per_layer, strict=True)]
+            high = [np.nanmax(v) - m if v.size else 0 for m, v in zip(med, per_layer, strict=True)]
+            ax.bar(
+                x + k * width, med, width, yerr=[low, high], color=_color(arm), label=_label(arm)
+            )
+    for ax, label in zip(axes, ("||G - G'||_2 (gradient units)", "cos(G, G')"), strict=True):
+        ax.set_xticks(
+            x + 0.4 - width / 2, [str(layer) for layer in layers], rotation=30, fontsize=7
+        )
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Internal covariate shift per layer (Definition 2.1)")
+    return _save(
+        fig,
+        out_dir,
+        "covariate_shift",
+        "Internal covariate shift per layer",
+        "G: a layer's gradient; G': the same after the earlier layers take their update. Bars: "
+        "median over probed steps and seeds; whiskers: min-max. Larger l2 and smaller cosine mean "
+        "more shift.",
+    )
+
+
+def landscape_smoothness(
+    series: Mapping[str, Mapping[str, Curve]], out_dir: Path, *, name: str = "landscape"
+) -> FigureFile | None:
+    """Loss variation band, gradient predictiveness and effective beta-smoothness over training
+    (the paper's Figure 4), one line per arm."""
+    if not series:
+        return None
+    panels = (
+        ("loss_range", "loss range along the gradient (nats)", "Loss variation"),
+        ("gradient_change", "max ||g(w) - g(w - eta g)||_2", "Gradient predictiveness"),
+        ("beta", "max ||dg|| / ||eta g||", "Effective beta-smoothness"),
+    )
+    fig, axes = _subplots(1, 3, figsize=(11.0, 3.2))
+    for ax, (key, ylabel, title) in zip(axes, panels, strict=True):
+        for arm, curves in series.items():
+            if key in curves:
+                _band(ax, curves[key][0], curves[key][1], arm)
+        ax.set_title(title)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("Smoothness of the loss landscape along the gradient")
+    return _save(
+        fig,
+        out_dir,
+        name,
+        "Loss landscape along the gradient over training",
+        "At each probed step: the loss and gradient at w - eta g over a grid of step sizes eta. "
+        "Median over seeds with min-max band.",
+    )
+
+
+def conditioning_contours(results: Sequence[Mapping[str, Any]], out_dir: Path) -> FigureFile | None:
+    """The mouse example: logistic-loss contours over (w_height, w_age), raw features (left)
+    and standardized (right), with the gradient-descent path."""
+    pair = [r for r in results if r.get("contour")]
+    if len(pair) < 2:
+        return None
+    fig, axes = _subplots(1, 2, figsize=(10.0, 4.2))
+    for ax, result in zip(axes, pair[:2], strict=True):
+        grid = result["contour"]
+        loss = np.asarray(grid["loss"], dtype=np.float64)
+        levels = np.quantile(loss, np.linspace(0.0, 0.9, 14) ** 2)
+        contour = ax.contour(grid["w1"], grid["w2"], loss, levels=np.unique(levels), cmap="viridis")
+        ax.clabel(contour, fontsize=6, fmt="%.2f")
+        path = np.asarray(result["path"], dtype=np.float64)
+        ax.plot(path[:, 0], path[:, 1], ".-", color="#d62728", markersize=2, linewidth=0.8)
+        ax.plot(path[0, 0], path[0, 1], "o", color="black", label="start (0, 0)")
+        ax.plot(path[-1, 0], path[-1, 1], "x", color="#d62728", label="last GD iterate")
+        if "optimum" in grid:
+            ax.plot(*grid["optimum"], "*", color="black", markersize=9, label="optimum")
+        steps = result["gd_steps"]
+        done = f"converged in {steps} steps" if steps else f"not converged in {result['max_steps']}"
+        ax.set_title(
+            f"{result['scaling']} features: cond(H) = {result['hessian_condition']:.3g}\n"
+            f"gradient descent {done}",
+            fontsize=9,
+        )
+        unit = " (per raw unit)" if result["scaling"] == "raw" else " (per std)"
+        ax.set_xlabel(f"weight of {result['features'][0]}{unit}")
+        ax.set_ylabel(f"weight of {result['features'][1]}{unit}")
+        ax.ticklabel_format(style="sci", scilimits=(-3, 3))
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Mouse example: logistic loss (nats), raw (left) vs normalized (right)", y=1.04)
+    return _save(
+        fig,
+        out_dir,
+        "mouse_contours",
+        "Mouse example: loss contours and gradient-descent path",
+        "Contours of the regularized logistic loss over the two feature weights with the bias at "
+        "its optimum; red: gradient descent from zero with step 1/beta.",
+    )
+
+
+def conditioning_weights(
+    results: Sequence[Mapping[str, Any]], out_dir: Path, *, dataset: str
+) -> FigureFile | None:
+    """The learned weight of each feature after gradient descent, raw vs standardized."""
+    pair = [r for r in results if r.get("dataset") == dataset]
+    if len(pair) < 2:
+        return None
+    features = pair[0]["features"]
+    fig, axes = _subplots(1, 2, figsize=(11.0, 3.4 + 0.05 * len(features)))
+    for ax, result in zip(axes, pair[:2], strict=True):
+        weights = np.asarray(result["weights"], dtype=np.float64)
+        ax.barh(np.arange(len(weights)), weights, color="#1f77b4")
+        ax.set_yticks(np.arange(len(weights)), features, fontsize=6)
+        ax.invert_yaxis()
+        ax.set_xlabel(
+            "learned weight (" + ("per raw unit" if result["scaling"] == "raw" else "per std") + ")"
+        )
+        steps = result["gd_steps"]
+        done = f"{steps} GD steps" if steps else f"not converged in {result['max_steps']} GD steps"
+        ax.set_title(f"{result['scaling']} features ({done})", fontsize=9)
+    fig.suptitle(f"Learned logistic-regression weights per feature ({dataset})")
+    return _save(
+        fig,
+        out_dir,
+        f"{dataset}_weights",
+        f"Learned weights per feature, {dataset}",
+        "Weights after gradient descent stopped (converged, or at the step budget). On raw "
+        "features the weights of large-variance features move first and the others barely move.",
+    )
