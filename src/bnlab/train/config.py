@@ -320,7 +320,7 @@ def validate(config: TrainConfig) -> None:
     from bnlab.data import dataset_name
     from bnlab.models import MODELS, model_options
     from bnlab.nn import NORM_KINDS
-    from bnlab.train.probes import PROBES
+    from bnlab.train.probes import PROBES, probe_options
 
     for key in ("steps", "log_every"):
         _positive(key, getattr(config, key))
@@ -374,6 +374,13 @@ def validate(config: TrainConfig) -> None:
     for i, probe in enumerate(config.probes):
         _choice(f"probes[{i}].name", probe.name, PROBES)
         _positive(f"probes[{i}].every", probe.every)
+        accepted = probe_options(probe.name)
+        for key in probe.options:
+            if key not in accepted:
+                raise ConfigError(
+                    f"probes[{i}].options.{key}",
+                    f"unknown option of probe {probe.name!r}; allowed: {', '.join(accepted)}",
+                )
 
     _positive("checkpoint.every", config.checkpoint.every)
     _positive("checkpoint.keep", config.checkpoint.keep)

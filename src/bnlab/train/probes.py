@@ -9,6 +9,8 @@ train/eval mode and the global RNG state after each hook, so probes cannot chang
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,9 @@ class ProbeContext:
     batch: tuple[Tensor, Tensor]
     optimizer: torch.optim.Optimizer
     step: int
+
+
+Measure = Callable[["ProbeContext"], Mapping[str, Any]]
 
 
 class ProbeHook:
@@ -54,13 +59,73 @@ class ProbeHook:
         return f"ProbeHook({self.name!r}, every={self.every})"
 
 
-# name -> factory(options) -> measure function; filled in by the adapters below.
-PROBES: dict[str, Callable[..., Callable[[ProbeContext], Mapping[str, Any]]]] = {}
+# --------------------------------------------------------------- adapters for bnlab.landscape
+
+
+def _plain(result: Any) -> dict[str, Any]:
+    """A landscape result (or ``{group: result}``) as JSON-ready values."""
+    from bnlab.landscape import to_json
+
+    values = json.loads(to_json(result))
+    return values if hasattr(result, "to_dict") else {"groups": values}
+
+
+def _adapter(probe: Callable[..., Any], wants_optimizer: bool = False) -> Callable[..., Measure]:
+    """Turn ``probe(model, loss_fn, batch, [optimizer,] **options)`` into a hook factory whose
+    options are checked when the hook is made."""
+    signature = inspect.signature(probe)
+    allowed = [
+        p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+
+    def factory(**options: Any) -> Measure:
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"{probe.__name__} has no option {unknown[0]!r}; its options: {', '.join(allowed)}"
+            )
+
+        def measure(context: ProbeContext) -> dict[str, Any]:
+            args: list[Any] = [context.model, context.loss_fn, context.batch]
+            if wants_optimizer:
+                args.append(context.optimizer)
+            return _plain(probe(*args, **options))
+
+        return measure
+
+    factory.options = tuple(allowed)  # type: ignore[attr-defined]
+    return factory
+
+
+def _registry() -> dict[str, Callable[..., Measure]]:
+    from bnlab import landscape
+
+    return {
+        "gradient_path": _adapter(landscape.gradient_path),
+        # Definition 2.1 needs the update the optimizer is about to take: the landscape probe
+        # simulates it on copies of the real optimizer's state (momentum buffers included).
+        "internal_covariate_shift": _adapter(landscape.internal_covariate_shift, True),
+        "top_eigenvalues": _adapter(landscape.top_eigenvalues),
+        "hutchinson_trace": _adapter(landscape.hutchinson_trace),
+        "spectral_density": _adapter(landscape.spectral_density),
+        "curvature_along_gradient": _adapter(landscape.curvature_along_gradient),
+        "gradient_bound": _adapter(landscape.gradient_bound),
+    }
+
+
+# name -> factory(**options) -> measure function.
+PROBES: dict[str, Callable[..., Measure]] = _registry()
+
+
+def probe_options(name: str) -> tuple[str, ...]:
+    """The options the registered probe ``name`` accepts."""
+    options: tuple[str, ...] = getattr(PROBES[name], "options", ())
+    return options
 
 
 def make_probe(name: str, every: int, options: Mapping[str, Any] | None = None) -> ProbeHook:
-    """The registered probe ``name`` as a hook; ValueError lists the known probes."""
+    """The registered probe ``name`` as a hook. Raises ValueError for an unknown probe (listing
+    the known ones) or option (listing the probe's options)."""
     if name not in PROBES:
-        known = ", ".join(PROBES) or "none yet"
-        raise ValueError(f"unknown probe {name!r}; known probes: {known}")
+        raise ValueError(f"unknown probe {name!r}; known probes: {', '.join(PROBES)}")
     return ProbeHook(name, every, PROBES[name](**dict(options or {})))
