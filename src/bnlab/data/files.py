@@ -37,21 +37,27 @@ class DataFileError(ValueError):
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles only plain containers and NumPy arrays: a dataset file cannot run code."""
+    """Unpickles only plain containers and NumPy arrays: a dataset file cannot run code.
+
+    The CIFAR-10 batches were pickled by Python 2 against ``numpy.core``, which NumPy 2 calls
+    ``numpy._core``; both names are accepted.
+    """
 
     _allowed: ClassVar[set[tuple[str, str]]] = {
-        ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # how Python 3's protocol 2 stores bytes
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._allowed:
+        canonical = "numpy._core.multiarray" if module == "numpy.core.multiarray" else module
+        if (canonical, name) not in self._allowed:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
+        if canonical == "numpy._core.multiarray" and not hasattr(np, "_core"):
+            canonical = "numpy.core.multiarray"  # pragma: no cover - NumPy 1
+        return super().find_class(canonical, name)
 
 
 def _cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from bnlab.models.mlp import MLP, DeepLinearNetwork, LogisticRegression
@@ -49,6 +50,8 @@ def build_model(
     (``depth``, ``width``), "logistic". Common options: ``norm`` (a kind of
     ``bnlab.nn.NORM_KINDS``), ``norm_options``, ``init_scale``, ``seed``.
 
+    The global RNG is left as it was: the weights come from ``seed`` alone.
+
     Raises ValueError for an unknown model or option, listing the known ones.
     """
     allowed = model_options(name)
@@ -57,4 +60,7 @@ def build_model(
         raise ValueError(
             f"model {name!r} has no option {unknown[0]!r}; its options: {', '.join(allowed)}"
         )
-    return MODELS[name](input_shape=tuple(input_shape), num_outputs=num_outputs, **options)
+    # torch's layer constructors draw their default init from the global RNG before
+    # init_parameters overwrites it; fork_rng keeps that draw from shifting the caller's stream.
+    with torch.random.fork_rng(devices=[]):
+        return MODELS[name](input_shape=tuple(input_shape), num_outputs=num_outputs, **options)

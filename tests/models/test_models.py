@@ -1,0 +1,150 @@
+"""bnlab.models: shapes, norm placement, seeded initialization, the registry's errors."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab.models import MODELS, VGG, build_model, init_parameters
+from bnlab.nn import NORM_KINDS, BatchNorm, NoisyBatchNorm, is_norm_layer
+
+CASES = {
+    "vgg_digits": ((1, 8, 8), 10),
+    "vgg": ((3, 16, 16), 5),
+    "mlp": ((30,), 2),
+    "dln": ((10,), 10),
+    "logistic": ((2,), 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("norm", NORM_KINDS)
+def test_every_model_takes_every_norm_kind(name: str, norm: str) -> None:
+    shape, outputs = CASES[name]
+    options = {"widths": (4, 8)} if name == "vgg" else {}
+    if name == "dln":
+        options = {"depth": 4}
+    model = build_model(name, shape, outputs, norm=norm, **options)
+    model.train()
+    out = model(torch.randn(16, *shape))
+    assert out.shape == (16, outputs)
+    norms = [m for m in model.modules() if is_norm_layer(m)]
+    if norm == "none":
+        assert norms == []
+    else:
+        assert norms and all(isinstance(m, BatchNorm) for m in norms)
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_vgg16_has_the_parameter_count_of_the_cifar_vgg16() -> None:
+    # torchvision's VGG-16 features hold 14,714,688 parameters; the CIFAR head is Linear(512, 10)
+    # and BN adds a weight and a bias per channel of its 13 convolutions (4224 channels).
+    plain = build_model("vgg16", (3, 32, 32), 10, norm="none")
+    with_bn = build_model("vgg16", (3, 32, 32), 10, norm="bn")
+    assert _count(plain) == 14_714_688 + 512 * 10 + 10
+    assert _count(with_bn) == _count(plain) + 2 * 4224
+
+
+def test_vgg_digits_preset_is_two_stages_of_16_and_32_channels() -> None:
+    model = build_model("vgg_digits", (1, 8, 8), 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 32]
+    linear = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    assert linear.in_features == 32 * 2 * 2
+
+
+def test_same_seed_same_weights_other_seed_other_weights() -> None:
+    a = build_model("mlp", (64,), 10, seed=3)
+    b = build_model("mlp", (64,), 10, seed=3)
+    c = build_model("mlp", (64,), 10, seed=4)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(a.layers[1].weight, c.layers[1].weight)
+
+
+def test_building_a_model_leaves_the_global_rng_alone() -> None:
+    state = torch.get_rng_state()
+    build_model("vgg_digits", (1, 8, 8), 10, seed=1)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_init_scale_multiplies_every_weight_and_keeps_biases_zero() -> None:
+    base = build_model("vgg_digits", (1, 8, 8), 10, seed=0)
+    scaled = build_model("vgg_digits", (1, 8, 8), 10, seed=0, init_scale=10.0)
+    for (name, p), q in zip(base.named_parameters(), scaled.parameters(), strict=True):
+        if name.endswith("bias"):
+            assert not p.any() and not q.any()
+        elif p.dim() > 1:
+            torch.testing.assert_close(q, 10.0 * p, rtol=1e-6, atol=0)
+
+
+def test_kaiming_init_has_std_sqrt_two_over_fan_in() -> None:
+    layer = nn.Linear(400, 500)
+    init_parameters(layer, seed=0, scale=1.0, scheme="kaiming")
+    expected = math.sqrt(2.0 / 400)
+    # 200k samples: the sample std is within 1% of the true one with overwhelming probability
+    assert abs(float(layer.weight.detach().std()) / expected - 1) < 0.01
+    init_parameters(layer, seed=0, scale=1.0, scheme="xavier")
+    assert abs(float(layer.weight.detach().std()) * math.sqrt(400) - 1) < 0.01
+
+
+def test_deep_linear_network_is_linear_in_its_input() -> None:
+    model = build_model("dln", (10,), 10, depth=25).double()
+    x1, x2 = torch.randn(5, 10, dtype=torch.float64), torch.randn(5, 10, dtype=torch.float64)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 25
+    torch.testing.assert_close(model(2 * x1 - 3 * x2), 2 * model(x1) - 3 * model(x2))
+
+
+def test_noisy_layers_get_distinct_reproducible_seeds() -> None:
+    model = build_model("vgg_digits", (1, 8, 8), 10, norm="noisy_bn", seed=5)
+    seeds = [m.seed for m in model.modules() if isinstance(m, NoisyBatchNorm)]
+    assert len(seeds) == 2 and len(set(seeds)) == 2
+    x = torch.randn(8, 1, 8, 8)
+    again = build_model("vgg_digits", (1, 8, 8), 10, norm="noisy_bn", seed=5)
+    torch.testing.assert_close(model(x), again(x), rtol=0, atol=0)
+
+
+def test_logistic_regression_normalizes_its_inputs() -> None:
+    model = build_model("logistic", (2,), 2, norm="bn")
+    assert isinstance(model.layers[1], BatchNorm)
+    assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 1
+
+
+def test_unknown_model_and_option_errors_list_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"known models: .*vgg_digits"):
+        build_model("resnet", (1, 8, 8), 10)
+    with pytest.raises(ValueError, match="no option 'depth'; its options: hidden"):
+        build_model("mlp", (4,), 2, depth=3)
+    with pytest.raises(ValueError, match="unknown norm kind"):
+        build_model("mlp", (4,), 2, norm="batch")
+    with pytest.raises(ValueError, match="init_scale must be positive"):
+        build_model("mlp", (4,), 2, init_scale=0.0)
+    with pytest.raises(ValueError, match=r"VGG expects \(C, H, W\)"):
+        VGG((64,), 10)
+
+
+def test_registry_names_are_all_buildable() -> None:
+    assert {"vgg", "vgg16", "vgg_digits", "mlp", "dln", "logistic"} <= set(MODELS)
+
+
+def test_digits_preset_trains_in_a_few_milliseconds_per_step() -> None:
+    model = build_model("vgg_digits", (1, 8, 8), 10, norm="bn")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,))
+    times = []
+    for _ in range(25):
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    # about 5 ms on one core here; the bound leaves room for a busy shared machine
+    assert sorted(times)[len(times) // 2] < 0.05
