@@ -52,11 +52,14 @@ def lanczos_steps(
     *,
     generator: torch.Generator | None = None,
     after_step: Callable[[LanczosState], bool] | None = None,
+    restart: bool = True,
 ) -> LanczosState:
     """Run up to ``steps`` Lanczos steps from ``start``; ``after_step(state)`` returning True stops.
 
-    On breakdown (the Krylov space is invariant) the iteration continues from a fresh random
-    vector orthogonal to the basis, with a zero coupling, until ``steps`` or the dimension.
+    On breakdown (the Krylov space is invariant) the iteration stops if ``restart`` is False;
+    otherwise it continues from a fresh random vector orthogonal to the basis, with a zero
+    coupling, until ``steps`` or the dimension (a single start vector sees each eigenvalue once;
+    the restart finds the other copies of a repeated one, should the space run out first).
     """
     dim = start.numel()
     q = start / torch.linalg.vector_norm(start)
@@ -77,9 +80,10 @@ def lanczos_steps(
         broke_down = beta <= 1e-12 * max(scale, 1e-300)
         if broke_down:
             state.residual_norm = 0.0
-        if after_step is not None and after_step(state):
+        if len(state.basis) == dim or (broke_down and not restart):
             break
-        if len(state.basis) == dim:
+        # At a breakdown, eigenvalues outside the Krylov space are still unseen: go on.
+        if not broke_down and after_step is not None and after_step(state):
             break
         if broke_down:
             fresh = torch.randn(dim, dtype=start.dtype, device=start.device, generator=generator)
@@ -149,7 +153,7 @@ def quadrature(
 ) -> tuple[list[float], list[float], int]:
     """Gauss quadrature nodes and weights of the spectral measure of A seen from ``start``
     (weights sum to 1); returns ``(nodes, weights, steps taken)``."""
-    state = lanczos_steps(matvec, start, steps, generator=generator)
+    state = lanczos_steps(matvec, start, steps, generator=generator, restart=False)
     theta, s = torch.linalg.eigh(state.tridiagonal())
     weights = s[0, :] ** 2
     return [float(t) for t in theta], [float(w) for w in weights], len(state.alphas)
