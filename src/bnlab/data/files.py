@@ -155,15 +155,15 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
         ) from error
     ndim = 3 if magic == IDX_IMAGES_MAGIC else 1
     header = 4 + 4 * ndim
+    found = struct.unpack(">i", raw[:4])[0] if len(raw) >= 4 else None
+    if found is not None and found != magic:
+        raise DataFileError(
+            f"MNIST: {path} starts with magic number {found}; expected {magic} (idx {what})"
+        )
     if len(raw) < header:
         raise DataFileError(
             f"MNIST: {path} is {len(raw)} bytes, shorter than the {header}-byte idx header; "
             f"expected an idx {what} file"
-        )
-    found = struct.unpack(">i", raw[:4])[0]
-    if found != magic:
-        raise DataFileError(
-            f"MNIST: {path} starts with magic number {found}; expected {magic} (idx {what})"
         )
     shape = struct.unpack(f">{ndim}i", raw[4:header])
     size = int(np.prod(shape))
