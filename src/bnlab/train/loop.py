@@ -154,13 +154,20 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _has_extra_state(module: nn.Module) -> bool:
+    return type(module).get_extra_state is not nn.Module.get_extra_state
+
+
 @contextmanager
 def _untouched(model: nn.Module) -> Iterator[None]:
     """Whatever a probe does, the model's mode, buffers, noise generators and the global RNG
     come back as they were; in a distributed run its norm layers keep statistics local."""
     modes = [m.training for m in model.modules()]
     buffers = [b.detach().clone() for b in model.buffers()]
-    extra = {k: v for k, v in model.state_dict().items() if k.endswith("_extra_state")}
+    # extra state (noisy layers' generators) restored module by module: a partial
+    # load_state_dict would let BN's legacy-checkpoint rule reset num_batches_tracked
+    stateful = [m for m in model.modules() if _has_extra_state(m)]
+    extra = [m.get_extra_state() for m in stateful]
     synced: list[Any] = [m for m in model.modules() if getattr(m, "sync_stats", False)]
     rng = _rng_state()
     for m in synced:
@@ -174,8 +181,8 @@ def _untouched(model: nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for saved, b in zip(buffers, model.buffers(), strict=True):
                 b.copy_(saved)
-        if extra:
-            model.load_state_dict(extra, strict=False)
+        for m, state in zip(stateful, extra, strict=True):
+            m.set_extra_state(state)
         for m, mode in zip(model.modules(), modes, strict=True):
             m.training = mode
 
@@ -247,8 +254,9 @@ def train(
     none (False), or a callback ``(step, total)``. Under torchrun (WORLD_SIZE > 1) every process
     calls this; rank 0 writes the run directory. A finished or diverged run returns at once.
 
-    Returns the RunResult; raises ConfigError for a bad config (nothing written) and re-raises
-    any other error after marking the run ``failed`` with its traceback.
+    Returns the RunResult. Errors (ConfigError for a bad config, DataFileError for a bad data
+    file, anything else) mark the run ``failed``, write ``traceback.txt`` and propagate; a run
+    directory that holds another config raises ConfigError and is left untouched.
     """
     run_dir = Path(run_dir)
     status = read_status(run_dir)
@@ -260,14 +268,9 @@ def train(
     store = RunStore(run_dir, writer=rank == 0)
     _check_run_dir(store, config_text)
     store.write_config(config_text)
-    step = 0
     try:
         return _run(config, store, device, rank, world, list(hooks), progress)
-    except ConfigError:
-        raise
-    except BaseException as error:
-        if isinstance(error, KeyboardInterrupt):
-            raise
+    except Exception as error:
         last = read_status(run_dir)
         step = int(last["step"]) if last else 0
         store.set_status("failed", step, error=f"{type(error).__name__}: {error}")
@@ -312,16 +315,21 @@ def _run(
     loss_fn = _loss_fn(config, dataset)
 
     spec = config.model
-    model = build_model(
-        spec.name,
-        dataset.input_shape,
-        dataset.num_outputs,
-        norm=spec.norm,
-        norm_options=spec.norm_options,
-        init_scale=spec.init_scale,
-        seed=config.seed,
-        **spec.options,
-    ).to(device)
+    try:
+        model = build_model(
+            spec.name,
+            dataset.input_shape,
+            dataset.num_outputs,
+            norm=spec.norm,
+            norm_options=spec.norm_options,
+            init_scale=spec.init_scale,
+            seed=config.seed,
+            **spec.options,
+        ).to(device)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            "model", f"cannot build {spec.name!r} for {dataset.name}: {error}"
+        ) from error
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(

@@ -112,7 +112,8 @@ class RunStore:
         self.metrics_path = self.root / "metrics.jsonl"
         self.status_path = self.root / "status.json"
         self._metrics: Any = None
-        self._started = time.time()
+        previous = read_status(self.root)
+        self._started = float(previous["started"]) if previous else time.time()
         if writer:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
 

@@ -1,0 +1,72 @@
+"""Small configs and helpers shared by the training tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnlab.train import TrainConfig, config_from_dict, to_toml, with_values
+from bnlab.train.checkpoint import list_checkpoints, read_checkpoint
+
+
+def tiny_config(**values: Any) -> TrainConfig:
+    """vgg_digits with BN on digits, 12 steps of batch 32, a checkpoint every 4 steps; ``values``
+    are dotted overrides (``{"optim.lr": 0.5}``)."""
+    base = config_from_dict(
+        {
+            "seed": 1,
+            "steps": 12,
+            "eval_every": 4,
+            "threads": 1,
+            "data": {"batch_size": 32},
+            "checkpoint": {"every": 4},
+        }
+    )
+    return with_values(base, values) if values else base
+
+
+def write_config(path: Path, config: TrainConfig) -> Path:
+    path.write_text(to_toml(config))
+    return path
+
+
+def run_cli(
+    *args: str, kill_at: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m bnlab ARGS`` in a fresh process; ``kill_at`` arms the SIGKILL test hook."""
+    env = dict(os.environ)
+    env.pop("BNLAB_TEST_KILL_AT", None)
+    if kill_at is not None:
+        env["BNLAB_TEST_KILL_AT"] = kill_at
+    return subprocess.run(
+        [sys.executable, "-m", "bnlab", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model state of the run's newest checkpoint."""
+    _, path = list_checkpoints(run_dir / "checkpoints")[-1]
+    state: dict[str, torch.Tensor] = read_checkpoint(path)["model"]
+    return state
+
+
+def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Bitwise equal state dicts (tensors, and the noise generators' extra state)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        elif isinstance(a[key], dict):
+            assert_same_weights(a[key], b[key])
+        else:
+            assert a[key] == b[key], key
