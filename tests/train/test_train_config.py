@@ -115,6 +115,8 @@ def test_integers_are_accepted_where_floats_are_expected() -> None:
         ),
         ({"schedule": {"warmup_steps": 600}}, "schedule.warmup_steps", r"must be < steps"),
         ({"data": 3}, "data", "expected a table"),
+        ({"optim": {"options": {"lr": 0.1}}}, "optim.options.lr", "allowed: dampening"),
+        ({"optim": {"name": "Adam", "options": {"beta": 0.9}}}, "optim.options.beta", "betas"),
     ],
 )
 def test_bad_values_name_the_key_and_the_allowed_values(

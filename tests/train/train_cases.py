@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bnlab.train import TrainConfig, config_from_dict, to_toml, with_values
+from bnlab.train import TrainConfig, config_from_dict, config_to_dict, to_toml, with_values
 from bnlab.train.checkpoint import list_checkpoints, read_checkpoint
 
 
@@ -70,3 +71,25 @@ def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
             assert_same_weights(a[key], b[key])
         else:
             assert a[key] == b[key], key
+
+
+def _train_child(config_data: dict[str, Any], run_dir: str, kill_at: str | None) -> None:
+    from bnlab.train import train
+
+    os.environ.pop("BNLAB_TEST_KILL_AT", None)
+    if kill_at is not None:
+        os.environ["BNLAB_TEST_KILL_AT"] = kill_at
+    train(config_from_dict(config_data), run_dir, progress=False)
+
+
+def train_in_child(config: TrainConfig, run_dir: Path, kill_at: str | None = None) -> int | None:
+    """Train in a separate process (forked from a fork server that has the trainer imported,
+    so it starts fast); ``kill_at`` arms the SIGKILL test hook. Returns the exit code."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["bnlab.train.loop"])
+    process = context.Process(
+        target=_train_child, args=(config_to_dict(config), str(run_dir), kill_at)
+    )
+    process.start()
+    process.join(timeout=300)
+    return process.exitcode

@@ -315,6 +315,17 @@ def optimizer_names() -> tuple[str, ...]:
     )
 
 
+def optimizer_arguments(name: str) -> tuple[str, ...]:
+    """Keyword arguments of ``torch.optim.<name>`` that ``optim.options`` may set."""
+    import inspect
+
+    import torch
+
+    own = {"params", "lr", "momentum", "weight_decay"}
+    parameters = inspect.signature(getattr(torch.optim, name)).parameters
+    return tuple(p for p in parameters if p not in own)
+
+
 def validate(config: TrainConfig) -> None:
     """Check values beyond their types; raises ConfigError naming the key."""
     from bnlab.data import dataset_name
@@ -355,6 +366,14 @@ def validate(config: TrainConfig) -> None:
 
     optim = config.optim
     _choice("optim.name", optim.name, optimizer_names())
+    accepted = optimizer_arguments(optim.name)
+    for key in optim.options:
+        if key not in accepted:
+            raise ConfigError(
+                f"optim.options.{key}",
+                f"not an argument of torch.optim.{optim.name} besides lr, momentum and "
+                f"weight_decay; allowed: {', '.join(accepted) or 'none'}",
+            )
     _positive("optim.lr", optim.lr)
     _positive("optim.momentum", optim.momentum, zero_ok=True)
     _positive("optim.weight_decay", optim.weight_decay, zero_ok=True)

@@ -91,8 +91,27 @@ def run_names(config: SweepConfig) -> list[tuple[str, TrainConfig]]:
     return points
 
 
-def _worker(config_data: dict[str, Any], run_dir: str, messages: Any, threads: int) -> None:
-    """One run in a worker process; progress goes to ``messages`` as (dir, step, total)."""
+def _worker_context() -> Any:
+    """Worker processes come from a fork server that has imported the trainer once (fast
+    starts, no fork of a parent that may hold torch thread pools); spawn where there is none."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["bnlab.train.loop"])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+def _worker(
+    config_data: dict[str, Any],
+    run_dir: str,
+    messages: Any,
+    threads: int,
+    environment: dict[str, str],
+) -> None:
+    """One run in a worker process; progress goes to ``messages`` as (dir, step, total).
+    ``environment`` is the parent's at launch (a fork server keeps the one it started with)."""
+    os.environ.clear()
+    os.environ.update(environment)
     import torch
 
     from bnlab.train.loop import train
@@ -136,7 +155,7 @@ def sweep(
     overall = tqdm(
         total=len(points), initial=len(results), desc="sweep", disable=not progress, position=0
     )
-    context = multiprocessing.get_context("spawn")
+    context = _worker_context()
     messages = context.Queue()
     threads = max(1, (os.cpu_count() or 1) // jobs)
     running: dict[str, tuple[Any, Any]] = {}  # name -> (process, bar)
@@ -149,7 +168,13 @@ def sweep(
                 name, run_config = pending.pop(0)
                 process = context.Process(
                     target=_worker,
-                    args=(config_to_dict(run_config), str(out / name), messages, threads),
+                    args=(
+                        config_to_dict(run_config),
+                        str(out / name),
+                        messages,
+                        threads,
+                        dict(os.environ),
+                    ),
                     name=f"bnlab-sweep-{name}",
                 )
                 process.start()
