@@ -142,3 +142,13 @@ def _write(folder: Path, text: str) -> Path:
     path = folder / "c.toml"
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("name", ["digits_bn.toml", "digits_sweep.toml"])
+def test_the_example_configs_are_valid(name: str) -> None:
+    from bnlab.train import load_sweep_config, run_names
+
+    path = Path(__file__).parents[2] / "examples" / name
+    config = load_sweep_config(path)
+    assert config.base == load_config(path)
+    assert len(run_names(config)) == (18 if "sweep" in name else 1)
