@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,18 @@ def _color(arm: str) -> str | None:
 
 
 def _band(ax: Any, steps: Sequence[float], runs: Sequence[Sequence[float]], arm: str) -> None:
-    """Median over seeds as a line, min-max over seeds as a shaded band."""
-    length = min(len(steps), *(len(r) for r in runs)) if runs else 0
+    """Median over seeds as a line, min-max over seeds as a shaded band; a run that stopped
+    early (diverged) is padded with NaN, so the others still draw to the end."""
+    length = min(len(steps), max((len(r) for r in runs), default=0))
     if length == 0:
         return
-    values = np.array([list(r[:length]) for r in runs], dtype=np.float64)
+    values = np.full((len(runs), length), np.nan)
+    for i, run in enumerate(runs):
+        row = np.asarray(run[:length], dtype=np.float64)
+        values[i, : len(row)] = row
     x = np.asarray(steps[:length], dtype=np.float64)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns after a divergence
         ax.plot(x, np.nanmedian(values, axis=0), color=_color(arm), label=_label(arm))
         if len(runs) > 1:
             low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
@@ -324,4 +330,168 @@ def conditioning_weights(
         f"Learned weights per feature, {dataset}",
         "Weights after gradient descent stopped (converged, or at the step budget). On raw "
         "features the weights of large-variance features move first and the others barely move.",
+    )
+
+
+def lp_variants(
+    accuracy: Mapping[str, Curve], loss_range: Mapping[str, Curve], out_dir: Path
+) -> FigureFile | None:
+    """lp normalizations against BN and the standard network: test accuracy over training
+    (left) and the loss range along the gradient (right)."""
+    if not accuracy:
+        return None
+    fig, axes = _subplots(1, 2, figsize=(10.0, 3.4))
+    for arm, (steps, runs) in accuracy.items():
+        _band(axes[0], steps, runs, arm)
+    for arm, (steps, runs) in loss_range.items():
+        _band(axes[1], steps, runs, arm)
+    axes[0].set_xlabel("training step")
+    axes[0].set_ylabel("test accuracy (fraction)")
+    axes[0].set_title("Test accuracy")
+    axes[1].set_xlabel("training step")
+    axes[1].set_ylabel("loss range along the gradient (nats)")
+    axes[1].set_yscale("log")
+    axes[1].set_title("Loss variation along the gradient")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("lp normalization variants vs BN and the standard network", y=1.02)
+    return _save(
+        fig,
+        out_dir,
+        "lp_variants",
+        "lp normalization variants",
+        "Median over seeds with min-max band, at the reference learning rate.",
+    )
+
+
+def loss_surfaces(surfaces: Mapping[str, Mapping[str, Any]], out_dir: Path) -> FigureFile | None:
+    """2-D loss surfaces around the final weights along two random filter-normalized
+    directions: standard (left) and BN (right), on one colour scale."""
+    arms = [a for a in ("standard", "bn") if a in surfaces]
+    if len(arms) < 2:
+        return None
+    grids = {a: np.asarray(surfaces[a]["losses"], dtype=np.float64) for a in arms}
+    finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
+    levels = np.quantile(finite, np.linspace(0.0, 1.0, 16)) if finite.size else 10
+    fig, axes = _subplots(1, 2, figsize=(10.0, 4.2))
+    for ax, arm in zip(axes, arms, strict=True):
+        surface = surfaces[arm]
+        grid = np.log10(np.clip(grids[arm], 1e-12, None))
+        mesh = ax.contourf(
+            surface["betas"],
+            surface["alphas"],
+            grid,
+            levels=np.log10(np.unique(levels)),
+            cmap="viridis",
+        )
+        ax.plot(0, 0, "r*", markersize=9, label="final weights")
+        ax.set_title(f"{_label(arm)}: loss {surface['loss']:.3g} at the centre", fontsize=9)
+        ax.set_xlabel("direction 2 (filter-normalized units)")
+        ax.set_ylabel("direction 1 (filter-normalized units)")
+        ax.legend(fontsize=7, loc="upper right")
+        fig.colorbar(mesh, ax=ax, label="log10 training loss (nats)")
+    fig.suptitle("2-D loss surface around the final weights: standard (left) vs BN (right)", y=1.02)
+    return _save(
+        fig,
+        out_dir,
+        "loss_surfaces",
+        "2-D loss surfaces",
+        "Loss on a fixed batch of training samples at w + a d1 + b d2, d1 and d2 random "
+        "filter-normalized directions (Li et al., 2018), first seed; shared colour levels.",
+    )
+
+
+def curvature(series: Mapping[str, Mapping[str, Curve]], out_dir: Path) -> FigureFile | None:
+    """Top Hessian eigenvalue and curvature along the gradient over training."""
+    if not series:
+        return None
+    fig, axes = _subplots(1, 2, figsize=(10.0, 3.4))
+    panels = (
+        ("top_eigenvalue", "top Hessian eigenvalue (nats per unit^2)", "Top eigenvalue"),
+        ("curvature", "g^T H g / ||g||^2 (nats per unit^2)", "Curvature along the gradient"),
+    )
+    for ax, (key, ylabel, title) in zip(axes, panels, strict=True):
+        for arm, curves in series.items():
+            if key in curves:
+                _band(ax, curves[key][0], curves[key][1], arm)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.set_title(title)
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("Curvature of the training loss over training", y=1.02)
+    return _save(
+        fig,
+        out_dir,
+        "curvature",
+        "Curvature over training",
+        "Lanczos top eigenvalue and g^T H g / ||g||^2 of the training-mode loss on the step's "
+        "batch; median over seeds with min-max band. Units: loss (nats) per squared parameter "
+        "unit.",
+    )
+
+
+def spectral_density(
+    densities: Mapping[str, Mapping[str, Any]], out_dir: Path
+) -> FigureFile | None:
+    """Hessian eigenvalue density (stochastic Lanczos quadrature) at the final weights."""
+    if not densities:
+        return None
+    fig, ax = _subplots(figsize=(6.0, 3.4))
+    for arm, density in densities.items():
+        nodes = np.asarray([t for run in density["nodes"] for t in run], dtype=np.float64)
+        weights = np.asarray([w for run in density["weights"] for w in run], dtype=np.float64)
+        weights = weights / len(density["nodes"])
+        span = float(nodes.max() - nodes.min()) if nodes.size else 1.0
+        sigma = max(0.01 * span, 1e-6)
+        grid = np.linspace(nodes.min() - 3 * sigma, nodes.max() + 3 * sigma, 600)
+        values = (
+            weights[None, :] * np.exp(-0.5 * ((grid[:, None] - nodes[None, :]) / sigma) ** 2)
+        ).sum(axis=1) / (sigma * np.sqrt(2 * np.pi))
+        ax.plot(grid, np.maximum(values, 1e-8), color=_color(arm), label=_label(arm))
+    ax.set_yscale("log")
+    ax.set_xlabel("Hessian eigenvalue (nats per squared parameter unit)")
+    ax.set_ylabel("density (Gaussian-smoothed)")
+    ax.set_title("Hessian spectral density at the final weights")
+    ax.legend(fontsize=7)
+    return _save(
+        fig,
+        out_dir,
+        "spectral_density",
+        "Hessian spectral density",
+        "Stochastic Lanczos quadrature (40 iterations) on a fixed batch, first seed; smoothed "
+        "with a Gaussian of 1% of the spectrum's range.",
+    )
+
+
+def gradient_bound(
+    layers: Mapping[str, Mapping[str, Sequence[float]]], out_dir: Path
+) -> FigureFile | None:
+    """Theorem 4.1 per BN layer: measured ||dL/dx|| against the bound, one point per seed."""
+    if not layers:
+        return None
+    fig, axes = _subplots(1, 2, figsize=(10.0, 3.4))
+    names = list(layers)
+    x = np.arange(len(names))
+    for i, name in enumerate(names):
+        measured = np.asarray(layers[name]["measured"], dtype=np.float64)
+        bound = np.asarray(layers[name]["bound"], dtype=np.float64)
+        axes[0].scatter(np.full(len(bound), i - 0.1), bound, marker="_", s=300, color="black")
+        axes[0].scatter(np.full(len(measured), i + 0.1), measured, color="#d62728", s=14)
+        axes[1].scatter(np.full(len(measured), i), measured / bound, color="#d62728", s=14)
+    axes[0].scatter([], [], marker="_", color="black", label="bound (Theorem 4.1)")
+    axes[0].scatter([], [], color="#d62728", label="measured ||dL/dx||")
+    axes[0].legend(fontsize=7)
+    axes[0].set_ylabel("gradient norm (loss units per activation unit)")
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    axes[1].set_ylabel("measured / bound (<= 1 if the theorem holds)")
+    for ax in axes:
+        ax.set_xticks(x, names, fontsize=8)
+        ax.set_xlabel("BN layer")
+    fig.suptitle("Theorem 4.1 on the trained BN network (one point per seed)", y=1.02)
+    return _save(
+        fig,
+        out_dir,
+        "gradient_bound",
+        "Theorem 4.1: gradient norms against the bound",
+        "Final weights, fixed batch, training mode; norms summed over channels.",
     )

@@ -1,0 +1,283 @@
+"""``build_report(folder)``: claims, figures and the report files from a study folder alone."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bnlab.report import figures
+from bnlab.report.claims import judge
+from bnlab.report.document import FigureFile, ReportContent, Table, write_report
+from bnlab.report.evidence import (
+    Run,
+    StudyEvidence,
+    final_test_accuracy,
+    load_study,
+    probe_series,
+)
+
+Curve = tuple[list[float], list[list[float]]]
+SMOOTHING = 10  # training-loss curves are drawn as a moving average over this many steps
+
+
+def _moving_average(values: Sequence[float], width: int) -> list[float]:
+    out, total, window = [], 0.0, []
+    for v in values:
+        window.append(v)
+        total += v
+        if len(window) > width:
+            total -= window.pop(0)
+        out.append(total / len(window))
+    return out
+
+
+def _longest_steps(runs: Sequence[Run], rows: str) -> list[float]:
+    longest: list[dict[str, Any]] = max(
+        (r.train if rows == "train" else r.evals for r in runs), key=len, default=[]
+    )
+    return [float(row["step"]) for row in longest]
+
+
+def _train_curve(runs: Sequence[Run]) -> Curve:
+    losses = [[float(row["loss"]) for row in r.train] for r in runs]
+    return _longest_steps(runs, "train"), [_moving_average(v, SMOOTHING) for v in losses]
+
+
+def _eval_curve(runs: Sequence[Run]) -> Curve:
+    values = [[float(row.get("accuracy", math.nan)) for row in r.evals] for r in runs]
+    return _longest_steps(runs, "eval"), values
+
+
+def _probe_curve(runs: Sequence[Run], probe: str, value: str) -> Curve:
+    series = [probe_series(r, probe, value) for r in runs]
+    steps = max((s for s, _ in series), key=len, default=[])
+    return list(steps), [list(v) for _, v in series]
+
+
+def _present(evidence: StudyEvidence, arms: Sequence[str]) -> list[str]:
+    return [a for a in arms if evidence.arm(a)]
+
+
+def draw_figures(evidence: StudyEvidence, out: Path) -> dict[str, FigureFile]:
+    """Every figure the evidence supports (a figure without data is skipped)."""
+    data = str(evidence.manifest.get("data", "?"))
+    settings = evidence.settings
+    drawn: list[FigureFile | None] = []
+
+    curves = {
+        float(lr): {a: _train_curve(evidence.arm(a, lr=lr)) for a in ("standard", "bn")}
+        for lr in settings.get("learning_rates", [])
+        if evidence.arm("bn", lr=lr) or evidence.arm("standard", lr=lr)
+    }
+    drawn.append(figures.training_curves(curves, out, metric="loss", dataset=data))
+
+    ref = settings.get("reference_lr")
+    by_scale: dict[str, dict[float, list[float]]] = {}
+    for arm in ("standard", "bn"):
+        for scale in settings.get("init_scales", []):
+            runs = evidence.select(arms=[arm], lr=ref, init_scale=scale)
+            if runs:
+                accs = [final_test_accuracy(r) for r in runs]
+                by_scale.setdefault(arm, {})[float(scale)] = [
+                    a if math.isfinite(a) else 0.0 for a in accs
+                ]
+    if len(settings.get("init_scales", [])) > 1:
+        drawn.append(figures.init_scale_accuracy(by_scale, out, dataset=data))
+
+    quantiles: dict[str, tuple[list[float], list[list[float]]]] = {}
+    layer = ""
+    for arm in _present(evidence, ("standard", "bn", "noisy_bn")):
+        first = evidence.arm(arm)[0].measurements.get("activations")
+        if first:
+            layer = evidence.arm(arm)[0].measurements.get("layer", "")
+            quantiles[arm] = (first["steps"], [row["quantiles"] for row in first["rows"]])
+    levels: list[float] = next(
+        (r.measurements["quantile_levels"] for r in evidence.runs if r.measurements), []
+    )
+    drawn.append(figures.activation_distributions(quantiles, out, layer=layer, levels=levels))
+
+    shift: dict[str, dict[str, list[float]]] = {}
+    all_layers: list[str] = []
+    for arm in _present(evidence, ("standard", "bn")):
+        for run in evidence.arm(arm):
+            for row in run.probes.get("internal_covariate_shift", []):
+                for entry in row.get("layers", []):
+                    if entry["layer"] not in all_layers:
+                        all_layers.append(entry["layer"])
+                    for key in ("l2_difference", "cosine"):
+                        shift.setdefault(arm, {}).setdefault(f"{key}:{entry['layer']}", []).append(
+                            float(entry[key])
+                        )
+    drawn.append(figures.covariate_shift(shift, out, layers=all_layers))
+
+    smooth = {
+        arm: {
+            value: _probe_curve(evidence.arm(arm), "gradient_path", value)
+            for value in ("loss_range", "gradient_change", "beta")
+        }
+        for arm in _present(evidence, ("standard", "bn"))
+    }
+    drawn.append(figures.landscape_smoothness({a: s for a, s in smooth.items() if s}, out))
+
+    lp_arms = _present(evidence, ("standard", "bn", "l1", "l2", "linf"))
+    if any(a in lp_arms for a in ("l1", "l2", "linf")):
+        drawn.append(
+            figures.lp_variants(
+                {a: _eval_curve(evidence.arm(a)) for a in lp_arms},
+                {a: _probe_curve(evidence.arm(a), "gradient_path", "loss_range") for a in lp_arms},
+                out,
+            )
+        )
+
+    if "mouse" in evidence.conditioning:
+        drawn.append(figures.conditioning_contours(evidence.conditioning["mouse"], out))
+    if "cancer" in evidence.conditioning:
+        drawn.append(
+            figures.conditioning_weights(evidence.conditioning["cancer"], out, dataset="cancer")
+        )
+
+    surfaces, densities = {}, {}
+    for arm in _present(evidence, ("standard", "bn")):
+        measured = evidence.arm(arm)[0].measurements
+        if "loss_surface" in measured:
+            surfaces[arm] = measured["loss_surface"]
+        if "spectral_density" in measured:
+            densities[arm] = measured["spectral_density"]
+    drawn.append(figures.loss_surfaces(surfaces, out))
+    curvature = {
+        arm: {
+            "top_eigenvalue": _probe_curve(evidence.arm(arm), "top_eigenvalues", "top_eigenvalue"),
+            "curvature": _probe_curve(evidence.arm(arm), "curvature_along_gradient", "curvature"),
+        }
+        for arm in _present(evidence, ("standard", "bn"))
+    }
+    drawn.append(figures.curvature(curvature, out))
+    drawn.append(figures.spectral_density(densities, out))
+
+    bound: dict[str, dict[str, list[float]]] = {}
+    for run in evidence.arm("bn"):
+        for entry in run.measurements.get("gradient_bound", {}).get("layers", []):
+            per = bound.setdefault(entry["layer"], {"measured": [], "bound": []})
+            per["measured"].append(float(entry["input_gradient_norm"]))
+            per["bound"].append(float(entry["bound"]))
+    drawn.append(figures.gradient_bound(bound, out))
+    return {f.name: f for f in drawn if f is not None}
+
+
+def run_table(evidence: StudyEvidence) -> Table:
+    rows = [
+        [
+            r.experiment,
+            r.name,
+            r.arm,
+            r.lr,
+            r.init_scale,
+            r.seed,
+            r.status.get("step"),
+            r.state,
+            final_test_accuracy(r),
+            r.wall_seconds,
+        ]
+        for r in evidence.runs
+    ]
+    settings = evidence.settings
+    note = (
+        f"Data {evidence.manifest.get('data')}; every run: {settings.get('steps')} steps of "
+        f"plain SGD (no momentum, no weight decay), batch {settings.get('batch_size')}, "
+        f"reference learning rate {settings.get('reference_lr')}, probes every "
+        f"{settings.get('probe_every')} steps (Hessian probes every "
+        f"{settings.get('curvature_every')}). Full configurations: runs/<experiment>/<run>/"
+        "config.toml."
+    )
+    return Table(
+        "Run configurations",
+        [
+            "experiment",
+            "run",
+            "arm",
+            "lr",
+            "init scale",
+            "seed",
+            "steps",
+            "state",
+            "final test acc.",
+            "wall s",
+        ],
+        rows,
+        note,
+    )
+
+
+def time_table(evidence: StudyEvidence) -> Table:
+    """Training vs each probe vs the post-training measurements, in seconds."""
+    probe_time: dict[str, float] = {}
+    estimated = False
+    for run in evidence.runs:
+        per_call = run.measurements.get("probe_seconds_per_call", {})
+        for probe, calls in run.probes.items():
+            recorded = [float(c["seconds"]) for c in calls if "seconds" in c]
+            if recorded:
+                probe_time[probe] = probe_time.get(probe, 0.0) + sum(recorded)
+            elif probe in per_call:
+                estimated = True
+                probe_time[probe] = probe_time.get(probe, 0.0) + len(calls) * per_call[probe]
+    run_total = sum(r.wall_seconds for r in evidence.runs)
+    measured: dict[str, float] = {}
+    for run in evidence.runs:
+        for key, seconds in run.measurements.get("seconds", {}).items():
+            measured[key] = measured.get(key, 0.0) + float(seconds)
+    how = "estimated: calls x one timed call on the final weights" if estimated else "recorded"
+    rows: list[list[Any]] = [
+        [
+            "training (steps, evaluation, checkpoints)",
+            run_total - sum(probe_time.values()),
+            "run wall time minus probe time",
+        ]
+    ]
+    rows += [[f"probe: {p}", s, how] for p, s in sorted(probe_time.items())]
+    rows += [[f"after training: {k}", s, "timed"] for k, s in sorted(measured.items())]
+    if "conditioning" in evidence.timing:
+        rows.append(["conditioning (claim 9)", evidence.timing["conditioning"], "timed"])
+    total = sum(float(r[1]) for r in rows) or 1.0
+    for row in rows:
+        row.insert(2, f"{100 * float(row[1]) / total:.1f}%")
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in evidence.timing.items() if isinstance(v, float))
+    return Table(
+        "Where the time went",
+        ["part", "seconds (summed over runs)", "share", "how"],
+        rows,
+        "Seconds summed over runs, which ran in parallel worker processes"
+        + (f" (jobs = {evidence.timing.get('jobs')}); " if evidence.timing else "; ")
+        + (f"wall clock of the last invocation's phases: {phases}." if phases else ""),
+    )
+
+
+def build_report(folder: str | Path) -> Path:
+    """Rebuild ``folder``'s figures, claims.json, summary.md and report.html (written last)
+    from its files alone; returns the report's path. Raises StudyFolderError (a ValueError)
+    when ``folder`` is not a study folder."""
+    out = Path(folder)
+    evidence = load_study(out)
+    (out / "report.html").unlink(missing_ok=True)
+    drawn = draw_figures(evidence, out)
+    claims = judge(evidence)
+    settings = evidence.settings
+    seeds = settings.get("seeds", [])
+    env = next((r.env for r in evidence.runs if r.env), {})
+    content = ReportContent(
+        title=str(evidence.manifest.get("title", "bnlab report")),
+        subtitle=(
+            f"Data: {evidence.manifest.get('data')}; "
+            f"{'quick' if evidence.manifest.get('quick') else 'full'} study, {len(seeds)} seed(s), "
+            f"{len(evidence.runs)} runs; built "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the run store alone."
+        ),
+        claims=claims,
+        figures=drawn,
+        tables=[run_table(evidence), time_table(evidence)],
+        environment={k: v for k, v in env.items() if k not in ("seed", "resumed_from")},
+    )
+    return write_report(content, out)

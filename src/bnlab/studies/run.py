@@ -1,0 +1,127 @@
+"""Run a declared study into an output folder; running it again skips what is done.
+
+```
+OUT/
+  study.json                      the study as data (experiments, grids, settings, claims)
+  conditioning/<dataset>.json     claim 9's closed-form measurements
+  runs/<experiment>/<run>/        one run store per run (bnlab.train.sweep)
+  measurements/<experiment>/<run>.json   post-training measurements from checkpoints
+  timing.json                     wall-clock seconds of each phase of the last invocation
+```
+
+The report (:func:`bnlab.report.build_report`) reads this folder and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnlab.data import load_dataset
+from bnlab.studies.conditioning import raw_and_standardized
+from bnlab.studies.measurements import measure_experiment
+from bnlab.studies.santurkar import Study
+from bnlab.train import sweep
+from bnlab.train.store import write_atomic
+
+CONDITIONING_FEATURES = {"mouse": ["height (m)", "age (days)"]}
+
+
+class StudyFolderError(ValueError):
+    """The output folder holds a different study."""
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+def check_data(study: Study) -> None:
+    """Load the study's dataset once, so a missing or damaged file fails before any work.
+    Raises ValueError (or DataFileError, a ValueError) naming the problem."""
+    load_dataset(study.data)
+
+
+def write_manifest(study: Study, out: Path) -> None:
+    """``study.json``; refuses a folder that already holds a different study."""
+    manifest = study.to_dict()
+    path = out / "study.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != manifest:
+            raise StudyFolderError(
+                f"{out} holds a different study (data {old.get('data')!r}, quick "
+                f"{old.get('quick')}, seeds {old.get('settings', {}).get('seeds')}); "
+                "choose another --out or remove it"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def run_conditioning(study: Study, out: Path) -> None:
+    """Claim 9: raw vs standardized logistic regression on each conditioning dataset."""
+    folder = out / "conditioning"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in study.conditioning:
+        target = folder / f"{name}.json"
+        if target.exists():
+            continue
+        dataset = load_dataset(name)
+        X = dataset.x_train.double().numpy()
+        y = dataset.y_train.numpy().astype(np.float64)
+        features = CONDITIONING_FEATURES.get(name) or _feature_names(name, X.shape[1])
+        results = [r.to_dict() for r in raw_and_standardized(X, y, features, name)]
+        write_atomic(target, json.dumps(results).encode())
+
+
+def _feature_names(name: str, count: int) -> list[str]:
+    if name == "cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        return [str(f) for f in load_breast_cancer().feature_names]
+    return [f"x{i}" for i in range(count)]
+
+
+def run_study(study: Study, out: str | Path, *, jobs: int = 1, progress: bool = True) -> Path:
+    """Run every part of ``study`` into ``out`` (layout in the module docstring) and return it.
+
+    Raises ValueError for bad input (unknown dataset, missing file, a folder of another study,
+    jobs < 1) before anything is trained.
+    """
+    if jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    out = Path(out)
+    check_data(study)
+    write_manifest(study, out)
+    timing: dict[str, Any] = {"jobs": jobs}
+    phases = 2 + len(study.experiments)
+
+    start = time.perf_counter()
+    _say(f"[1/{phases}] conditioning (claim 9): {', '.join(study.conditioning)}", progress)
+    run_conditioning(study, out)
+    timing["conditioning"] = time.perf_counter() - start
+
+    for i, experiment in enumerate(study.experiments, start=2):
+        count = int(np.prod([len(v) for v in experiment.sweep.grid.values()]))
+        _say(f"[{i}/{phases}] training {experiment.name}: {count} runs, {jobs} at a time", progress)
+        start = time.perf_counter()
+        sweep(experiment.sweep, out / "runs" / experiment.name, jobs=jobs, progress=progress)
+        timing[f"training:{experiment.name}"] = time.perf_counter() - start
+
+    _say(f"[{phases}/{phases}] measurements on the landscape runs' checkpoints", progress)
+    start = time.perf_counter()
+    first = study.settings.seeds[0]
+    measure_experiment(
+        out / "runs" / "landscape",
+        out / "measurements" / "landscape",
+        detailed_runs={f"norm={norm},seed={first}" for norm in ("none", "bn")},
+        progress=progress,
+    )
+    timing["measurements"] = time.perf_counter() - start
+    write_atomic(out / "timing.json", (json.dumps(timing, indent=2) + "\n").encode())
+    return out
