@@ -1,0 +1,9 @@
+"""bnlab's Hessian probes side by side with PyHessian: ``python benchmarks/bench_hessian.py``.
+
+The same as ``bnlab bench hessian`` (options: ``--help``); see ``bnlab.bench.hessian``.
+"""
+
+from bnlab.bench.hessian import command
+
+if __name__ == "__main__":
+    command()
