@@ -9,6 +9,7 @@ for bit on CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import os
@@ -180,6 +181,16 @@ def _untouched(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+def set_threads(threads: int) -> None:
+    """Pin torch's and numba's CPU thread counts: bnlab's numba kernels split reductions by
+    thread count, so bitwise reproducibility needs the same count on every (re)start."""
+    torch.set_num_threads(threads)
+    if importlib.util.find_spec("numba") is not None:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+
+
 def _distributed_setup(device: str) -> tuple[int, int, int]:
     """(rank, world size, local rank): joins the process group torchrun describes in the
     environment (gloo on CPU, nccl on CUDA), or (0, 1, 0) for a single process."""
@@ -283,7 +294,7 @@ def _run(
     progress: bool | Progress,
 ) -> RunResult:
     if config.threads:
-        torch.set_num_threads(config.threads)
+        set_threads(config.threads)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False

@@ -15,6 +15,7 @@ resumes the others; a worker that crashes fails its own run only, with its trace
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import multiprocessing
 import os
@@ -96,7 +97,10 @@ def _worker_context() -> Any:
     starts, no fork of a parent that may hold torch thread pools); spawn where there is none."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["bnlab.train.loop"])
+        preload = ["bnlab.train.loop"]
+        if importlib.util.find_spec("numba") is not None:
+            preload.append("numba")  # the norm kernels' compiler: slow to import per worker
+        context.set_forkserver_preload(preload)
         return context
     return multiprocessing.get_context("spawn")
 
@@ -112,13 +116,11 @@ def _worker(
     ``environment`` is the parent's at launch (a fork server keeps the one it started with)."""
     os.environ.clear()
     os.environ.update(environment)
-    import torch
-
-    from bnlab.train.loop import train
+    from bnlab.train.loop import set_threads, train
 
     config = config_from_dict(config_data)
     if not config.threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     last = [0.0]
 
     def report(step: int, total: int) -> None:
