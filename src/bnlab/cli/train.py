@@ -74,9 +74,9 @@ def train(
     out = run_dir or Path("runs") / config.stem
     distributed = nproc > 1 or nnodes != "1" or rdzv_endpoint is not None
     if distributed:
-        from bnlab.train.distributed import launch
+        from bnlab.train.distributed import launch, torchrun_command
 
-        code = launch(
+        command = torchrun_command(
             config,
             out,
             nproc,
@@ -87,6 +87,7 @@ def train(
             rdzv_id=rdzv_id,
             progress=progress,
         )
+        code = launch(command)
         if code:
             click.echo(f"error: torchrun exited with code {code}; see {out}", err=True)
             sys.exit(code)

@@ -1,9 +1,10 @@
 """Distributed launch through torch's own launcher, ``torch.distributed.run`` (torchrun).
 
-``launch(config_path, run_dir, nproc)`` runs ``python -m torch.distributed.run --nproc-per-node N
-... -m bnlab.train.distributed CONFIG RUN_DIR [--set key=value ...]``; every process then calls
-:func:`bnlab.train.train`, which joins the process group torchrun describes (gloo on CPU, nccl on
-CUDA), wraps the model in DistributedDataParallel and takes its shard of each global batch. The
+``launch(torchrun_command(config_path, run_dir, nproc))`` runs ``python -m torch.distributed.run
+--nproc-per-node N ... -m bnlab.train.distributed CONFIG RUN_DIR [--set key=value ...]``; every
+process then calls :func:`bnlab.train.train`, which joins the process group torchrun describes
+(gloo on CPU, nccl on CUDA), wraps the model in DistributedDataParallel and takes its shard of
+each global batch. Probes run on rank 0 only, over its shard, with per-process statistics. The
 same module works under a hand-written torchrun command on several machines::
 
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-endpoint HOST:29500 \\
@@ -32,6 +33,7 @@ def torchrun_command(
     rdzv_endpoint: str | None = None,
     rdzv_backend: str = "c10d",
     rdzv_id: str | None = None,
+    progress: bool = True,
 ) -> list[str]:
     """The torchrun command line for a distributed run (a single node is ``--standalone``)."""
     if nproc < 1:
@@ -50,35 +52,14 @@ def torchrun_command(
     command += ["-m", "bnlab.train.distributed", str(config_path), str(run_dir)]
     for override in overrides:
         command += ["--set", override]
+    if not progress:
+        command.append("--no-progress")
     return command
 
 
-def launch(
-    config_path: str | Path,
-    run_dir: str | Path,
-    nproc: int,
-    overrides: Sequence[str] = (),
-    *,
-    nnodes: str = "1",
-    node_rank: int | None = None,
-    rdzv_endpoint: str | None = None,
-    rdzv_id: str | None = None,
-    progress: bool = True,
-) -> int:
-    """Run the config on ``nproc`` processes through torchrun; returns torchrun's exit code."""
-    command = torchrun_command(
-        config_path,
-        run_dir,
-        nproc,
-        overrides,
-        nnodes=nnodes,
-        node_rank=node_rank,
-        rdzv_endpoint=rdzv_endpoint,
-        rdzv_id=rdzv_id,
-    )
-    if not progress:
-        command.append("--no-progress")
-    return subprocess.run(command, check=False).returncode
+def launch(command: Sequence[str]) -> int:
+    """Run a :func:`torchrun_command`; returns torchrun's exit code."""
+    return subprocess.run(list(command), check=False).returncode
 
 
 def main(argv: Sequence[str] | None = None) -> None:
