@@ -102,7 +102,7 @@ def training_curves(
             ax.set_yscale("log")
     axes[0][0].set_ylabel("training loss (cross-entropy, nats)" if metric == "loss" else metric)
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"Training curves per learning rate ({dataset})")
+    fig.suptitle(f"Training curves per learning rate ({dataset})", y=1.03)
     return _save(
         fig,
         out_dir,
@@ -215,7 +215,7 @@ def covariate_shift(
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Internal covariate shift per layer (Definition 2.1)")
+    fig.suptitle("Internal covariate shift per layer (Definition 2.1)", y=1.02)
     return _save(
         fig,
         out_dir,
@@ -249,7 +249,7 @@ def landscape_smoothness(
         ax.set_ylabel(ylabel)
         ax.set_yscale("log")
     axes[-1].legend(fontsize=7)
-    fig.suptitle("Smoothness of the loss landscape along the gradient")
+    fig.suptitle("Smoothness of the loss landscape along the gradient", y=1.02)
     return _save(
         fig,
         out_dir,
@@ -322,7 +322,7 @@ def conditioning_weights(
         steps = result["gd_steps"]
         done = f"{steps} GD steps" if steps else f"not converged in {result['max_steps']} GD steps"
         ax.set_title(f"{result['scaling']} features ({done})", fontsize=9)
-    fig.suptitle(f"Learned logistic-regression weights per feature ({dataset})")
+    fig.suptitle(f"Learned logistic-regression weights per feature ({dataset})", y=1.01)
     return _save(
         fig,
         out_dir,

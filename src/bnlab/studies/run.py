@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from bnlab.data import load_dataset
 from bnlab.studies.conditioning import raw_and_standardized
+from bnlab.studies.measure import user_model_of
 from bnlab.studies.measurements import measure_experiment
-from bnlab.studies.santurkar import Study
-from bnlab.train import sweep
+from bnlab.studies.santurkar import Experiment, Study
+from bnlab.train import run_names, sweep, train
 from bnlab.train.store import write_atomic
 
 CONDITIONING_FEATURES = {"mouse": ["height (m)", "age (days)"]}
@@ -95,33 +97,56 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, progress: bool = 
     """
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    out = Path(out)
+    with user_model_of(study):
+        return _run(study, Path(out), jobs, progress)
+
+
+def _train(
+    experiment: Experiment, folder: Path, jobs: int, in_process: bool, progress: bool
+) -> None:
+    """A sweep in worker processes, or (for a user's model, which workers cannot import) one run
+    after another in this process; either way finished runs are skipped."""
+    if not in_process:
+        sweep(experiment.sweep, folder, jobs=jobs, progress=progress)
+        return
+    for name, config in run_names(experiment.sweep):
+        train(config, folder / name, progress=progress)
+
+
+def _run(study: Study, out: Path, jobs: int, progress: bool) -> Path:
     check_data(study)
     write_manifest(study, out)
     timing: dict[str, Any] = {"jobs": jobs}
     phases = 2 + len(study.experiments)
 
     start = time.perf_counter()
-    _say(f"[1/{phases}] conditioning (claim 9): {', '.join(study.conditioning)}", progress)
-    run_conditioning(study, out)
+    if study.conditioning:
+        _say(f"[1/{phases}] conditioning (claim 9): {', '.join(study.conditioning)}", progress)
+        run_conditioning(study, out)
     timing["conditioning"] = time.perf_counter() - start
 
     for i, experiment in enumerate(study.experiments, start=2):
         count = int(np.prod([len(v) for v in experiment.sweep.grid.values()]))
         _say(f"[{i}/{phases}] training {experiment.name}: {count} runs, {jobs} at a time", progress)
         start = time.perf_counter()
-        sweep(experiment.sweep, out / "runs" / experiment.name, jobs=jobs, progress=progress)
+        folder = out / "runs" / experiment.name
+        _train(experiment, folder, jobs, bool(study.model_spec), progress)
         timing[f"training:{experiment.name}"] = time.perf_counter() - start
 
     _say(f"[{phases}/{phases}] measurements on the landscape runs' checkpoints", progress)
     start = time.perf_counter()
     first = study.settings.seeds[0]
-    measure_experiment(
-        out / "runs" / "landscape",
-        out / "measurements" / "landscape",
-        detailed_runs={f"norm={norm},seed={first}" for norm in ("none", "bn")},
-        progress=progress,
-    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: one thread is fastest and shares the machine best
+    try:
+        measure_experiment(
+            out / "runs" / "landscape",
+            out / "measurements" / "landscape",
+            detailed_runs={f"norm={norm},seed={first}" for norm in ("none", "bn")},
+            progress=progress,
+        )
+    finally:
+        torch.set_num_threads(threads)
     timing["measurements"] = time.perf_counter() - start
     write_atomic(out / "timing.json", (json.dumps(timing, indent=2) + "\n").encode())
     return out

@@ -38,6 +38,7 @@ ARMS: dict[str, str] = {
     "linf": "linf",
 }
 IMAGE_DATA = ("digits", "mnist", "cifar10")
+STUDY_DATA = ("digits", "cancer", "mouse", "cifar10", "mnist")
 CLAIMS: tuple[int, ...] = tuple(range(1, 12))
 
 
@@ -96,6 +97,7 @@ class Study:
     claims: tuple[int, ...] = CLAIMS
     conditioning: tuple[str, ...] = ("mouse", "cancer")
     arms: dict[str, str] = field(default_factory=lambda: dict(ARMS))
+    model_spec: str = ""  # FILE.py:FACTORY of a user's model (bnlab measure); runs in-process
 
     def experiment(self, name: str) -> Experiment:
         for experiment in self.experiments:
@@ -116,6 +118,7 @@ class Study:
             "claims": list(self.claims),
             "conditioning": list(self.conditioning),
             "arms": dict(self.arms),
+            "model_spec": self.model_spec,
             "settings": {
                 "steps": s.steps,
                 "seeds": list(s.seeds),
@@ -186,7 +189,15 @@ def santurkar_study(
     device: str = "cpu",
 ) -> Study:
     """The reproduction on ``data`` (a spec of ``bnlab.data.load_dataset``). ``seeds`` overrides
-    the number of seeds (3 by default, 2 with ``quick``). Raises ValueError for seeds < 1."""
+    the number of seeds (3 by default, 2 with ``quick``). Raises ValueError for an unknown or
+    regression dataset and for seeds < 1."""
+    from bnlab.data import dataset_name
+
+    if dataset_name(data) not in STUDY_DATA:  # dataset_name raises for an unknown dataset
+        raise ValueError(
+            f"--data {data!r}: the study needs class labels; use one of "
+            f"{', '.join(STUDY_DATA)} (cifar10 and mnist as NAME:PATH)"
+        )
     settings = QUICK if quick else FULL
     if seeds is not None:
         if seeds < 1:
