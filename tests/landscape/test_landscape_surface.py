@@ -100,3 +100,5 @@ def test_surface_rejects_bad_grids_and_directions():
         L.loss_surface(model, loss, batch, [0.0], directions=[{"nope": torch.zeros(3)}])
     with pytest.raises(ValueError, match="processes"):
         L.loss_surface(model, loss, batch, [0.0], processes=0)
+    with pytest.raises(ValueError, match="picklable"):  # quadratic_loss returns a closure
+        L.loss_surface(model, loss, batch, [0.0, 1.0], processes=2)

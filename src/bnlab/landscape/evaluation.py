@@ -356,6 +356,33 @@ class Objective:
 
         return apply
 
+    def vector(
+        self, vector: Mapping[str, Tensor] | Tensor, argument: str, *, complete: bool
+    ) -> Params:
+        """A vector over all trainable parameters from a flat tensor (their total size, in
+        order) or a dict name -> tensor, in the parameters' dtype. With ``complete`` every name
+        must be present, otherwise missing ones are zero. Raises ValueError naming ``argument``
+        for a wrong size, unknown names or wrong shapes."""
+        if isinstance(vector, Tensor):
+            if vector.numel() != self.dimension():
+                raise ValueError(
+                    f"{argument} has {vector.numel()} entries, the model has "
+                    f"{self.dimension()} trainable parameters"
+                )
+            vector = self.unflatten(vector.reshape(-1), self.names)
+        unknown = [n for n in vector if n not in self.params]
+        missing = [n for n in self.names if n not in vector] if complete else []
+        wrong = [n for n in vector if n in self.params and vector[n].shape != self.params[n].shape]
+        if unknown or missing or wrong:
+            raise ValueError(
+                f"{argument} must map trainable parameter names to tensors of their shapes; "
+                f"unknown names: {unknown}, missing: {missing}, wrong shapes: {wrong}"
+            )
+        return {
+            n: vector[n].to(p) if n in vector else torch.zeros_like(p)
+            for n, p in self.params.items()
+        }
+
     def unflatten(self, v: Tensor, names: Sequence[str]) -> Params:
         sizes = [self.params[n].numel() for n in names]
         return {

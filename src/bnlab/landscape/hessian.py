@@ -78,23 +78,9 @@ def hvp(
     _check_method(method)
     with leave_as_found(model):
         objective = Objective(model, loss_fn, batch_or_loader, num_batches=num_batches, mode=mode)
-        names = objective.names
-        if isinstance(vector, Tensor):
-            if vector.numel() != objective.dimension():
-                raise ValueError(
-                    f"vector has {vector.numel()} entries, the model has "
-                    f"{objective.dimension()} trainable parameters"
-                )
-            vector = objective.unflatten(vector.reshape(-1), names)
-        missing = [n for n in names if n not in vector]
-        wrong = [n for n in names if n in vector and vector[n].shape != objective.params[n].shape]
-        if missing or wrong:
-            raise ValueError(
-                f"vector must hold a tensor for every trainable parameter; missing: {missing}, "
-                f"wrong shape: {wrong}"
-            )
+        full = objective.vector(vector, "vector", complete=True)
         product = objective.hvp if method == "reverse" else objective.hvp_forward
-        return product(vector, names)
+        return product(full, objective.names)
 
 
 @overload

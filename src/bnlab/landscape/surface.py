@@ -10,7 +10,7 @@ Hessian eigenvectors from :func:`top_eigenvalues`) are used as they are.
 
 from __future__ import annotations
 
-import multiprocessing
+import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,29 +46,6 @@ def filter_normalized_direction(
     return direction
 
 
-def _as_direction(direction: Direction, objective: Objective, index: int) -> dict[str, Tensor]:
-    params = objective.params
-    if isinstance(direction, Tensor):
-        if direction.numel() != objective.dimension():
-            raise ValueError(
-                f"directions[{index}] has {direction.numel()} entries, the model has "
-                f"{objective.dimension()} trainable parameters"
-            )
-        return objective.unflatten(
-            direction.reshape(-1).to(objective.params[objective.names[0]]), objective.names
-        )
-    unknown = [n for n in direction if n not in params]
-    wrong = [n for n in direction if n in params and direction[n].shape != params[n].shape]
-    if unknown or wrong:
-        raise ValueError(
-            f"directions[{index}]: unknown parameter names {unknown}, wrong shapes {wrong}"
-        )
-    return {
-        n: direction[n].to(params[n]) if n in direction else torch.zeros_like(params[n])
-        for n in params
-    }
-
-
 _WORKER: dict[str, Any] = {}
 
 
@@ -84,13 +61,37 @@ def _point(
 def _evaluate(points: list[tuple[float, ...]]) -> list[float]:
     objective: Objective = _WORKER["objective"]
     directions: list[dict[str, Tensor]] = _WORKER["directions"]
-    if _WORKER.get("child"):
-        torch.set_num_threads(1)
     return [objective.loss(_point(objective, directions, c)) for c in points]
 
 
-def _child_init() -> None:
-    _WORKER["child"] = True
+def _start_worker(objective: Objective, directions: list[dict[str, Tensor]]) -> None:
+    torch.set_num_threads(1)
+    _WORKER.update(objective=objective, directions=directions)
+
+
+def _evaluate_in_processes(
+    objective: Objective,
+    directions: list[dict[str, Tensor]],
+    grid: list[tuple[float, ...]],
+    processes: int,
+) -> list[float]:
+    # "spawn", not "fork": a child forked from a parent whose thread pools (OpenMP, numba)
+    # have run can deadlock. The objective (model, loss_fn, batches) travels by pickle.
+    try:
+        pickle.dumps((objective, directions))
+    except Exception as error:
+        raise ValueError(
+            "processes > 1 needs a picklable model, loss_fn and batches (a module-level "
+            f"function rather than a lambda or closure): {error}"
+        ) from error
+    context = torch.multiprocessing.get_context("spawn")
+    chunks = [grid[i::processes] for i in range(processes)]
+    with context.Pool(processes, _start_worker, (objective, directions)) as pool:
+        parts = pool.map(_evaluate, chunks)
+    values = [0.0] * len(grid)
+    for i in range(processes):
+        values[i::processes] = parts[i]
+    return values
 
 
 def loss_surface(
@@ -111,7 +112,8 @@ def loss_surface(
 
     ``directions``: one (1-D) or two (2-D) dicts name -> tensor (missing names: zero) or flat
     tensors; default random filter-normalized ones drawn with ``seed``. ``processes`` > 1 splits
-    the grid over forked worker processes (one thread each; POSIX only). Raises ValueError for an
+    the grid over spawned worker processes (one thread each), which needs a picklable model,
+    ``loss_fn`` (a module-level function, not a lambda) and batches. Raises ValueError for an
     empty grid, a wrong number of directions or processes < 1.
     """
     alphas = [float(a) for a in alphas]
@@ -135,26 +137,24 @@ def loss_surface(
                     f"directions: a {count}-D surface needs {count} direction(s), "
                     f"got {len(directions)}"
                 )
-            chosen = [_as_direction(d, objective, i) for i, d in enumerate(directions)]
+            chosen = [
+                objective.vector(d, f"directions[{i}]", complete=False)
+                for i, d in enumerate(directions)
+            ]
             kind = "given"
         grid: list[tuple[float, ...]] = (
             [(a,) for a in alphas]
             if betas_list is None
             else [(a, b) for a in alphas for b in betas_list]
         )
-        _WORKER.update(objective=objective, directions=chosen)
-        try:
-            if processes == 1:
+        if processes == 1:
+            _WORKER.update(objective=objective, directions=chosen)
+            try:
                 values = _evaluate(grid)
-            else:
-                chunks = [grid[i::processes] for i in range(processes)]
-                with multiprocessing.get_context("fork").Pool(processes, _child_init) as pool:
-                    parts = pool.map(_evaluate, chunks)
-                values = [0.0] * len(grid)
-                for i in range(processes):
-                    values[i::processes] = parts[i]
-        finally:
-            _WORKER.clear()
+            finally:
+                _WORKER.clear()
+        else:
+            values = _evaluate_in_processes(objective, chosen, grid, processes)
         center = objective.loss()
     losses: list[float] | list[list[float]]
     if betas_list is None:
