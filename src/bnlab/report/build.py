@@ -95,7 +95,12 @@ def draw_figures(evidence: StudyEvidence, out: Path) -> dict[str, FigureFile]:
             layer = evidence.arm(arm)[0].measurements.get("layer", "")
             quantiles[arm] = (first["steps"], [row["quantiles"] for row in first["rows"]])
     levels: list[float] = next(
-        (r.measurements["quantile_levels"] for r in evidence.runs if r.measurements), []
+        (
+            r.measurements["quantile_levels"]
+            for r in evidence.runs
+            if "quantile_levels" in r.measurements
+        ),
+        [],
     )
     drawn.append(figures.activation_distributions(quantiles, out, layer=layer, levels=levels))
 

@@ -117,7 +117,14 @@ def _table_html(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _claim_section(claim: ClaimResult, figures: dict[str, FigureFile]) -> str:
+def _figure_reference(figure: FigureFile) -> str:
+    return (
+        f'<p class="subtitle">Figure: <a href="#fig-{html.escape(figure.name)}">'
+        f"{html.escape(figure.title)}</a> (shown above).</p>"
+    )
+
+
+def _claim_section(claim: ClaimResult, figures: dict[str, FigureFile], shown: set[str]) -> str:
     parts = [
         f'<section class="claim" id="claim-{claim.id}">',
         f"<h2>Claim {claim.id}: {html.escape(claim.title)} {_badge(claim.verdict)}</h2>",
@@ -132,7 +139,13 @@ def _claim_section(claim: ClaimResult, figures: dict[str, FigureFile]) -> str:
         rows = [[name, verdict.value] for name, verdict in claim.parts.items()]
         parts.append(_table_html(["part of the claim", "verdict"], rows))
     parts.extend(f"<p>{html.escape(note)}</p>" for note in claim.notes)
-    parts.extend(_figure_html(figures[name]) for name in claim.figures if name in figures)
+    for name in claim.figures:
+        if name in figures:
+            # a figure several claims share is embedded once and linked from the others
+            parts.append(
+                _figure_reference(figures[name]) if name in shown else _figure_html(figures[name])
+            )
+            shown.add(name)
     parts.append(f"<h3>Rule</h3><p>{html.escape(claim.rule)}</p>")
     parts.append(
         "<details><summary>The code that decided it</summary>"
@@ -156,8 +169,8 @@ def render_html(content: ReportContent) -> str:
         "<table><thead><tr><th>#</th><th>claim</th><th>verdict</th><th>key numbers</th></tr>"
         f"</thead><tbody>{summary_rows}</tbody></table>",
     ]
-    body.extend(_claim_section(c, content.figures) for c in content.claims)
-    shown = {name for c in content.claims for name in c.figures}
+    shown: set[str] = set()
+    body.extend(_claim_section(c, content.figures, shown) for c in content.claims)
     extra = [f for name, f in content.figures.items() if name not in shown]
     if extra:
         body.append('<section class="claim"><h2>Other figures</h2>')

@@ -51,10 +51,16 @@ def _save(fig: Figure, out_dir: Path, name: str, title: str, caption: str) -> Fi
     return FigureFile(name=name, title=title, caption=caption, path=path)
 
 
+def _has_values(series: Mapping[str, Mapping[str, Curve]]) -> bool:
+    return any(
+        len(run) for curves in series.values() for _, runs in curves.values() for run in runs
+    )
+
+
 def _subplots(
     rows: int = 1, cols: int = 1, *, figsize: tuple[float, float], squeeze: bool = True
 ) -> tuple[Figure, Any]:
-    fig = Figure(figsize=figsize)
+    fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
 
@@ -102,7 +108,7 @@ def training_curves(
             ax.set_yscale("log")
     axes[0][0].set_ylabel("training loss (cross-entropy, nats)" if metric == "loss" else metric)
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"Training curves per learning rate ({dataset})", y=1.03)
+    fig.suptitle(f"Training curves per learning rate ({dataset})")
     return _save(
         fig,
         out_dir,
@@ -215,7 +221,7 @@ def covariate_shift(
         ax.set_xlabel("layer")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Internal covariate shift per layer (Definition 2.1)", y=1.02)
+    fig.suptitle("Internal covariate shift per layer (Definition 2.1)")
     return _save(
         fig,
         out_dir,
@@ -232,7 +238,7 @@ def landscape_smoothness(
 ) -> FigureFile | None:
     """Loss variation band, gradient predictiveness and effective beta-smoothness over training
     (the paper's Figure 4), one line per arm."""
-    if not series:
+    if not _has_values(series):
         return None
     panels = (
         ("loss_range", "loss range along the gradient (nats)", "Loss variation"),
@@ -249,7 +255,7 @@ def landscape_smoothness(
         ax.set_ylabel(ylabel)
         ax.set_yscale("log")
     axes[-1].legend(fontsize=7)
-    fig.suptitle("Smoothness of the loss landscape along the gradient", y=1.02)
+    fig.suptitle("Smoothness of the loss landscape along the gradient")
     return _save(
         fig,
         out_dir,
@@ -291,7 +297,7 @@ def conditioning_contours(results: Sequence[Mapping[str, Any]], out_dir: Path) -
         ax.set_ylabel(f"weight of {result['features'][1]}{unit}")
         ax.ticklabel_format(style="sci", scilimits=(-3, 3))
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle("Mouse example: logistic loss (nats), raw (left) vs normalized (right)", y=1.04)
+    fig.suptitle("Mouse example: logistic loss (nats), raw (left) vs normalized (right)")
     return _save(
         fig,
         out_dir,
@@ -322,7 +328,7 @@ def conditioning_weights(
         steps = result["gd_steps"]
         done = f"{steps} GD steps" if steps else f"not converged in {result['max_steps']} GD steps"
         ax.set_title(f"{result['scaling']} features ({done})", fontsize=9)
-    fig.suptitle(f"Learned logistic-regression weights per feature ({dataset})", y=1.01)
+    fig.suptitle(f"Learned logistic-regression weights per feature ({dataset})")
     return _save(
         fig,
         out_dir,
@@ -353,7 +359,7 @@ def lp_variants(
     axes[1].set_yscale("log")
     axes[1].set_title("Loss variation along the gradient")
     axes[1].legend(fontsize=7)
-    fig.suptitle("lp normalization variants vs BN and the standard network", y=1.02)
+    fig.suptitle("lp normalization variants vs BN and the standard network")
     return _save(
         fig,
         out_dir,
@@ -389,7 +395,7 @@ def loss_surfaces(surfaces: Mapping[str, Mapping[str, Any]], out_dir: Path) -> F
         ax.set_ylabel("direction 1 (filter-normalized units)")
         ax.legend(fontsize=7, loc="upper right")
         fig.colorbar(mesh, ax=ax, label="log10 training loss (nats)")
-    fig.suptitle("2-D loss surface around the final weights: standard (left) vs BN (right)", y=1.02)
+    fig.suptitle("2-D loss surface around the final weights: standard (left) vs BN (right)")
     return _save(
         fig,
         out_dir,
@@ -402,7 +408,7 @@ def loss_surfaces(surfaces: Mapping[str, Mapping[str, Any]], out_dir: Path) -> F
 
 def curvature(series: Mapping[str, Mapping[str, Curve]], out_dir: Path) -> FigureFile | None:
     """Top Hessian eigenvalue and curvature along the gradient over training."""
-    if not series:
+    if not _has_values(series):
         return None
     fig, axes = _subplots(1, 2, figsize=(10.0, 3.4))
     panels = (
@@ -418,7 +424,7 @@ def curvature(series: Mapping[str, Mapping[str, Curve]], out_dir: Path) -> Figur
         ax.set_yscale("log")
         ax.set_title(title)
     axes[-1].legend(fontsize=7)
-    fig.suptitle("Curvature of the training loss over training", y=1.02)
+    fig.suptitle("Curvature of the training loss over training")
     return _save(
         fig,
         out_dir,
@@ -487,7 +493,7 @@ def gradient_bound(
     for ax in axes:
         ax.set_xticks(x, names, fontsize=8)
         ax.set_xlabel("BN layer")
-    fig.suptitle("Theorem 4.1 on the trained BN network (one point per seed)", y=1.02)
+    fig.suptitle("Theorem 4.1 on the trained BN network (one point per seed)")
     return _save(
         fig,
         out_dir,
