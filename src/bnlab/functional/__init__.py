@@ -4,30 +4,75 @@ Each function mirrors ``torch.nn.functional.batch_norm``: the running buffers ar
 place in training mode, ``momentum`` is the update factor (the module resolves ``None`` into a
 cumulative average), and ``training=False`` normalizes with the running statistics.
 
-The training-mode statistics and normalization go through one dispatch point,
-:func:`normalize_train`, which the fast CPU kernels plug into; everything else is shared.
+Two paths compute the same numbers: the fused CPU kernels (:mod:`bnlab.functional.kernels`,
+CPU float32/float64 without cross-process statistics or torch.func transforms) and the torch-op
+formulas (:mod:`bnlab.functional.ops`, everything else). :func:`normalize_train` and
+:func:`_normalize_eval` are the dispatch points; :func:`use_kernels` (or the environment
+variable ``BNLAB_KERNELS=0``) forces the torch-op path.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from bnlab.functional import ops
+from bnlab.functional import kernels, ops
 from bnlab.functional.distributed import ProcessGroup, all_reduce_sum, resolve_group
+from bnlab.functional.noise import NoiseDraw, NoiseSpec
+from bnlab.functional.noise import apply as _apply_noise
+from bnlab.functional.noise import draw as _draw
 
 __all__ = [
+    "NoiseDraw",
     "NoiseSpec",
     "batch_norm",
     "batch_renorm",
     "distribution_noise",
+    "draw_noise",
     "ghost_batch_norm",
+    "kernels_enabled",
     "lp_batch_norm",
     "normalize_train",
+    "use_kernels",
 ]
+
+_kernels_on = os.environ.get("BNLAB_KERNELS", "1") != "0"
+
+
+@contextmanager
+def use_kernels(enabled: bool = True) -> Iterator[None]:
+    """Within the block, dispatch to the fused CPU kernels (``True``) or always to the torch-op
+    path (``False``); the previous choice is restored afterwards. Not thread-local."""
+    global _kernels_on
+    saved = _kernels_on
+    _kernels_on = enabled
+    try:
+        yield
+    finally:
+        _kernels_on = saved
+
+
+def kernels_enabled() -> bool:
+    """Whether eligible inputs currently go to the fused CPU kernels."""
+    return _kernels_on and kernels.numba_available()
+
+
+def _on_kernels(x: Tensor) -> bool:
+    """Whether x goes to the fused kernels: enabled, CPU float32/float64, and no torch.func
+    transform or forward-mode AD active (a numba kernel has no batching or jvp rule)."""
+    return (
+        _kernels_on
+        and kernels.supports(x)
+        and not torch._C._are_functorch_transforms_active()
+        and forward_ad._current_level < 0
+        and kernels.numba_available()
+    )
 
 
 def _check_input(x: Tensor, running: Tensor | None, weight: Tensor | None, name: str) -> None:
@@ -47,24 +92,61 @@ def normalize_train(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    eps: float,
-    p: float = 2.0,
+    spec: ops.NormSpec,
     group: ProcessGroup | None = None,
-) -> tuple[Tensor, ops.BatchStats]:
-    """Training-mode normalization with batch statistics: ``(y, stats)`` in x's dtype.
+    update: ops.RunningUpdate | None = None,
+) -> tuple[Tensor, ops.GroupStats]:
+    """Training-mode normalization with batch statistics: ``(y, stats)``, y in x's dtype; moves
+    ``update``'s running buffers (if given) towards the statistics.
 
-    The dispatch point: fp16/bf16 inputs are normalized in float32 and cast back.
+    The dispatch point: CPU float32/float64 without a process group goes to the fused kernels,
+    everything else to the torch-op formulas; fp16/bf16 inputs are normalized in float32.
+    Raises ValueError when a (virtual) batch has one value per channel.
     """
-    dtype = ops.compute_dtype(x)
-    y, stats = ops.lp_train(x.to(dtype), weight, bias, eps, p, group)
-    return y.to(x.dtype), stats
+    low = x.dtype in ops.LOW_PRECISION
+    xc = x.float() if low else x
+    updated = False
+    if group is None and _on_kernels(xc):
+        n = xc.shape[0]
+        v = n if spec.virtual_batch_size is None else min(n, spec.virtual_batch_size)
+        last = n - (n - 1) // v * v
+        ops.check_batch_size(min(v, last) * (xc.numel() // (n * xc.shape[1])), xc)
+        y, stats, updated = kernels.train_normalize(xc, weight, bias, spec, update)
+    else:
+        y, stats = ops.train(xc, weight, bias, spec, group)
+    if update is not None and not updated:
+        ops.update_from_stats(update, stats, spec)
+    return (y.to(x.dtype) if low else y), stats
+
+
+def _running(
+    mean: Tensor | None, second: Tensor | None, momentum: float, kind: int
+) -> ops.RunningUpdate | None:
+    if mean is None and second is None:
+        return None
+    return ops.RunningUpdate(mean, second, momentum, kind)
 
 
 def _normalize_eval(
-    x: Tensor, mean: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None
+    x: Tensor,
+    mean: Tensor,
+    spread: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    is_var: bool,
 ) -> Tensor:
-    dtype = ops.compute_dtype(x)
-    return ops.normalize(x.to(dtype), mean.to(dtype), scale.to(dtype), weight, bias).to(x.dtype)
+    """Eval-mode dispatch: y = weight (x - mean) / s + bias with s = sqrt(spread + eps)
+    (``is_var``, BatchNorm's running_var) or s = spread (lp's running_scale)."""
+    low = x.dtype in ops.LOW_PRECISION
+    xc = x.float() if low else x
+    if _on_kernels(xc):
+        y = kernels.eval_normalize(xc, mean, spread, weight, bias, eps, is_var)
+    else:
+        dtype = xc.dtype
+        scale = torch.sqrt(spread.to(dtype) + eps) if is_var else spread.to(dtype)
+        y = ops.normalize(xc, mean.to(dtype), scale, weight, bias)
+    return y.to(x.dtype) if low else y
 
 
 def batch_norm(
@@ -78,12 +160,16 @@ def batch_norm(
     eps: float = 1e-5,
     process_group: ProcessGroup | None = None,
     sync_stats: bool = True,
+    *,
+    noise: NoiseDraw | None = None,
 ) -> Tensor:
     """Batch Normalization, same semantics as ``torch.nn.functional.batch_norm``.
 
     Training: y = weight * (x - mu_B) / sqrt(var_B + eps) + bias over the mini-batch (over all
     ranks when torch.distributed is initialized and ``sync_stats``), and the running buffers
     move by ``momentum`` towards mu_B and the unbiased var_B. Eval: the running buffers are used.
+    ``noise`` (training only): one step of noisy-BatchNorm noise applied to y (see
+    :class:`NoiseSpec`).
 
     Raises ValueError for an input with one value per channel in training or a channel mismatch.
     """
@@ -91,13 +177,11 @@ def batch_norm(
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm in eval mode needs running_mean and running_var")
-        return _normalize_eval(input, running_mean, torch.sqrt(running_var + eps), weight, bias)
-    y, stats = normalize_train(
-        input, weight, bias, eps, 2.0, resolve_group(process_group, sync_stats)
-    )
-    ops.update_running(running_mean, stats.mean, momentum)
-    ops.update_running(running_var, ops.unbiased(stats.var, stats.n), momentum)
-    return y
+        return _normalize_eval(input, running_mean, running_var, weight, bias, eps, True)
+    spec = ops.NormSpec(eps, 2.0, noise=noise)
+    group = resolve_group(process_group, sync_stats)
+    update = _running(running_mean, running_var, momentum, ops.VARIANCE)
+    return normalize_train(input, weight, bias, spec, group, update)[0]
 
 
 def lp_batch_norm(
@@ -126,13 +210,10 @@ def lp_batch_norm(
     if not training:
         if running_mean is None or running_scale is None:
             raise ValueError("lp_batch_norm in eval mode needs running_mean and running_scale")
-        return _normalize_eval(input, running_mean, running_scale, weight, bias)
-    y, stats = normalize_train(
-        input, weight, bias, eps, p, resolve_group(process_group, sync_stats)
-    )
-    ops.update_running(running_mean, stats.mean, momentum)
-    ops.update_running(running_scale, stats.scale, momentum)
-    return y
+        return _normalize_eval(input, running_mean, running_scale, weight, bias, eps, False)
+    group = resolve_group(process_group, sync_stats)
+    update = _running(running_mean, running_scale, momentum, ops.SCALE)
+    return normalize_train(input, weight, bias, ops.NormSpec(eps, p), group, update)[0]
 
 
 def ghost_batch_norm(
@@ -160,20 +241,24 @@ def ghost_batch_norm(
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("ghost_batch_norm in eval mode needs running_mean and running_var")
-        return _normalize_eval(input, running_mean, torch.sqrt(running_var + eps), weight, bias)
-    dtype = ops.compute_dtype(input)
-    y, mean_sum, var_sum, chunks = ops.ghost_train(
-        input.to(dtype), weight, bias, eps, virtual_batch_size
-    )
+        return _normalize_eval(input, running_mean, running_var, weight, bias, eps, True)
+    spec = ops.NormSpec(eps, 2.0, virtual_batch_size=virtual_batch_size)
     group = resolve_group(process_group, sync_stats)
-    if group is not None:
-        packed = torch.cat([mean_sum, var_sum, mean_sum.new_tensor([float(chunks)])])
-        packed = all_reduce_sum(packed, group)
-        c = mean_sum.shape[0]
-        mean_sum, var_sum, chunks = packed[:c], packed[c : 2 * c], int(packed[-1].item())
-    ops.update_running(running_mean, mean_sum / chunks, momentum)
-    ops.update_running(running_var, var_sum / chunks, momentum)
-    return y.to(input.dtype)
+    if group is None:
+        update = _running(running_mean, running_var, momentum, ops.VARIANCE)
+        return normalize_train(input, weight, bias, spec, None, update)[0]
+    # Chunk statistics are local; the running buffers average the chunks of all ranks.
+    y, stats = normalize_train(input, weight, bias, spec)
+    counts = torch.tensor(stats.counts, dtype=stats.spread.dtype).view(-1, 1)
+    mean_sum = stats.mean.sum(0)
+    var_sum = ops.unbiased(stats.spread, counts).sum(0)
+    packed = torch.cat([mean_sum, var_sum, mean_sum.new_tensor([float(len(stats.counts))])])
+    packed = all_reduce_sum(packed, group)
+    c = mean_sum.shape[0]
+    chunks = packed[-1]
+    ops.update_running(running_mean, packed[:c] / chunks, momentum)
+    ops.update_running(running_var, packed[c : 2 * c] / chunks, momentum)
+    return y
 
 
 def batch_renorm(
@@ -213,62 +298,20 @@ def batch_renorm(
             process_group,
             sync_stats,
         )
-    dtype = ops.compute_dtype(input)
-    x = input.to(dtype)
-    stats = ops.batch_stats(x, eps, 2.0, resolve_group(process_group, sync_stats))
-    r, d = ops.renorm_correction(stats, running_mean, running_var, eps, r_max, d_max)
-    x_hat = stats.centered * ops.channel_view(r / stats.scale, x)
-    y = ops.affine(x_hat + ops.channel_view(d, x), weight, bias)
-    ops.update_running(running_mean, stats.mean, momentum)
-    ops.update_running(running_var, ops.unbiased(stats.var, stats.n), momentum)
-    return y.to(input.dtype)
+    spec = ops.NormSpec(eps, 2.0, renorm=ops.Renorm(running_mean, running_var, r_max, d_max))
+    group = resolve_group(process_group, sync_stats)
+    update = _running(running_mean, running_var, momentum, ops.VARIANCE)
+    return normalize_train(input, weight, bias, spec, group, update)[0]
 
 
-@dataclass(frozen=True)
-class NoiseSpec:
-    """The time-varying noise of "noisy BatchNorm" (Santurkar et al. 2018, section 2.1).
-
-    At every training step each channel c draws its noise distribution: a mean
-    ``mu_c ~ U(-mean_range, mean_range)`` and a standard deviation
-    ``sigma_c ~ U(std_low, std_high)``; every activation of every sample then receives its own
-    i.i.d. perturbation ``y + (mu_c + sigma_c * z)`` with ``z ~ N(0, 1)``, and a multiplicative
-    one ``* (1 + scale_std * z')`` which makes the variance of the layer's output move too.
-    """
-
-    mean_range: float = 0.5
-    std_low: float = 0.5
-    std_high: float = 1.5
-    scale_std: float = 0.25
-
-    def __post_init__(self) -> None:
-        if self.mean_range < 0 or self.std_low < 0 or self.std_high < self.std_low:
-            raise ValueError(
-                "NoiseSpec needs mean_range >= 0 and 0 <= std_low <= std_high, got "
-                f"mean_range={self.mean_range}, std_low={self.std_low}, std_high={self.std_high}"
-            )
-        if self.scale_std < 0:
-            raise ValueError(f"NoiseSpec needs scale_std >= 0, got {self.scale_std}")
-
-
-def draw_noise(
-    x: Tensor, spec: NoiseSpec, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """One step's noise for x (N, C, *): ``(scale, shift)``, both of x's shape, so that the
-    perturbed activation is ``x * scale + shift``."""
-    c = x.shape[1]
-    dtype = ops.compute_dtype(x)
-    u = torch.rand(2, c, device=x.device, dtype=dtype, generator=generator)
-    mu = (2 * u[0] - 1) * spec.mean_range
-    sigma = spec.std_low + u[1] * (spec.std_high - spec.std_low)
-    z = torch.randn((2, *x.shape), device=x.device, dtype=dtype, generator=generator)
-    shift = ops.channel_view(mu, x) + ops.channel_view(sigma, x) * z[0]
-    scale = 1 + spec.scale_std * z[1]
-    return scale, shift
+def draw_noise(x: Tensor, spec: NoiseSpec, generator: torch.Generator | None = None) -> NoiseDraw:
+    """One step's noise for x (N, C, *) from ``generator`` (see :class:`NoiseSpec`)."""
+    return _draw(spec, x.shape[1], x.device, ops.compute_dtype(x), generator)
 
 
 def distribution_noise(
     input: Tensor, spec: NoiseSpec, generator: torch.Generator | None = None
 ) -> Tensor:
     """Apply one freshly drawn step of noisy-BatchNorm noise (see :class:`NoiseSpec`)."""
-    scale, shift = draw_noise(input, spec, generator)
-    return (input * scale.to(input.dtype) + shift.to(input.dtype)).to(input.dtype)
+    dtype = ops.compute_dtype(input)
+    return _apply_noise(input.to(dtype), draw_noise(input, spec, generator)).to(input.dtype)

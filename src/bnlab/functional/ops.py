@@ -11,18 +11,21 @@ channel with mean 1e4 and unit variance accurate in float32 where E[x^2] - E[x]^
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bnlab.functional import noise
 from bnlab.functional.distributed import (
     ProcessGroup,
     all_gather_stack,
     all_reduce_sum,
     global_count,
 )
+from bnlab.functional.noise import NoiseDraw
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -120,58 +123,117 @@ def update_running(running: Tensor | None, value: Tensor, momentum: float) -> No
         running.lerp_(value.detach().to(running.dtype), momentum)
 
 
-def unbiased(var: Tensor, count: int) -> Tensor:
+def unbiased(var: Tensor, count: int | Tensor) -> Tensor:
     return var * (count / (count - 1))
 
 
-def lp_train(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    p: float,
-    group: ProcessGroup | None = None,
-) -> tuple[Tensor, BatchStats]:
-    """Training-mode (lp) batch normalization in compute precision: returns (y, stats)."""
-    stats = batch_stats(x, eps, p, group)
-    return affine(stats.centered / channel_view(stats.scale, x), weight, bias), stats
+@dataclass(frozen=True)
+class Renorm:
+    """Batch Renormalization's inputs: the running statistics before this step's update."""
+
+    running_mean: Tensor
+    running_var: Tensor
+    r_max: float
+    d_max: float
 
 
-def ghost_train(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    virtual_batch_size: int,
-) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Ghost BatchNorm: normalize each chunk of ``virtual_batch_size`` samples on its own.
+@dataclass(frozen=True)
+class NormSpec:
+    """What a training-mode normalization computes, on either path.
 
-    Returns ``(y, mean_sum, unbiased_var_sum, chunks)``: sums over chunks of each chunk's mean and
-    unbiased variance, for the running statistics (their average over all chunks of all ranks).
+    ``p``: the lp statistic (1, 2, inf); ``virtual_batch_size``: normalize each chunk of that
+    many samples on its own (Ghost BatchNorm; None: the whole batch); ``renorm``: Batch
+    Renormalization's correction; ``noise``: noisy BatchNorm's noise, applied after the affine.
     """
-    outputs, means, variances = [], [], []
-    for chunk in torch.split(x, virtual_batch_size, dim=0):
-        y, stats = lp_train(chunk, weight, bias, eps, 2.0)
-        outputs.append(y)
+
+    eps: float
+    p: float = 2.0
+    virtual_batch_size: int | None = None
+    renorm: Renorm | None = None
+    noise: NoiseDraw | None = None
+
+
+class GroupStats(NamedTuple):
+    """Per-(group, channel) statistics of one training normalization; a group is a virtual
+    batch (one group for BatchNorm). Detached; float64 on the kernel path, else the compute
+    dtype."""
+
+    mean: Tensor
+    """Shape (G, C)."""
+    spread: Tensor
+    """Shape (G, C): the biased variance (p = 2) or D_p (p = 1, inf)."""
+    counts: tuple[int, ...]
+    """Values per channel in each group (over all ranks)."""
+
+
+class RunningUpdate(NamedTuple):
+    """Running buffers a training normalization moves towards its batch statistics."""
+
+    mean: Tensor | None
+    second: Tensor | None
+    """running_var (``kind`` VARIANCE) or running_scale (``kind`` SCALE)."""
+    momentum: float
+    kind: int
+
+
+VARIANCE = 1
+"""Track the unbiased variance (averaged over the groups of Ghost BatchNorm)."""
+SCALE = 2
+"""Track the divisor s itself (lp BatchNorm)."""
+
+
+def update_from_stats(update: RunningUpdate, stats: GroupStats, spec: NormSpec) -> None:
+    """Move the running buffers by ``update.momentum`` towards the statistics (in place)."""
+    one = len(stats.counts) == 1
+    if update.kind == VARIANCE and one:
+        second = unbiased(stats.spread[0], stats.counts[0])
+    elif update.kind == VARIANCE:
+        counts = torch.tensor(stats.counts, dtype=stats.spread.dtype, device=stats.spread.device)
+        second = unbiased(stats.spread, counts.view(-1, 1)).mean(0)
+    else:
+        spread = stats.spread[0] if one else stats.spread.mean(0)
+        second = torch.sqrt(spread + spec.eps) if spec.p == 2 else spread + spec.eps
+    update_running(update.mean, stats.mean[0] if one else stats.mean.mean(0), update.momentum)
+    update_running(update.second, second, update.momentum)
+
+
+def train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    spec: NormSpec,
+    group: ProcessGroup | None = None,
+) -> tuple[Tensor, GroupStats]:
+    """Training-mode normalization of x (N, C, *) in compute precision, as tensor formulas:
+    ``(y, stats)``, differentiable in x, weight and bias (r and d of renorm are constants)."""
+    chunks = [x] if spec.virtual_batch_size is None else torch.split(x, spec.virtual_batch_size)
+    x_hats, means, spreads, counts = [], [], [], []
+    for chunk in chunks:
+        stats = batch_stats(chunk, spec.eps, spec.p, group if len(chunks) == 1 else None)
+        x_hat = stats.centered / channel_view(stats.scale, chunk)
+        if spec.renorm is not None:
+            r, d = renorm_correction(stats, spec.renorm, spec.eps)
+            x_hat = x_hat * channel_view(r, chunk) + channel_view(d, chunk)
+        x_hats.append(x_hat)
         means.append(stats.mean.detach())
-        variances.append(unbiased(stats.var.detach(), stats.n))
-    y = torch.cat(outputs, dim=0)
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        spreads.append(stats.var.detach())
+        counts.append(stats.n)
+    x_hat = x_hats[0] if len(x_hats) == 1 else torch.cat(x_hats)
+    y = affine(x_hat, weight, bias)
+    if spec.noise is not None:
+        y = noise.apply(y, spec.noise)
+    if x.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous(
+        memory_format=torch.channels_last
+    ):
         y = y.contiguous(memory_format=torch.channels_last)
-    return y, torch.stack(means).sum(0), torch.stack(variances).sum(0), len(outputs)
+    return y, GroupStats(torch.stack(means), torch.stack(spreads), tuple(counts))
 
 
-def renorm_correction(
-    stats: BatchStats,
-    running_mean: Tensor,
-    running_var: Tensor,
-    eps: float,
-    r_max: float,
-    d_max: float,
-) -> tuple[Tensor, Tensor]:
+def renorm_correction(stats: BatchStats, renorm: Renorm, eps: float) -> tuple[Tensor, Tensor]:
     """Batch Renormalization's r and d (Ioffe 2017), held constant in the backward pass."""
     with torch.no_grad():
-        sigma = torch.sqrt(running_var.to(stats.scale.dtype) + eps)
-        r = (stats.scale / sigma).clamp(1.0 / r_max, r_max)
-        d = ((stats.mean - running_mean.to(stats.mean.dtype)) / sigma).clamp(-d_max, d_max)
+        sigma = torch.sqrt(renorm.running_var.to(stats.scale.dtype) + eps)
+        r = (stats.scale / sigma).clamp(1.0 / renorm.r_max, renorm.r_max)
+        mean = renorm.running_mean.to(stats.mean.dtype)
+        d = ((stats.mean - mean) / sigma).clamp(-renorm.d_max, renorm.d_max)
     return r, d

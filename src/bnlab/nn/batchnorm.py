@@ -3,7 +3,7 @@
 Every variant in ``bnlab.nn`` derives from :class:`BatchNorm`, which holds the parameters and
 buffers (the same names as torch.nn, so state_dicts load both ways), resolves the momentum, checks
 the input and calls one function of ``bnlab.functional``. A variant overrides :meth:`_normalize`
-(and, for lp, the name of its scale buffer), nothing else.
+(and, for lp, the name of its scale buffer) or :meth:`_noise`, nothing else.
 """
 
 from __future__ import annotations
@@ -168,7 +168,12 @@ class BatchNorm(nn.Module):
             self.eps,
             self.process_group,
             self.sync_stats,
+            noise=self._noise(input) if self.training else None,
         )
+
+    def _noise(self, input: Tensor) -> F.NoiseDraw | None:
+        """This training step's output noise (None: none; noisy BatchNorm draws some)."""
+        return None
 
     def _load_from_state_dict(
         self,

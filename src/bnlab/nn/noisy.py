@@ -8,6 +8,11 @@ us, so the defaults of :class:`bnlab.functional.NoiseSpec` were chosen to produc
 large next to the unit-variance BN output while the network still trains: per step and channel a
 mean drawn from U(-0.5, 0.5) and a standard deviation from U(0.5, 1.5) for the additive noise, and
 a multiplicative factor 1 + 0.25 z per activation.
+
+Each step draws the per-channel mean and standard deviation and a hash key from the layer's
+generator; the per-activation standard normals are a function of that key and the activation's
+position (:mod:`bnlab.functional.noise`), applied inside the normalization (the fused CPU kernel
+regenerates them in the backward instead of storing them).
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ class NoisyBatchNorm(BatchNorm):
         self.generator = generator
         if seed is not None:
             self.generator = torch.Generator(device=device or "cpu").manual_seed(seed)
-        self._frozen: dict[tuple[Any, ...], tuple[Tensor, Tensor]] | None = None
+        self._frozen: dict[tuple[Any, ...], F.NoiseDraw] | None = None
 
     def extra_repr(self) -> str:
         n = self.noise
@@ -76,28 +81,14 @@ class NoisyBatchNorm(BatchNorm):
             self.generator = torch.Generator(device=x.device).manual_seed(state)
         return self.generator
 
-    def _draw(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        key = (tuple(y.shape), y.device, y.dtype)
+    def _noise(self, input: Tensor) -> F.NoiseDraw:
+        key = (tuple(input.shape), input.device, input.dtype)
         if self._frozen is not None and key in self._frozen:
             return self._frozen[key]
-        noise = F.draw_noise(y, self.noise, self._generator_for(y))
+        noise = F.draw_noise(input, self.noise, self._generator_for(input))
         if self._frozen is not None:
             self._frozen[key] = noise
         return noise
-
-    def _normalize(
-        self,
-        input: Tensor,
-        running_mean: Tensor | None,
-        running_scale: Tensor | None,
-        training: bool,
-        momentum: float,
-    ) -> Tensor:
-        y = super()._normalize(input, running_mean, running_scale, training, momentum)
-        if not self.training:
-            return y
-        scale, shift = self._draw(y)
-        return y * scale.to(y.dtype) + shift.to(y.dtype)
 
     def get_extra_state(self) -> Any:
         return {"generator": None if self.generator is None else self.generator.get_state()}

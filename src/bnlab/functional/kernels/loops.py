@@ -1,0 +1,806 @@
+"""The numba loops behind ``bnlab.functional.kernels``: imported on first use only.
+
+Two memory layouts, each a plain 2-D or 3-D NumPy view of the tensor's buffer:
+
+* planar ``(N, C, S)``: contiguous NCHW-style input of any rank, S = prod(spatial);
+* rows ``(M, C)``: channels-last (and (N, C) input), M = N * S rows of C channels.
+
+Statistics are kept per (group, channel): a group is a virtual batch of ``v`` consecutive
+samples (Ghost BatchNorm; ``v = N`` for BatchNorm), so every variant runs the same loops.
+Per-(group, channel) vectors are float64 throughout; per-element arithmetic stays in the input
+dtype except where the centring needs float64 to survive a large mean.
+
+Parallelism: a pass is a list of tasks run with ``prange`` when the tensor is large enough to
+pay for waking the thread pool (``parallel``), else serially. Planar reductions split over
+(group, channel) and, when those are too few for the cores, over blocks of samples; row-layout
+reductions split over blocks of rows, each task accumulating a partial vector over channels.
+
+Per-element noise (noisy BatchNorm) is not stored: a counter-based hash of (channel, logical
+position, key) picks two entries of a table of normal quantiles, so the forward and the
+backward regenerate the same values, deterministically for any number of threads.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+# No nnan/ninf: a NaN channel must stay NaN (and must not leak into other channels).
+_REDUCE = {"reassoc", "contract", "nsz", "arcp"}
+# Elementwise loops need no reassociation (it would be free to undo careful centring).
+_ELEMENTWISE = {"contract", "nsz"}
+
+# Only the explicit prange loops run on the thread pool: numba must not turn allocations and
+# array expressions into parallel regions (each costs a pool wake-up, and a forked child may
+# not enter one; see kernels.__init__).
+_PARALLEL: Any = {  # numba's stubs type parallel as bool; it takes these options too
+    "prange": True,
+    "comprehension": False,
+    "reduction": False,
+    "inplace_binop": False,
+    "setitem": False,
+    "numpy": False,
+    "stencil": False,
+    "fusion": False,
+}
+
+_M32 = np.uint64(0xFFFFFFFF)
+_MUL1 = np.uint64(0x7FEB352D)
+_MUL2 = np.uint64(0x846CA68B)
+_S15 = np.uint64(15)
+_S16 = np.uint64(16)
+_LOW16 = np.uint64(0xFFFF)
+
+# Rows of the (7, G, C) float64 statistics array the forward returns and the backward reads.
+MEAN, SPREAD, SCALE, R, D, TARGET_A, TARGET_B = range(7)
+# Rows of the (4, G, C) per-element coefficient array in the input dtype.
+_MEAN_HI, _MEAN_LO, _A, _B = range(4)
+
+
+@njit(cache=True, inline="always")
+def _hash32(counter: np.uint64, k0: np.uint64, k1: np.uint64) -> np.uint64:
+    """lowbias32 (C. Wellons), applied twice with the key; mirrored by ops.noise_fields."""
+    x = (counter & _M32) ^ k0
+    for _ in range(2):
+        x ^= x >> _S16
+        x = (x * _MUL1) & _M32
+        x ^= x >> _S15
+        x = (x * _MUL2) & _M32
+        x ^= x >> _S16
+        x = (x + k1) & _M32
+    return x
+
+
+@njit(cache=True, inline="always")
+def _block(lo: int, hi: int, b: int, blocks: int) -> tuple[int, int]:
+    span = hi - lo
+    return lo + span * b // blocks, lo + span * (b + 1) // blocks
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics: per task partial sums of (x - shift), (x - shift)^2 or min/max; shift = the
+# group's first value of the channel, so a channel with mean 1e4 and unit std loses nothing.
+# p = 2 and p = inf: one read of x. p = 1: a second read for sum |x - mean|.
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _planar_sums_task(x, t, v, blocks, p, part):
+    n_total, c_total, size = x.shape
+    b = t % blocks
+    gc = t // blocks
+    g, c = gc // c_total, gc % c_total
+    n0, n1 = _block(g * v, min(n_total, (g + 1) * v), b, blocks)
+    shift = x[g * v, c, 0]
+    s1 = 0.0
+    s2 = 0.0
+    lo = math.inf
+    hi = -math.inf
+    if p == 2.0:
+        for n in range(n0, n1):
+            for s in range(size):
+                d = np.float64(x[n, c, s] - shift)
+                s1 += d
+                s2 += d * d
+    elif p == 1.0:
+        for n in range(n0, n1):
+            for s in range(size):
+                s1 += np.float64(x[n, c, s] - shift)
+    else:
+        for n in range(n0, n1):
+            for s in range(size):
+                d = np.float64(x[n, c, s] - shift)
+                s1 += d
+                lo = min(lo, d)
+                hi = max(hi, d)
+    part[0, t] = s1
+    part[1, t] = s2
+    part[2, t] = lo
+    part[3, t] = hi
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _planar_absdev_task(x, t, v, blocks, mean, part):
+    n_total, c_total, size = x.shape
+    b = t % blocks
+    gc = t // blocks
+    g, c = gc // c_total, gc % c_total
+    n0, n1 = _block(g * v, min(n_total, (g + 1) * v), b, blocks)
+    m = mean[g, c]
+    acc = 0.0
+    for n in range(n0, n1):
+        for s in range(size):
+            acc += abs(np.float64(x[n, c, s]) - m)
+    part[1, t] = acc
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _rows_sums_task(x, t, v_rows, blocks, p, part):
+    m_total, c_total = x.shape
+    g, b = t // blocks, t % blocks
+    r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
+    shift = x[g * v_rows]
+    s1, s2, lo, hi = part[0, t], part[1, t], part[2, t], part[3, t]
+    if p == 2.0:
+        for r in range(r0, r1):
+            for c in range(c_total):
+                d = np.float64(x[r, c] - shift[c])
+                s1[c] += d
+                s2[c] += d * d
+    elif p == 1.0:
+        for r in range(r0, r1):
+            for c in range(c_total):
+                s1[c] += np.float64(x[r, c] - shift[c])
+    else:
+        for r in range(r0, r1):
+            for c in range(c_total):
+                d = np.float64(x[r, c] - shift[c])
+                s1[c] += d
+                lo[c] = min(lo[c], d)
+                hi[c] = max(hi[c], d)
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _rows_absdev_task(x, t, v_rows, blocks, mean, part):
+    m_total, c_total = x.shape
+    g, b = t // blocks, t % blocks
+    r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
+    m = mean[g]
+    acc = part[1, t]
+    for r in range(r0, r1):
+        for c in range(c_total):
+            acc[c] += abs(np.float64(x[r, c]) - m[c])
+
+
+@njit(cache=True)
+def _finish_stats(part, shift, count, p, eps, running, limits, stats):
+    """(4, G, C) sums -> stats rows MEAN, SPREAD, SCALE, R, D, TARGET_A/B (p = inf)."""
+    groups, channels = shift.shape
+    for g in range(groups):
+        m = count[g]
+        for c in range(channels):
+            k = shift[g, c]
+            mean_shifted = part[0, g, c] / m
+            stats[MEAN, g, c] = k + mean_shifted
+            stats[R, g, c] = 1.0
+            stats[D, g, c] = 0.0
+            if p == 2.0:
+                var = max(part[1, g, c] / m - mean_shifted * mean_shifted, 0.0)
+                if math.isnan(mean_shifted):
+                    var = mean_shifted
+                stats[SPREAD, g, c] = var
+                stats[SCALE, g, c] = math.sqrt(var + eps)
+            elif p == 1.0:
+                spread = part[1, g, c] / m
+                stats[SPREAD, g, c] = spread
+                stats[SCALE, g, c] = spread + eps
+            else:
+                up = part[3, g, c] - mean_shifted
+                down = mean_shifted - part[2, g, c]
+                spread = max(up, down)
+                if math.isnan(mean_shifted):
+                    spread = mean_shifted
+                stats[SPREAD, g, c] = spread
+                stats[SCALE, g, c] = spread + eps
+                # The backward needs the first value at the largest |x - mean| (the reference's
+                # tie rule); both extremes qualify on an exact tie.
+                a = part[3, g, c] if up >= down else part[2, g, c]
+                stats[TARGET_A, g, c] = a
+                stats[TARGET_B, g, c] = part[2, g, c] if up == down else a
+            if running.shape[0] == 2:
+                sigma = math.sqrt(running[1, c] + eps)
+                r = min(max(stats[SCALE, g, c] / sigma, 1.0 / limits[0]), limits[0])
+                d = min(max((stats[MEAN, g, c] - running[0, c]) / sigma, -limits[1]), limits[1])
+                stats[R, g, c] = r
+                stats[D, g, c] = d
+
+
+@njit(cache=True)
+def _update_running(stats, count, track_mean, track_second, momentum, kind):
+    """running <- lerp(running, batch value, momentum) in place, as ``Tensor.lerp_``: the mean,
+    and the unbiased variance (``kind`` 1; averaged over groups) or the divisor s (``kind`` 2)."""
+    if kind == 0:
+        return
+    groups, channels = stats.shape[1], stats.shape[2]
+    for c in range(channels):
+        mean = 0.0
+        second = 0.0
+        for g in range(groups):
+            mean += stats[MEAN, g, c]
+            if kind == 1:
+                second += stats[SPREAD, g, c] * (count[g] / (count[g] - 1.0))
+            else:
+                second += stats[SCALE, g, c]
+        track_mean[c] = _lerp(track_mean[c], mean / groups, momentum)
+        track_second[c] = _lerp(track_second[c], second / groups, momentum)
+
+
+@njit(cache=True, inline="always")
+def _lerp(old, end, weight):
+    """``torch.lerp``'s formula (in float64; the caller stores it in the buffer's dtype)."""
+    old64 = np.float64(old)
+    if weight < 0.5:
+        return old64 + weight * (end - old64)
+    return end - (end - old64) * (1.0 - weight)
+
+
+@njit(cache=True)
+def _coefficients(stats, weight, bias, coef):
+    """y = ((x - mean_hi) - mean_lo) * a + b with a = w r / s, b = w d + bias."""
+    groups, channels = coef.shape[1], coef.shape[2]
+    for g in range(groups):
+        for c in range(channels):
+            mean = stats[MEAN, g, c]
+            coef[_MEAN_HI, g, c] = mean
+            coef[_MEAN_LO, g, c] = mean - np.float64(coef[_MEAN_HI, g, c])
+            a = np.float64(weight[c]) * stats[R, g, c] / stats[SCALE, g, c]
+            coef[_A, g, c] = a
+            coef[_B, g, c] = np.float64(weight[c]) * stats[D, g, c] + np.float64(bias[c])
+
+
+# --------------------------------------------------------------------------------------------
+# Normalize: one read of x, one write of y (noise regenerated from the hash, never stored).
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE)
+def _planar_normalize_task(x, t, v, coef, noise, table, key, y):
+    n_total, c_total, size = x.shape
+    n, c = t // c_total, t % c_total
+    g = n // v
+    mh, ml, a, b = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c]
+    if table.shape[0] == 0:
+        for s in range(size):
+            y[n, c, s] = ((x[n, c, s] - mh) - ml) * a + b
+        return
+    mu, sigma, scale_std = noise[0, c], noise[1, c], noise[2, c]
+    base = np.uint64(c) * np.uint64(n_total * size) + np.uint64(n * size)
+    for s in range(size):
+        h = _hash32(base + np.uint64(s), key[0], key[1])
+        z = np.float64(table[h >> _S16])
+        z_scale = np.float64(table[h & _LOW16])
+        bn = np.float64(((x[n, c, s] - mh) - ml) * a + b)
+        y[n, c, s] = bn * (1.0 + scale_std * z_scale) + (mu + sigma * z)
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE)
+def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, y):
+    m_total, c_total = x.shape
+    r0, r1 = _block(0, m_total, t, row_blocks)
+    for r in range(r0, r1):
+        g = r // v_rows
+        mh, ml, a, b = coef[0, g], coef[1, g], coef[2, g], coef[3, g]
+        if table.shape[0] == 0:
+            for c in range(c_total):
+                y[r, c] = ((x[r, c] - mh[c]) - ml[c]) * a[c] + b[c]
+            continue
+        for c in range(c_total):
+            counter = np.uint64(c) * np.uint64(m_total) + np.uint64(r)
+            h = _hash32(counter, key[0], key[1])
+            z = np.float64(table[h >> _S16])
+            z_scale = np.float64(table[h & _LOW16])
+            bn = np.float64(((x[r, c] - mh[c]) - ml[c]) * a[c] + b[c])
+            y[r, c] = bn * (1.0 + noise[2, c] * z_scale) + (noise[0, c] + noise[1, c] * z)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: one read of (dy, x) for sum(gy) and sum(gy * (x - mean)) (and sum(sign(x - mean))
+# for p = 1), where gy = dy * (1 + scale_std z') is the gradient at the BN output; then one read
+# of (dy, x) and one write of dx. p = inf adds an early-exit search for the arg-max per channel.
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, part):
+    n_total, c_total, size = x.shape
+    b = t % blocks
+    gc = t // blocks
+    g, c = gc // c_total, gc % c_total
+    n0, n1 = _block(g * v, min(n_total, (g + 1) * v), b, blocks)
+    m = mean[g, c]
+    s_gy = 0.0
+    s_gx = 0.0
+    s_sign = 0.0
+    noisy = table.shape[0] != 0
+    scale_std = noise[2, c] if noisy else 0.0
+    for n in range(n0, n1):
+        base = np.uint64(c) * np.uint64(n_total * size) + np.uint64(n * size)
+        for s in range(size):
+            gy = np.float64(dy[n, c, s])
+            if noisy:
+                h = _hash32(base + np.uint64(s), key[0], key[1])
+                gy *= 1.0 + scale_std * np.float64(table[h & _LOW16])
+            xc = np.float64(x[n, c, s]) - m
+            s_gy += gy
+            s_gx += gy * xc
+            if p == 1.0:
+                s_sign += (xc > 0.0) - (xc < 0.0)
+    part[0, t] = s_gy
+    part[1, t] = s_gx
+    part[2, t] = s_sign
+
+
+@njit(cache=True, fastmath=_REDUCE)
+def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, table, key, part):
+    m_total, c_total = x.shape
+    g, b = t // blocks, t % blocks
+    r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
+    m = mean[g]
+    s_gy, s_gx, s_sign = part[0, t], part[1, t], part[2, t]
+    noisy = table.shape[0] != 0
+    for r in range(r0, r1):
+        for c in range(c_total):
+            gy = np.float64(dy[r, c])
+            if noisy:
+                counter = np.uint64(c) * np.uint64(m_total) + np.uint64(r)
+                h = _hash32(counter, key[0], key[1])
+                gy *= 1.0 + noise[2, c] * np.float64(table[h & _LOW16])
+            xc = np.float64(x[r, c]) - m[c]
+            s_gy[c] += gy
+            s_gx[c] += gy * xc
+            if p == 1.0:
+                s_sign[c] += (xc > 0.0) - (xc < 0.0)
+
+
+@njit(cache=True)
+def _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams):
+    """dx = A gy + B phi(x - mean) + C per (group, channel); phi = x - mean (p = 2), its sign
+    (p = 1); p = inf adds -A (S_gx / s) sign_k at the arg-max k. Also d weight, d bias."""
+    groups, channels = coef.shape[1], coef.shape[2]
+    totals = np.zeros((2, channels))
+    for g in range(groups):
+        m = count[g]
+        for c in range(channels):
+            s = stats[SCALE, g, c]
+            r = stats[R, g, c]
+            s_gy, s_gx = sums[0, g, c], sums[1, g, c]
+            a = np.float64(weight[c]) * r / s
+            mean = stats[MEAN, g, c]
+            coef[0, g, c] = mean
+            coef[1, g, c] = mean - np.float64(coef[0, g, c])
+            coef[2, g, c] = a
+            if p == 2.0:
+                coef[3, g, c] = -a * s_gx / (s * s * m)
+                coef[4, g, c] = -a * s_gy / m
+            elif p == 1.0:
+                coef[3, g, c] = -a * s_gx / (s * m)
+                coef[4, g, c] = -a * s_gy / m + a * (s_gx / s) * sums[2, g, c] / (m * m)
+            else:
+                k_sign = argmax_sign[g, c]
+                coef[3, g, c] = 0.0
+                coef[4, g, c] = -a * s_gy / m + a * (s_gx / s) * k_sign / m
+                sums[2, g, c] = -a * (s_gx / s) * k_sign
+            totals[0, c] += r * s_gx / s + stats[D, g, c] * s_gy
+            totals[1, c] += s_gy
+    for c in range(channels):
+        dparams[0, c] = totals[0, c]
+        dparams[1, c] = totals[1, c]
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE)
+def _planar_dx_task(dy, x, t, v, p, coef, noise, table, key, dx):
+    n_total, c_total, size = x.shape
+    n, c = t // c_total, t % c_total
+    g = n // v
+    mh, ml, a, b, k = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c], coef[4, g, c]
+    if table.shape[0] == 0:
+        if p == 1.0:
+            for s in range(size):
+                xc = (x[n, c, s] - mh) - ml
+                dx[n, c, s] = a * dy[n, c, s] + b * ((xc > 0) - (xc < 0)) + k
+        else:
+            for s in range(size):
+                dx[n, c, s] = a * dy[n, c, s] + b * ((x[n, c, s] - mh) - ml) + k
+        return
+    scale_std = noise[2, c]
+    base = np.uint64(c) * np.uint64(n_total * size) + np.uint64(n * size)
+    for s in range(size):
+        h = _hash32(base + np.uint64(s), key[0], key[1])
+        gy = np.float64(dy[n, c, s]) * (1.0 + scale_std * np.float64(table[h & _LOW16]))
+        xc = (x[n, c, s] - mh) - ml
+        phi = ((xc > 0) - (xc < 0)) if p == 1.0 else xc
+        dx[n, c, s] = a * gy + b * phi + k
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE)
+def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, table, key, dx):
+    m_total, c_total = x.shape
+    r0, r1 = _block(0, m_total, t, row_blocks)
+    noisy = table.shape[0] != 0
+    for r in range(r0, r1):
+        g = r // v_rows
+        mh, ml, a, b, k = coef[0, g], coef[1, g], coef[2, g], coef[3, g], coef[4, g]
+        if not noisy and p != 1.0:
+            for c in range(c_total):
+                dx[r, c] = a[c] * dy[r, c] + b[c] * ((x[r, c] - mh[c]) - ml[c]) + k[c]
+            continue
+        for c in range(c_total):
+            gy = np.float64(dy[r, c])
+            if noisy:
+                counter = np.uint64(c) * np.uint64(m_total) + np.uint64(r)
+                h = _hash32(counter, key[0], key[1])
+                gy *= 1.0 + noise[2, c] * np.float64(table[h & _LOW16])
+            xc = (x[r, c] - mh[c]) - ml[c]
+            phi = ((xc > 0) - (xc < 0)) if p == 1.0 else xc
+            dx[r, c] = a[c] * gy + b[c] * phi + k[c]
+
+
+# --------------------------------------------------------------------------------------------
+# Drivers: the entry points called from Python, one per layout and direction. Buffers are
+# allocated and filled through the serial helpers below: numba would turn np.zeros or a slice
+# assignment written here into a parallel region of its own.
+
+
+@njit(cache=True)
+def _fill(a, value):
+    a[...] = value
+
+
+@njit(cache=True)
+def _filled(value, shape):
+    a = np.empty(shape)
+    a[...] = value
+    return a
+
+
+@njit(cache=True)
+def _no_index(groups, channels):
+    return np.full((groups, channels), -1)
+
+
+@njit(cache=True)
+def _group_counts(n_total, v, per_sample):
+    """Values per (group, channel): groups of ``v`` samples, the last one possibly smaller."""
+    groups = (n_total + v - 1) // v
+    count = np.empty(groups)
+    for g in range(groups):
+        count[g] = (min(n_total, (g + 1) * v) - g * v) * per_sample
+    return count
+
+
+@njit(cache=True, parallel=_PARALLEL)
+def forward_planar(
+    x,
+    v,
+    blocks,
+    p,
+    eps,
+    weight,
+    bias,
+    running,
+    limits,
+    track_mean,
+    track_second,
+    momentum,
+    track_kind,
+    noise,
+    table,
+    key,
+    y,
+    parallel,
+):
+    """Training forward on (N, C, S); returns the (7, G, C) float64 statistics.
+
+    Memory passes: p = 2, inf: read x (stats), read x + write y (normalize). p = 1: one more
+    read of x for the mean absolute deviation.
+    """
+    n_total, c_total, size = x.shape
+    count = _group_counts(n_total, v, size)
+    groups = count.shape[0]
+    tasks = groups * c_total * blocks
+    part = np.empty((4, tasks))
+    if parallel:
+        for t in prange(tasks):
+            _planar_sums_task(x, t, v, blocks, p, part)
+    else:
+        for t in range(tasks):
+            _planar_sums_task(x, t, v, blocks, p, part)
+    sums = _filled(0.0, (4, groups, c_total))
+    _fill(sums[2], math.inf)
+    _fill(sums[3], -math.inf)
+    shift = np.empty((groups, c_total))
+    for g in range(groups):
+        for c in range(c_total):
+            shift[g, c] = x[g * v, c, 0]
+    for t in range(tasks):
+        gc = t // blocks
+        g, c = gc // c_total, gc % c_total
+        sums[0, g, c] += part[0, t]
+        sums[1, g, c] += part[1, t]
+        sums[2, g, c] = min(sums[2, g, c], part[2, t])
+        sums[3, g, c] = max(sums[3, g, c], part[3, t])
+    if p == 1.0:
+        mean = np.empty((groups, c_total))
+        for g in range(groups):
+            for c in range(c_total):
+                mean[g, c] = shift[g, c] + sums[0, g, c] / count[g]
+        if parallel:
+            for t in prange(tasks):
+                _planar_absdev_task(x, t, v, blocks, mean, part)
+        else:
+            for t in range(tasks):
+                _planar_absdev_task(x, t, v, blocks, mean, part)
+        _fill(sums[1], 0.0)
+        for t in range(tasks):
+            gc = t // blocks
+            sums[1, gc // c_total, gc % c_total] += part[1, t]
+    stats = np.empty((7, groups, c_total))
+    _finish_stats(sums, shift, count, p, eps, running, limits, stats)
+    _update_running(stats, count, track_mean, track_second, momentum, track_kind)
+    coef = np.empty((4, groups, c_total), dtype=x.dtype)
+    _coefficients(stats, weight, bias, coef)
+    if parallel:
+        for t in prange(n_total * c_total):
+            _planar_normalize_task(x, t, v, coef, noise, table, key, y)
+    else:
+        for t in range(n_total * c_total):
+            _planar_normalize_task(x, t, v, coef, noise, table, key, y)
+    return stats
+
+
+@njit(cache=True, parallel=_PARALLEL)
+def forward_rows(
+    x,
+    v_rows,
+    blocks,
+    row_blocks,
+    p,
+    eps,
+    weight,
+    bias,
+    running,
+    limits,
+    track_mean,
+    track_second,
+    momentum,
+    track_kind,
+    noise,
+    table,
+    key,
+    y,
+    parallel,
+):
+    """Training forward on (M, C) rows; groups are ``v_rows`` rows. Returns (7, G, C) stats.
+
+    Memory passes as :func:`forward_planar`.
+    """
+    m_total, c_total = x.shape
+    count = _group_counts(m_total, v_rows, 1)
+    groups = count.shape[0]
+    tasks = groups * blocks
+    part = _filled(0.0, (4, tasks, c_total))
+    _fill(part[2], math.inf)
+    _fill(part[3], -math.inf)
+    if parallel:
+        for t in prange(tasks):
+            _rows_sums_task(x, t, v_rows, blocks, p, part)
+    else:
+        for t in range(tasks):
+            _rows_sums_task(x, t, v_rows, blocks, p, part)
+    sums = _filled(0.0, (4, groups, c_total))
+    _fill(sums[2], math.inf)
+    _fill(sums[3], -math.inf)
+    shift = np.empty((groups, c_total))
+    for g in range(groups):
+        for c in range(c_total):
+            shift[g, c] = x[g * v_rows, c]
+    for t in range(tasks):
+        g = t // blocks
+        for c in range(c_total):
+            sums[0, g, c] += part[0, t, c]
+            sums[1, g, c] += part[1, t, c]
+            sums[2, g, c] = min(sums[2, g, c], part[2, t, c])
+            sums[3, g, c] = max(sums[3, g, c], part[3, t, c])
+    if p == 1.0:
+        mean = np.empty((groups, c_total))
+        for g in range(groups):
+            for c in range(c_total):
+                mean[g, c] = shift[g, c] + sums[0, g, c] / count[g]
+        _fill(part[1], 0.0)
+        if parallel:
+            for t in prange(tasks):
+                _rows_absdev_task(x, t, v_rows, blocks, mean, part)
+        else:
+            for t in range(tasks):
+                _rows_absdev_task(x, t, v_rows, blocks, mean, part)
+        _fill(sums[1], 0.0)
+        for t in range(tasks):
+            for c in range(c_total):
+                sums[1, t // blocks, c] += part[1, t, c]
+    stats = np.empty((7, groups, c_total))
+    _finish_stats(sums, shift, count, p, eps, running, limits, stats)
+    _update_running(stats, count, track_mean, track_second, momentum, track_kind)
+    coef = np.empty((4, groups, c_total), dtype=x.dtype)
+    _coefficients(stats, weight, bias, coef)
+    if parallel:
+        for t in prange(row_blocks):
+            _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, y)
+    else:
+        for t in range(row_blocks):
+            _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, y)
+    return stats
+
+
+@njit(cache=True)
+def _eval_stats(mean, spread, eps, is_var):
+    """Stats rows for eval: scale = sqrt(spread + eps) (running_var) or spread itself."""
+    c_total = mean.shape[0]
+    stats = np.empty((7, 1, c_total))
+    for c in range(c_total):
+        stats[MEAN, 0, c] = mean[c]
+        s = np.float64(spread[c])
+        stats[SCALE, 0, c] = math.sqrt(s + eps) if is_var else s
+        stats[R, 0, c] = 1.0
+        stats[D, 0, c] = 0.0
+    return stats
+
+
+@njit(cache=True, parallel=_PARALLEL)
+def eval_planar(x, mean, spread, eps, is_var, weight, bias, y, parallel):
+    """y = weight (x - mean) / scale + bias with the running statistics (scale from
+    :func:`_eval_stats`). One read of x, one write of y."""
+    n_total, c_total, _ = x.shape
+    stats = _eval_stats(mean, spread, eps, is_var)
+    coef = np.empty((4, 1, c_total), dtype=x.dtype)
+    _coefficients(stats, weight, bias, coef)
+    empty_noise = np.empty((3, 0))
+    table = np.empty(0, dtype=x.dtype)
+    key = np.empty(2, dtype=np.uint64)  # unused without noise
+    if parallel:
+        for t in prange(n_total * c_total):
+            _planar_normalize_task(x, t, n_total, coef, empty_noise, table, key, y)
+    else:
+        for t in range(n_total * c_total):
+            _planar_normalize_task(x, t, n_total, coef, empty_noise, table, key, y)
+
+
+@njit(cache=True, parallel=_PARALLEL)
+def eval_rows(x, mean, spread, eps, is_var, weight, bias, y, row_blocks, parallel):
+    """Row-layout :func:`eval_planar`. One read of x, one write of y."""
+    m_total, c_total = x.shape
+    stats = _eval_stats(mean, spread, eps, is_var)
+    coef = np.empty((4, 1, c_total), dtype=x.dtype)
+    _coefficients(stats, weight, bias, coef)
+    empty_noise = np.empty((3, 0))
+    table = np.empty(0, dtype=x.dtype)
+    key = np.empty(2, dtype=np.uint64)  # unused without noise
+    if parallel:
+        for t in prange(row_blocks):
+            _rows_normalize_task(x, t, m_total, row_blocks, coef, empty_noise, table, key, y)
+    else:
+        for t in range(row_blocks):
+            _rows_normalize_task(x, t, m_total, row_blocks, coef, empty_noise, table, key, y)
+
+
+@njit(cache=True, parallel=_PARALLEL)
+def backward_planar(dy, x, v, blocks, p, stats, weight, noise, table, key, dx, need_dx, parallel):
+    """Fused backward on (N, C, S); writes dx (if ``need_dx``), returns (2, C) d weight, d bias.
+
+    Memory passes: read dy and x (sums), read dy and x, write dx. p = inf: plus an early-exit
+    scan of x per (group, channel) for the arg-max of |x - mean|.
+    """
+    n_total, c_total, size = x.shape
+    count = _group_counts(n_total, v, size)
+    groups = count.shape[0]
+    tasks = groups * c_total * blocks
+    part = np.empty((3, tasks))
+    mean = stats[MEAN]
+    if parallel:
+        for t in prange(tasks):
+            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, part)
+    else:
+        for t in range(tasks):
+            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, part)
+    sums = _filled(0.0, (3, groups, c_total))
+    for t in range(tasks):
+        gc = t // blocks
+        g, c = gc // c_total, gc % c_total
+        for i in range(3):
+            sums[i, g, c] += part[i, t]
+    argmax_sign = _filled(0.0, (groups, c_total))
+    argmax_at = _no_index(groups, c_total)
+    if p != 1.0 and p != 2.0:
+        for gc in range(groups * c_total):
+            g, c = gc // c_total, gc % c_total
+            shift = x[g * v, c, 0]
+            ta, tb = stats[TARGET_A, g, c], stats[TARGET_B, g, c]
+            for n in range(g * v, min(n_total, (g + 1) * v)):
+                for s in range(size):
+                    d = np.float64(x[n, c, s] - shift)
+                    if d == ta or d == tb:
+                        argmax_at[g, c] = (n * c_total + c) * size + s
+                        xc = np.float64(x[n, c, s]) - stats[MEAN, g, c]
+                        argmax_sign[g, c] = (xc > 0.0) - (xc < 0.0)
+                        break
+                if argmax_at[g, c] >= 0:
+                    break
+    coef = np.empty((5, groups, c_total), dtype=x.dtype)
+    dparams = np.empty((2, c_total), dtype=weight.dtype)
+    _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams)
+    if need_dx:
+        if parallel:
+            for t in prange(n_total * c_total):
+                _planar_dx_task(dy, x, t, v, p, coef, noise, table, key, dx)
+        else:
+            for t in range(n_total * c_total):
+                _planar_dx_task(dy, x, t, v, p, coef, noise, table, key, dx)
+        flat = dx.reshape(-1)
+        for g in range(groups):
+            for c in range(c_total):
+                if argmax_at[g, c] >= 0:
+                    flat[argmax_at[g, c]] += sums[2, g, c]
+    return dparams
+
+
+@njit(cache=True, parallel=_PARALLEL)
+def backward_rows(
+    dy, x, v_rows, blocks, row_blocks, p, stats, weight, noise, table, key, dx, need_dx, parallel
+):
+    """Row-layout :func:`backward_planar`; same memory passes."""
+    m_total, c_total = x.shape
+    count = _group_counts(m_total, v_rows, 1)
+    groups = count.shape[0]
+    tasks = groups * blocks
+    part = _filled(0.0, (3, tasks, c_total))
+    mean = stats[MEAN]
+    if parallel:
+        for t in prange(tasks):
+            _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, table, key, part)
+    else:
+        for t in range(tasks):
+            _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, table, key, part)
+    sums = _filled(0.0, (3, groups, c_total))
+    for t in range(tasks):
+        for i in range(3):
+            for c in range(c_total):
+                sums[i, t // blocks, c] += part[i, t, c]
+    argmax_sign = _filled(0.0, (groups, c_total))
+    argmax_at = _no_index(groups, c_total)
+    if p != 1.0 and p != 2.0:
+        for gc in range(groups * c_total):
+            g, c = gc // c_total, gc % c_total
+            shift = x[g * v_rows, c]
+            ta, tb = stats[TARGET_A, g, c], stats[TARGET_B, g, c]
+            for r in range(g * v_rows, min(m_total, (g + 1) * v_rows)):
+                d = np.float64(x[r, c] - shift)
+                if d == ta or d == tb:
+                    argmax_at[g, c] = r * c_total + c
+                    xc = np.float64(x[r, c]) - stats[MEAN, g, c]
+                    argmax_sign[g, c] = (xc > 0.0) - (xc < 0.0)
+                    break
+    coef = np.empty((5, groups, c_total), dtype=x.dtype)
+    dparams = np.empty((2, c_total), dtype=weight.dtype)
+    _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams)
+    if need_dx:
+        if parallel:
+            for t in prange(row_blocks):
+                _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, table, key, dx)
+        else:
+            for t in range(row_blocks):
+                _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, table, key, dx)
+        flat = dx.reshape(-1)
+        for g in range(groups):
+            for c in range(c_total):
+                if argmax_at[g, c] >= 0:
+                    flat[argmax_at[g, c]] += sums[2, g, c]
+    return dparams

@@ -1,0 +1,332 @@
+"""The fused CPU kernels: against the float64 reference and the torch-op path, both layouts."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bnlab.functional as F
+from bnlab.functional import kernels, noise, ops
+from bnlab.functional import reference as R
+from helpers import TOL, rel_err
+
+pytestmark = pytest.mark.skipif(not kernels.numba_available(), reason="numba not installed")
+
+VARIANTS = ["bn", "l1", "linf", "ghost", "renorm", "noisy"]
+
+
+def _spec(
+    variant: str, c: int, dtype: torch.dtype, seed: int = 0, far: bool = False
+) -> ops.NormSpec:
+    """``far``: renorm's running statistics so far from the batch that r and d sit at their
+    clip limits, where treating them as constants is the exact derivative (for gradcheck)."""
+    eps = 1e-5
+    if variant in ("l1", "linf"):
+        return ops.NormSpec(eps, 1.0 if variant == "l1" else math.inf)
+    if variant == "ghost":
+        return ops.NormSpec(eps, virtual_batch_size=3)
+    if variant == "renorm":
+        g = torch.Generator().manual_seed(seed)
+        mean, var = (
+            torch.randn(c, generator=g, dtype=dtype),
+            torch.rand(c, generator=g, dtype=dtype),
+        )
+        if far:
+            mean, var = mean - 1000, var * 1e4 + 1e4
+        running = ops.Renorm(mean, var * 4 + 0.05, r_max=1.5, d_max=0.5)
+        return ops.NormSpec(eps, renorm=running)
+    if variant == "noisy":
+        draw = noise.draw(F.NoiseSpec(), c, torch.device("cpu"), dtype, torch.Generator())
+        return ops.NormSpec(eps, noise=draw)
+    return ops.NormSpec(eps)
+
+
+def _both_paths(x, weight, bias, spec, dy):
+    """(y, dx, dweight, dbias, stats) on the kernel path and on the torch-op path."""
+    results = []
+    for enabled in (True, False):
+        xs = x.detach().clone().requires_grad_()
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            xs = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        w, b = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+        with F.use_kernels(enabled):
+            y, stats = F.normalize_train(xs, w, b, spec)
+        expected = "FusedTrainNormBackward" if enabled else None
+        if expected:
+            assert type(y.grad_fn).__name__ == expected
+        dx, dw, db = torch.autograd.grad(y, (xs, w, b), dy)
+        results.append((y, dx, dw, db, stats))
+    return results
+
+
+def _reference(x, gamma, beta, spec, dy):
+    """Float64 reference forward and backward (None where the reference has no backward)."""
+    xd, dyd = x.detach().double().numpy(), dy.double().numpy()
+    chunk = spec.virtual_batch_size or xd.shape[0]
+    ys, dxs, dgs, dbs = [], [], [], []
+    for start in range(0, xd.shape[0], chunk):
+        xc, dyc = xd[start : start + chunk], dyd[start : start + chunk]
+        if spec.renorm is not None:
+            rn = spec.renorm
+            y, _, _ = R.batch_renorm_forward(
+                xc, gamma, beta, rn.running_mean.double().numpy(),
+                rn.running_var.double().numpy(), spec.eps, rn.r_max, rn.d_max,
+            )  # fmt: skip
+            ys.append(y)
+            continue
+        y, cache = R.lp_batch_norm_forward(xc, gamma, beta, spec.eps, spec.p)
+        dx, dg, db = R.lp_batch_norm_backward(dyc, cache)
+        ys.append(y)
+        dxs.append(dx)
+        dgs.append(dg)
+        dbs.append(db)
+    y = np.concatenate(ys)
+    if not dxs:
+        return y, None
+    return y, (np.concatenate(dxs), sum(dgs), sum(dbs))
+
+
+@st.composite
+def cases(draw):
+    rank = draw(st.sampled_from([0, 1, 2, 3]))
+    c = draw(st.integers(1, 5))
+    n = draw(st.integers(2, 7))
+    spatial = tuple(draw(st.integers(1, 4)) for _ in range(rank))
+    variant = draw(st.sampled_from(VARIANTS))
+    if variant == "linf":  # at least 3 values per channel, so the arg-max is unique
+        n = max(n, 3)
+    return {
+        "shape": (n, c, *spatial),
+        "variant": variant,
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
+        "channels_last": rank in (2, 3) and draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def _inputs(case):
+    shape, dtype = case["shape"], case["dtype"]
+    rng = np.random.default_rng(case["seed"])
+    c = shape[1]
+    gamma, beta = rng.uniform(0.5, 2, size=c), rng.normal(size=c)
+    scale = rng.uniform(0.5, 3.0, size=c).reshape((1, c) + (1,) * (len(shape) - 2))
+    x = torch.from_numpy(rng.normal(1.0, 1.0, size=shape) * scale).to(dtype)
+    if case["channels_last"]:
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    dy = torch.from_numpy(rng.normal(size=shape)).to(dtype)
+    weight, bias = torch.from_numpy(gamma).to(dtype), torch.from_numpy(beta).to(dtype)
+    return x, weight, bias, dy, gamma, beta
+
+
+@settings(max_examples=60)
+@given(case=cases())
+def test_kernel_path_matches_reference_and_torch_op_path(case):
+    x, weight, bias, dy, gamma, beta = _inputs(case)
+    spec = _spec(case["variant"], x.shape[1], x.dtype, case["seed"])
+    tol = TOL[x.dtype]
+    (y, dx, dw, db, stats), (y_t, dx_t, dw_t, db_t, stats_t) = _both_paths(
+        x, weight, bias, spec, dy
+    )
+    assert y.shape == x.shape and y.stride() == x.stride()
+    for ours, theirs in ((y, y_t), (dx, dx_t), (dw, dw_t), (db, db_t)):
+        assert rel_err(ours, theirs) <= tol
+    assert rel_err(stats.mean, stats_t.mean) <= tol
+    assert rel_err(stats.spread, stats_t.spread) <= tol
+    assert stats.counts == stats_t.counts
+    if spec.noise is not None:
+        return  # the noise is checked on its own below
+    y_ref, grads_ref = _reference(x, gamma, beta, spec, dy)
+    assert rel_err(y, y_ref) <= tol
+    if grads_ref is not None:
+        for ours, ref in zip((dx, dw, db), grads_ref, strict=True):
+            assert rel_err(ours, ref) <= tol
+
+
+@settings(max_examples=20)
+@given(case=cases())
+def test_eval_kernel_matches_reference_and_torch_op_path(case):
+    x, weight, bias, _, gamma, beta = _inputs(case)
+    c = x.shape[1]
+    mean, var = torch.randn(c, dtype=x.dtype), torch.rand(c, dtype=x.dtype) + 0.1
+    outs = []
+    for enabled in (True, False):
+        with F.use_kernels(enabled):
+            outs.append(F.batch_norm(x, mean, var, weight, bias, training=False, eps=1e-3))
+    ref = R.batch_norm_inference(
+        x.double().numpy(), mean.double().numpy(), var.double().numpy(), gamma, beta, 1e-3
+    )
+    assert outs[0].stride() == x.stride()
+    assert rel_err(outs[0], outs[1]) <= TOL[x.dtype]
+    assert rel_err(outs[0], ref) <= TOL[x.dtype]
+
+
+def test_eval_kernel_backward_matches_torch_op_path():
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    mean, var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    with F.use_kernels(True):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: F.batch_norm(x, mean, var, w, b, training=False), (x, w, b)
+        )
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck_and_gradgradcheck_through_the_kernel_path(variant, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 2, 3, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64).requires_grad_()
+    spec = _spec(variant, 3, torch.float64, far=True)
+
+    def f(x, w, b):
+        return F.normalize_train(x, w, b, spec)[0]
+
+    with F.use_kernels(True):
+        assert type(f(x, w, b).grad_fn).__name__ == "FusedTrainNormBackward"
+        assert torch.autograd.gradcheck(f, (x, w, b))
+        assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("p", [1.0, 2.0, math.inf])
+def test_large_mean_channel_stays_accurate_in_float32(channels_last, p):
+    rng = np.random.default_rng(0)
+    x64 = rng.normal(size=(16, 3, 6, 6))
+    x64[:, 1] += 1e4
+    x = torch.from_numpy(x64).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x64 = x.double().numpy()  # the reference sees the same float32 values
+    dy = torch.from_numpy(rng.normal(size=x.shape)).float()
+    gamma, beta = np.ones(3), np.zeros(3)
+    xs = x.clone().requires_grad_()
+    with F.use_kernels(True):
+        y, _ = F.normalize_train(xs, None, None, ops.NormSpec(1e-5, p))
+    (dx,) = torch.autograd.grad(y, xs, dy)
+    y_ref, cache = R.lp_batch_norm_forward(x64, gamma, beta, 1e-5, p)
+    dx_ref, _, _ = R.lp_batch_norm_backward(dy.double().numpy(), cache)
+    assert rel_err(y, y_ref) <= 1e-4
+    assert rel_err(dx, dx_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_constant_channel_is_finite_and_nan_stays_in_its_channel(channels_last, variant):
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(size=(6, 4, 3, 3))).float()
+    x[:, 2] = 3.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    spec = _spec(variant, 4, torch.float32)
+    dy = torch.from_numpy(rng.normal(size=x.shape)).float()
+    with F.use_kernels(True):
+        xs = x.clone().requires_grad_()
+        y, _ = F.normalize_train(xs, None, None, spec)
+        (dx,) = torch.autograd.grad(y, xs, dy)
+        assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+        poisoned = x.clone()
+        poisoned[2, 0, 1, 1] = float("nan")
+        ps = poisoned.requires_grad_()
+        y_nan, _ = F.normalize_train(ps, None, None, spec)
+        (dx_nan,) = torch.autograd.grad(y_nan, ps, dy)
+    assert torch.isnan(y_nan[:, 0]).any()
+    assert torch.equal(y_nan[:, 1:], y[:, 1:])
+    assert torch.equal(dx_nan[:, 1:], dx[:, 1:])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("variant", ["bn", "l1", "linf", "ghost", "noisy"])
+def test_parallel_passes_with_few_channels_match_torch_op_path(channels_last, variant):
+    """Large enough for the thread pool, with 2 channels: the batch is split into blocks."""
+    torch.manual_seed(3)
+    x = torch.randn(40, 2, 24, 20) * 3 + 5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert x.numel() >= kernels.PARALLEL_MIN_NUMEL
+    spec = _spec(variant, 2, torch.float32)
+    weight, bias = torch.rand(2) + 0.5, torch.randn(2)
+    ours, torch_op = _both_paths(x, weight, bias, spec, torch.randn_like(x))
+    for a, b in zip(ours[:4], torch_op[:4], strict=True):
+        assert rel_err(a, b) <= 1e-4  # sums over 38400 float32 values per channel
+
+
+def test_noise_is_the_same_on_both_paths_and_for_any_thread_count():
+    import numba
+
+    x = torch.randn(16, 3, 30, 30)
+    draw = noise.draw(F.NoiseSpec(), 3, x.device, x.dtype, torch.Generator().manual_seed(4))
+    spec = ops.NormSpec(1e-5, noise=draw)
+    with F.use_kernels(False):
+        y_torch, _ = F.normalize_train(x, None, None, spec)
+    outputs = []
+    threads = numba.get_num_threads()
+    try:
+        for n in (1, threads):
+            numba.set_num_threads(n)
+            with F.use_kernels(True):
+                outputs.append(F.normalize_train(x, None, None, spec)[0])
+    finally:
+        numba.set_num_threads(threads)
+    assert torch.equal(outputs[0], outputs[1])
+    assert rel_err(outputs[0], y_torch) <= 1e-5
+    clean, _ = F.normalize_train(x, None, None, ops.NormSpec(1e-5))
+    assert (outputs[0] - clean).abs().mean() > 0.5
+
+
+def test_noise_quantiles_are_standard_normal():
+    z, z_scale = noise.standard_normals(
+        torch.Size((64, 8, 32, 32)), noise.draw(F.NoiseSpec(), 8, torch.device("cpu"),
+        torch.float64, torch.Generator().manual_seed(0)), torch.float64,
+    )  # fmt: skip
+    for v in (z, z_scale):
+        assert abs(v.mean().item()) < 0.01 and abs(v.std().item() - 1) < 0.01
+    assert abs(torch.corrcoef(torch.stack([z.flatten(), z_scale.flatten()]))[0, 1]) < 0.01
+
+
+def test_backward_saves_only_input_parameters_and_per_channel_statistics():
+    x = torch.randn(8, 4, 5, 5, requires_grad=True)
+    w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    with F.use_kernels(True):
+        y, _ = F.normalize_train(x, w, b, ops.NormSpec(1e-5))
+    saved = y.grad_fn.saved_tensors
+    assert len(saved) == 3 and saved[0].data_ptr() == x.data_ptr()
+    assert sum(t.numel() for t in saved) == x.numel() + 8
+
+
+def test_use_kernels_switches_the_path():
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    with F.use_kernels(False):
+        assert type(F.normalize_train(x, None, None, ops.NormSpec(1e-5))[0].grad_fn).__name__ != (
+            "FusedTrainNormBackward"
+        )
+    with F.use_kernels(True):
+        assert F.kernels_enabled()
+        y, _ = F.normalize_train(x, None, None, ops.NormSpec(1e-5))
+        assert type(y.grad_fn).__name__ == "FusedTrainNormBackward"
+
+
+def test_ghost_batch_of_one_value_per_channel_raises():
+    with F.use_kernels(True), pytest.raises(ValueError, match="more than 1 value per channel"):
+        F.normalize_train(torch.randn(5, 3), None, None, ops.NormSpec(1e-5, virtual_batch_size=2))
+
+
+def test_importing_bnlab_imports_no_numba():
+    code = (
+        "import sys, bnlab, bnlab.functional, bnlab.nn, bnlab.functional.kernels; "
+        "print('numba' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
