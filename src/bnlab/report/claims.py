@@ -291,8 +291,10 @@ def claim_4(evidence: StudyEvidence) -> ClaimResult:
         numbers=numbers,
         parts=parts,
         explanation=(
-            "The l2 difference scales with the gradient norm, which differs between the two "
-            "networks; the cosine is scale-free and the more telling of the two."
+            "The paper measures ICS on VGG-16 (CIFAR-10) and a 25-layer deep linear network. In "
+            "a two-convolution network few layers precede the measured ones, and the standard "
+            "network's larger gradients make its G move more; the l2 difference scales with the "
+            "gradient norm, the cosine does not."
         ),
         figures=["covariate_shift"],
     )

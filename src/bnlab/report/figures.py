@@ -45,7 +45,7 @@ Curve = tuple[Sequence[float], Sequence[Sequence[float]]]  # steps, one value li
 def _save(fig: Figure, out_dir: Path, name: str, title: str, caption: str) -> FigureFile:
     buffer = io.BytesIO()
     FigureCanvasAgg(fig)
-    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=90)  # the constrained layout already fits the labels
     path = out_dir / "figures" / f"{name}.png"
     write_atomic(path, buffer.getvalue())
     return FigureFile(name=name, title=title, caption=caption, path=path)

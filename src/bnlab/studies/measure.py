@@ -181,6 +181,7 @@ def measure_study(
         base = base_config(data, settings, device)
         base = replace(
             base,
+            threads=1,  # in-process runs of a small model: more threads only contend
             model=replace(base.model, name=name, options={}),
             probes=landscape_probes(settings),
             checkpoint=CheckpointConfig(

@@ -62,8 +62,8 @@ FULL = StudySettings(
     seeds=(0, 1, 2),
     learning_rates=(0.05, 0.2, 0.5, 1.0, 2.0),
     init_scales=(0.1, 1.0, 3.0, 10.0),
-    probe_every=15,
-    curvature_every=30,
+    probe_every=20,
+    curvature_every=60,
 )
 QUICK = StudySettings(
     steps=150,
