@@ -311,31 +311,39 @@ def conditioning_contours(results: Sequence[Mapping[str, Any]], out_dir: Path) -
 def conditioning_weights(
     results: Sequence[Mapping[str, Any]], out_dir: Path, *, dataset: str
 ) -> FigureFile | None:
-    """The learned weight of each feature after gradient descent, raw vs standardized."""
-    pair = [r for r in results if r.get("dataset") == dataset]
-    if len(pair) < 2:
+    """Where gradient descent stopped, feature by feature, raw vs standardized: every weight in
+    units of its feature's standard deviation, so both fits (one model in two coordinate
+    systems) are comparable, with the common optimum marked."""
+    by_scaling = {r["scaling"]: r for r in results if r.get("dataset") == dataset}
+    if {"raw", "standardized"} - set(by_scaling):
         return None
-    features = pair[0]["features"]
-    fig, axes = _subplots(1, 2, figsize=(11.0, 3.4 + 0.05 * len(features)))
-    for ax, result in zip(axes, pair[:2], strict=True):
-        weights = np.asarray(result["weights"], dtype=np.float64)
-        ax.barh(np.arange(len(weights)), weights, color="#1f77b4")
-        ax.set_yticks(np.arange(len(weights)), features, fontsize=6)
-        ax.invert_yaxis()
-        ax.set_xlabel(
-            "learned weight (" + ("per raw unit" if result["scaling"] == "raw" else "per std") + ")"
-        )
+    raw, std = by_scaling["raw"], by_scaling["standardized"]
+    features = raw["features"]
+    scale = np.asarray(raw["feature_std"], dtype=np.float64)
+    y = np.arange(len(features))
+    fig, ax = _subplots(figsize=(7.5, 2.0 + 0.2 * len(features)))
+    for offset, result, weights, color in (
+        (-0.2, raw, np.asarray(raw["weights"]) * scale, "#1f77b4"),
+        (0.2, std, np.asarray(std["weights"]), "#d62728"),
+    ):
         steps = result["gd_steps"]
-        done = f"{steps} GD steps" if steps else f"not converged in {result['max_steps']} GD steps"
-        ax.set_title(f"{result['scaling']} features ({done})", fontsize=9)
-    fig.suptitle(f"Learned logistic-regression weights per feature ({dataset})")
+        done = f"{steps} steps" if steps else f"stopped at {result['max_steps']} steps"
+        label = f"GD on {result['scaling']} features ({done})"
+        ax.barh(y + offset, weights, height=0.4, color=color, label=label)
+    ax.plot(std["optimal_weights"], y, "k|", markersize=9, label="optimum (both)")
+    ax.set_yticks(y, features, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("learned weight (log-odds per standard deviation of the feature)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(f"Learned logistic-regression weight of each feature ({dataset})")
     return _save(
         fig,
         out_dir,
         f"{dataset}_weights",
         f"Learned weights per feature, {dataset}",
-        "Weights after gradient descent stopped (converged, or at the step budget). On raw "
-        "features the weights of large-variance features move first and the others barely move.",
+        "Weights where gradient descent stopped, raw-feature weights multiplied by the "
+        "feature's std so both fits read in the same units. On raw features only the weights "
+        "of the large-variance features have moved.",
     )
 
 

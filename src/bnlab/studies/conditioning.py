@@ -54,6 +54,8 @@ class ConditioningResult:
     final_loss: float
     weights: list[float]
     bias: float
+    optimal_weights: list[float]
+    feature_std: list[float]  # std of each feature as given (1 for standardized features)
     path: list[list[float]] = field(default_factory=list)  # [(w_1, w_2)], two features only
     contour: dict[str, Any] = field(default_factory=dict)  # {"w1": [], "w2": [], "loss": [[]]}
 
@@ -164,6 +166,8 @@ def measure_conditioning(
         final_loss=loss,
         weights=[float(w) for w in theta[:-1]],
         bias=float(theta[-1]),
+        optimal_weights=[float(w) for w in theta_star[:-1]],
+        feature_std=[float(v) for v in X.std(axis=0)],
     )
     if X.shape[1] == 2:
         path = np.array(trajectory)[:, :2]
