@@ -70,6 +70,9 @@ def test_ics_uses_the_real_update_of_any_optimizer_and_leaves_its_state_alone():
         mse(model(x), y).backward()
         opt.step()
         opt.zero_grad()
+    # with an LR scheduler attached (it patches the optimizer's step), the probe still leaves
+    # the optimizer and the scheduler alone
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     state_before = copy.deepcopy(opt.state_dict())
     # the truth: take the real step on copies, then the gradient of layer 2 at (W1', W2)
     twin, twin_opt = copy.deepcopy((model, opt))
@@ -84,6 +87,8 @@ def test_ics_uses_the_real_update_of_any_optimizer_and_leaves_its_state_alone():
         float((g2 - g2_shifted).norm()), rel=1e-9
     )
     state_after = opt.state_dict()
+    assert state_after["param_groups"] == state_before["param_groups"]
+    assert scheduler.last_epoch == 0
     for key, entry in state_before["state"].items():
         for name, value in entry.items():
             assert torch.equal(

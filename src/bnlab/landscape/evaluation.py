@@ -301,6 +301,7 @@ class Objective:
         for i, w in enumerate(self.weights):
             if self.num_batches == 1:
                 if names not in self._hvp_cache:
+                    self._hvp_cache.clear()  # one group's graph alive at a time
                     self._hvp_cache[names] = self._gradient_graph(i, names)
                 leaves, grads = self._hvp_cache[names]
             else:
