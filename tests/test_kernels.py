@@ -102,6 +102,8 @@ def cases(draw):
     variant = draw(st.sampled_from(VARIANTS))
     if variant == "linf":  # at least 3 values per channel, so the arg-max is unique
         n = max(n, 3)
+    if variant == "ghost" and n % 3 == 1 and math.prod(spatial) == 1:
+        n += 1  # the last virtual batch of 3 needs more than one value per channel
     return {
         "shape": (n, c, *spatial),
         "variant": variant,

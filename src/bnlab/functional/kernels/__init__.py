@@ -80,16 +80,25 @@ def supports(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and x.numel() > 0
 
 
-class _Layout:
-    """How a (N, C, *) tensor is seen by the loops: planar (N, C, S) or rows (N * S, C)."""
+PLANAR_MIN_SPATIAL = 64
+"""A contiguous input with fewer spatial values per (sample, channel) runs on the row loops,
+one row per sample, as (N, C * S): rows of 16 values are too short for the vector units."""
 
-    __slots__ = ("channels", "n", "parallel", "planar", "shape", "size")
+
+class _Layout:
+    """How a (N, C, *) tensor is seen by the loops: planar (N, C, S), or rows (M, C * k) whose
+    column j holds channel j // k: channels-last (M = N * S, k = 1) or (M = N, k = S)."""
+
+    __slots__ = ("channels", "k", "n", "parallel", "planar", "rows_per_sample", "shape", "size")
 
     def __init__(self, x: Tensor) -> None:
         self.shape = x.shape
         self.n, self.channels = x.shape[0], x.shape[1]
         self.size = x.numel() // (self.n * self.channels)
-        self.planar = self.size > 1 and (x.is_contiguous() or not _rows_dense(x))
+        channels_last = self.size > 1 and not x.is_contiguous() and _rows_dense(x)
+        self.planar = self.size >= PLANAR_MIN_SPATIAL and not channels_last
+        self.k = 1 if channels_last else self.size
+        self.rows_per_sample = self.size if channels_last else 1
         self.parallel = (
             x.numel() >= PARALLEL_MIN_NUMEL and not _forked_child and torch.get_num_threads() > 1
         )
@@ -99,8 +108,8 @@ class _Layout:
         t = t.detach()
         if self.planar:
             return t.contiguous().view(self.n, self.channels, self.size).numpy()
-        if self.size == 1:
-            return t.reshape(self.n, self.channels).numpy()
+        if self.k == self.size:
+            return t.contiguous().view(self.n, self.channels * self.size).numpy()
         rows = t.movedim(1, -1)
         if not rows.is_contiguous():
             rows = rows.contiguous()
@@ -108,7 +117,7 @@ class _Layout:
 
     def empty(self, like: Tensor) -> tuple[Tensor, np.ndarray]:
         """A new tensor shaped like ``like`` in this layout, and its NumPy view."""
-        if self.planar or self.size == 1:
+        if self.planar or self.k == self.size:
             out = torch.empty(self.shape, dtype=like.dtype)
         else:
             out = torch.empty_like(like.movedim(1, -1), memory_format=torch.contiguous_format)
@@ -131,9 +140,9 @@ def _blocks(layout: _Layout, groups: int, group_len: int) -> tuple[int, int]:
     if layout.planar:
         tasks = groups * layout.channels
         blocks = 1 if tasks >= 4 * threads else math.ceil(4 * threads / tasks)
-        return max(1, min(blocks, group_len)), 1
-    rows = layout.n * layout.size
-    blocks = max(1, min(math.ceil(2 * threads / groups), group_len * layout.size))
+        return max(1, min(blocks, group_len)), min(4 * threads, layout.n * layout.channels)
+    rows = layout.n * layout.rows_per_sample
+    blocks = max(1, min(math.ceil(2 * threads / groups), group_len * layout.rows_per_sample))
     return blocks, max(1, min(4 * threads, rows))
 
 
@@ -204,16 +213,14 @@ class FusedTrainNorm(torch.autograd.Function):
         noise, table, key = _noise_args(spec, layout.channels, x.dtype)
         running, limits = _renorm_args(spec)
         track_mean, track_second, momentum, kind = _track_args(update, x.dtype)
-        args = (w, b, running, limits, track_mean, track_second, momentum, kind)
+        args = (
+            blocks, row_blocks, spec.p, spec.eps, w, b, running, limits, track_mean,
+            track_second, momentum, kind, noise, table, key, ya, layout.parallel,
+        )  # fmt: skip
         if layout.planar:
-            stats = loops.forward_planar(
-                xa, v, blocks, spec.p, spec.eps, *args, noise, table, key, ya, layout.parallel
-            )
+            stats = loops.forward_planar(xa, v, *args)
         else:
-            stats = loops.forward_rows(
-                xa, v * layout.size, blocks, row_blocks, spec.p, spec.eps, *args,
-                noise, table, key, ya, layout.parallel,
-            )  # fmt: skip
+            stats = loops.forward_rows(xa, layout.k, v * layout.rows_per_sample, *args)
         ctx.save_for_backward(x, weight, bias)
         ctx.spec = spec
         ctx.stats = stats
@@ -239,11 +246,15 @@ class FusedTrainNorm(torch.autograd.Function):
         dx, dxa = layout.empty(x)
         w = _param(weight, layout.channels, 1.0, x.dtype)
         noise, table, key = _noise_args(spec, layout.channels, x.dtype)
-        args = (spec.p, ctx.stats, w, noise, table, key, dxa, need_dx, layout.parallel)
+        args = (
+            blocks, row_blocks, spec.p, ctx.stats, w, noise, table, key, dxa, need_dx,
+            layout.parallel,
+        )  # fmt: skip
         if layout.planar:
-            dparams = loops.backward_planar(dya, xa, v, blocks, *args)
+            dparams = loops.backward_planar(dya, xa, v, *args)
         else:
-            dparams = loops.backward_rows(dya, xa, v * layout.size, blocks, row_blocks, *args)
+            v_rows = v * layout.rows_per_sample
+            dparams = loops.backward_rows(dya, xa, layout.k, v_rows, *args)
         dweight = _grad_of(weight, dparams[0])
         dbias = _grad_of(bias, dparams[1])
         return (dx if need_dx else None), dweight, dbias, None, None
@@ -323,11 +334,12 @@ class FusedEvalNorm(torch.autograd.Function):
         b = _param(bias, layout.channels, 0.0, x.dtype)
         m = mean.detach().numpy()
         s = spread.detach().numpy()
+        _, row_blocks = _blocks(layout, 1, layout.n)
+        args = (m, s, eps, is_var, w, b, ya, row_blocks, layout.parallel)
         if layout.planar:
-            loops.eval_planar(xa, m, s, eps, is_var, w, b, ya, layout.parallel)
+            loops.eval_planar(xa, *args)
         else:
-            _, row_blocks = _blocks(layout, 1, layout.n)
-            loops.eval_rows(xa, m, s, eps, is_var, w, b, ya, row_blocks, layout.parallel)
+            loops.eval_rows(xa, layout.k, *args)
         ctx.save_for_backward(x, mean, spread, weight)
         ctx.eps, ctx.is_var = eps, is_var
         return y

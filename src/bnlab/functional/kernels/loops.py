@@ -54,8 +54,8 @@ _S15 = np.uint64(15)
 _S16 = np.uint64(16)
 _LOW16 = np.uint64(0xFFFF)
 
-# Rows of the (7, G, C) float64 statistics array the forward returns and the backward reads.
-MEAN, SPREAD, SCALE, R, D, TARGET_A, TARGET_B = range(7)
+# Rows of the (5, G, C) float64 statistics array the forward returns and the backward reads.
+MEAN, SPREAD, SCALE, R, D = range(5)
 # Rows of the (4, G, C) per-element coefficient array in the input dtype.
 _MEAN_HI, _MEAN_LO, _A, _B = range(4)
 
@@ -176,7 +176,7 @@ def _rows_absdev_task(x, t, v_rows, blocks, mean, part):
 
 @njit(cache=True)
 def _finish_stats(part, shift, count, p, eps, running, limits, stats):
-    """(4, G, C) sums -> stats rows MEAN, SPREAD, SCALE, R, D, TARGET_A/B (p = inf)."""
+    """(4, G, C) sums -> stats rows MEAN, SPREAD, SCALE, R, D."""
     groups, channels = shift.shape
     for g in range(groups):
         m = count[g]
@@ -204,11 +204,6 @@ def _finish_stats(part, shift, count, p, eps, running, limits, stats):
                     spread = mean_shifted
                 stats[SPREAD, g, c] = spread
                 stats[SCALE, g, c] = spread + eps
-                # The backward needs the first value at the largest |x - mean| (the reference's
-                # tie rule); both extremes qualify on an exact tie.
-                a = part[3, g, c] if up >= down else part[2, g, c]
-                stats[TARGET_A, g, c] = a
-                stats[TARGET_B, g, c] = part[2, g, c] if up == down else a
             if running.shape[0] == 2:
                 sigma = math.sqrt(running[1, c] + eps)
                 r = min(max(stats[SCALE, g, c] / sigma, 1.0 / limits[0]), limits[0])
@@ -265,9 +260,18 @@ def _coefficients(stats, weight, bias, coef):
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _planar_normalize_task(x, t, v, coef, noise, table, key, y):
-    n_total, c_total, size = x.shape
-    n, c = t // c_total, t % c_total
+def _planar_normalize_task(x, t, row_blocks, v, coef, noise, table, key, y):
+    """Rows (n, c) of block t of ``row_blocks``: a block amortizes the call over many short
+    rows (S = 16 for a 4x4 feature map)."""
+    n_total, c_total, _ = x.shape
+    r0, r1 = _block(0, n_total * c_total, t, row_blocks)
+    for r in range(r0, r1):
+        _planar_normalize_row(x, r // c_total, r % c_total, v, coef, noise, table, key, y)
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
+def _planar_normalize_row(x, n, c, v, coef, noise, table, key, y):
+    n_total, _, size = x.shape
     g = n // v
     mh, ml, a, b = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c]
     if table.shape[0] == 0:
@@ -285,7 +289,7 @@ def _planar_normalize_task(x, t, v, coef, noise, table, key, y):
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, y):
+def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, base, k, y):
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
     for r in range(r0, r1):
@@ -296,8 +300,7 @@ def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, y):
                 y[r, c] = ((x[r, c] - mh[c]) - ml[c]) * a[c] + b[c]
             continue
         for c in range(c_total):
-            counter = np.uint64(c) * np.uint64(m_total) + np.uint64(r)
-            h = _hash32(counter, key[0], key[1])
+            h = _hash32(base[c] + np.uint64(r * k), key[0], key[1])
             z = np.float64(table[h >> _S16])
             z_scale = np.float64(table[h & _LOW16])
             bn = np.float64(((x[r, c] - mh[c]) - ml[c]) * a[c] + b[c])
@@ -341,7 +344,7 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, part
 
 
 @njit(cache=True, fastmath=_REDUCE)
-def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, table, key, part):
+def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, table, key, base, k, part):
     m_total, c_total = x.shape
     g, b = t // blocks, t % blocks
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
@@ -352,8 +355,7 @@ def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, table, key, p
         for c in range(c_total):
             gy = np.float64(dy[r, c])
             if noisy:
-                counter = np.uint64(c) * np.uint64(m_total) + np.uint64(r)
-                h = _hash32(counter, key[0], key[1])
+                h = _hash32(base[c] + np.uint64(r * k), key[0], key[1])
                 gy *= 1.0 + noise[2, c] * np.float64(table[h & _LOW16])
             xc = np.float64(x[r, c]) - m[c]
             s_gy[c] += gy
@@ -398,9 +400,16 @@ def _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _planar_dx_task(dy, x, t, v, p, coef, noise, table, key, dx):
-    n_total, c_total, size = x.shape
-    n, c = t // c_total, t % c_total
+def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noise, table, key, dx):
+    n_total, c_total, _ = x.shape
+    r0, r1 = _block(0, n_total * c_total, t, row_blocks)
+    for r in range(r0, r1):
+        _planar_dx_row(dy, x, r // c_total, r % c_total, v, p, coef, noise, table, key, dx)
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
+def _planar_dx_row(dy, x, n, c, v, p, coef, noise, table, key, dx):
+    n_total, _, size = x.shape
     g = n // v
     mh, ml, a, b, k = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c], coef[4, g, c]
     if table.shape[0] == 0:
@@ -423,26 +432,59 @@ def _planar_dx_task(dy, x, t, v, p, coef, noise, table, key, dx):
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, table, key, dx):
+def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, table, key, base, k, dx):
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
     noisy = table.shape[0] != 0
     for r in range(r0, r1):
         g = r // v_rows
-        mh, ml, a, b, k = coef[0, g], coef[1, g], coef[2, g], coef[3, g], coef[4, g]
+        mh, ml, a, b, offset = coef[0, g], coef[1, g], coef[2, g], coef[3, g], coef[4, g]
         if not noisy and p != 1.0:
             for c in range(c_total):
-                dx[r, c] = a[c] * dy[r, c] + b[c] * ((x[r, c] - mh[c]) - ml[c]) + k[c]
+                dx[r, c] = a[c] * dy[r, c] + b[c] * ((x[r, c] - mh[c]) - ml[c]) + offset[c]
             continue
         for c in range(c_total):
             gy = np.float64(dy[r, c])
             if noisy:
-                counter = np.uint64(c) * np.uint64(m_total) + np.uint64(r)
-                h = _hash32(counter, key[0], key[1])
+                h = _hash32(base[c] + np.uint64(r * k), key[0], key[1])
                 gy *= 1.0 + noise[2, c] * np.float64(table[h & _LOW16])
             xc = (x[r, c] - mh[c]) - ml[c]
             phi = ((xc > 0) - (xc < 0)) if p == 1.0 else xc
-            dx[r, c] = a[c] * gy + b[c] * phi + k[c]
+            dx[r, c] = a[c] * gy + b[c] * phi + offset[c]
+
+
+@njit(cache=True)
+def _planar_argmax_task(x, gc, v, mean, argmax_at, argmax_sign):
+    """The first (in (n, spatial) order) largest |x - mean| of one (group, channel): where
+    p = inf's divisor takes its gradient (the reference's tie rule)."""
+    n_total, c_total, size = x.shape
+    g, c = gc // c_total, gc % c_total
+    m = mean[g, c]
+    best = -1.0
+    for n in range(g * v, min(n_total, (g + 1) * v)):
+        for s in range(size):
+            xc = np.float64(x[n, c, s]) - m
+            if abs(xc) > best:
+                best = abs(xc)
+                argmax_at[g, c] = (n * c_total + c) * size + s
+                argmax_sign[g, c] = (xc > 0.0) - (xc < 0.0)
+
+
+@njit(cache=True)
+def _rows_argmax(x, k, v_rows, col_mean, argmax_at, argmax_sign):
+    """Row-layout :func:`_planar_argmax_task` for all channels in one row-major scan (the
+    logical order of channel j // k is row-major over (row, column))."""
+    m_total, columns = x.shape
+    best = np.full(argmax_at.shape, -1.0)
+    for r in range(m_total):
+        g = r // v_rows
+        for j in range(columns):
+            c = j // k
+            xc = np.float64(x[r, j]) - col_mean[g, j]
+            if abs(xc) > best[g, c]:
+                best[g, c] = abs(xc)
+                argmax_at[g, c] = r * columns + j
+                argmax_sign[g, c] = (xc > 0.0) - (xc < 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,6 +525,7 @@ def forward_planar(
     x,
     v,
     blocks,
+    row_blocks,
     p,
     eps,
     weight,
@@ -544,23 +587,70 @@ def forward_planar(
         for t in range(tasks):
             gc = t // blocks
             sums[1, gc // c_total, gc % c_total] += part[1, t]
-    stats = np.empty((7, groups, c_total))
+    stats = np.empty((5, groups, c_total))
     _finish_stats(sums, shift, count, p, eps, running, limits, stats)
     _update_running(stats, count, track_mean, track_second, momentum, track_kind)
     coef = np.empty((4, groups, c_total), dtype=x.dtype)
     _coefficients(stats, weight, bias, coef)
     if parallel:
-        for t in prange(n_total * c_total):
-            _planar_normalize_task(x, t, v, coef, noise, table, key, y)
+        for t in prange(row_blocks):
+            _planar_normalize_task(x, t, row_blocks, v, coef, noise, table, key, y)
     else:
-        for t in range(n_total * c_total):
-            _planar_normalize_task(x, t, v, coef, noise, table, key, y)
+        _planar_normalize_task(x, 0, 1, v, coef, noise, table, key, y)
     return stats
+
+
+@njit(cache=True)
+def _columns(a, k):
+    """Per-channel values (A, G, C) -> per column (A, G, C * k): channel c covers k columns."""
+    n_a, groups, channels = a.shape
+    out = np.empty((n_a, groups, channels * k), dtype=a.dtype)
+    for i in range(n_a):
+        for g in range(groups):
+            for c in range(channels):
+                for s in range(k):
+                    out[i, g, c * k + s] = a[i, g, c]
+    return out
+
+
+@njit(cache=True)
+def _column_base(columns, k, m_total):
+    """Noise counter of column j at row r: base[j] + r * k, i.e. c * (N * S) + n * S + s."""
+    base = np.empty(columns, dtype=np.uint64)
+    for j in range(columns):
+        base[j] = np.uint64((j // k) * (m_total * k) + j % k)
+    return base
+
+
+@njit(cache=True)
+def _merge_columns(sums, shift, rows, k):
+    """Per-column shifted sums (4, G, C * k) -> per channel (4, G, C), re-centred on the
+    channel's first column's shift: sum (x - K) = S1 + n delta, sum (x - K)^2 = S2 + 2 delta S1
+    + n delta^2 with delta = K_column - K."""
+    _, groups, columns = sums.shape
+    channels = columns // k
+    out = np.empty((4, groups, channels))
+    shift_c = np.empty((groups, channels))
+    for g in range(groups):
+        n = rows[g]
+        for c in range(channels):
+            first = shift[g, c * k]
+            s1, s2, lo, hi = 0.0, 0.0, math.inf, -math.inf
+            for j in range(c * k, (c + 1) * k):
+                delta = shift[g, j] - first
+                s1 += sums[0, g, j] + n * delta
+                s2 += sums[1, g, j] + 2.0 * delta * sums[0, g, j] + n * delta * delta
+                lo = min(lo, sums[2, g, j] + delta)
+                hi = max(hi, sums[3, g, j] + delta)
+            out[0, g, c], out[1, g, c], out[2, g, c], out[3, g, c] = s1, s2, lo, hi
+            shift_c[g, c] = first
+    return out, shift_c
 
 
 @njit(cache=True, parallel=_PARALLEL)
 def forward_rows(
     x,
+    k,
     v_rows,
     blocks,
     row_blocks,
@@ -580,15 +670,16 @@ def forward_rows(
     y,
     parallel,
 ):
-    """Training forward on (M, C) rows; groups are ``v_rows`` rows. Returns (7, G, C) stats.
-
-    Memory passes as :func:`forward_planar`.
+    """Training forward on rows (M, C * k): column j holds channel j // k (k = 1 for
+    channels-last, k = S for a contiguous input with a small feature map); groups are
+    ``v_rows`` rows. Returns the (5, G, C) stats. Memory passes as :func:`forward_planar`.
     """
-    m_total, c_total = x.shape
-    count = _group_counts(m_total, v_rows, 1)
-    groups = count.shape[0]
+    m_total, columns = x.shape
+    rows = _group_counts(m_total, v_rows, 1)
+    count = rows * k
+    groups = rows.shape[0]
     tasks = groups * blocks
-    part = _filled(0.0, (4, tasks, c_total))
+    part = _filled(0.0, (4, tasks, columns))
     _fill(part[2], math.inf)
     _fill(part[3], -math.inf)
     if parallel:
@@ -597,47 +688,52 @@ def forward_rows(
     else:
         for t in range(tasks):
             _rows_sums_task(x, t, v_rows, blocks, p, part)
-    sums = _filled(0.0, (4, groups, c_total))
-    _fill(sums[2], math.inf)
-    _fill(sums[3], -math.inf)
-    shift = np.empty((groups, c_total))
+    col_sums = _filled(0.0, (4, groups, columns))
+    _fill(col_sums[2], math.inf)
+    _fill(col_sums[3], -math.inf)
+    col_shift = np.empty((groups, columns))
     for g in range(groups):
-        for c in range(c_total):
-            shift[g, c] = x[g * v_rows, c]
+        for j in range(columns):
+            col_shift[g, j] = x[g * v_rows, j]
     for t in range(tasks):
         g = t // blocks
-        for c in range(c_total):
-            sums[0, g, c] += part[0, t, c]
-            sums[1, g, c] += part[1, t, c]
-            sums[2, g, c] = min(sums[2, g, c], part[2, t, c])
-            sums[3, g, c] = max(sums[3, g, c], part[3, t, c])
+        for j in range(columns):
+            col_sums[0, g, j] += part[0, t, j]
+            col_sums[1, g, j] += part[1, t, j]
+            col_sums[2, g, j] = min(col_sums[2, g, j], part[2, t, j])
+            col_sums[3, g, j] = max(col_sums[3, g, j], part[3, t, j])
+    sums, shift = _merge_columns(col_sums, col_shift, rows, k)
+    channels = columns // k
     if p == 1.0:
-        mean = np.empty((groups, c_total))
+        mean = np.empty((1, groups, channels))
         for g in range(groups):
-            for c in range(c_total):
-                mean[g, c] = shift[g, c] + sums[0, g, c] / count[g]
+            for c in range(channels):
+                mean[0, g, c] = shift[g, c] + sums[0, g, c] / count[g]
         _fill(part[1], 0.0)
+        col_mean = _columns(mean, k)[0]
         if parallel:
             for t in prange(tasks):
-                _rows_absdev_task(x, t, v_rows, blocks, mean, part)
+                _rows_absdev_task(x, t, v_rows, blocks, col_mean, part)
         else:
             for t in range(tasks):
-                _rows_absdev_task(x, t, v_rows, blocks, mean, part)
+                _rows_absdev_task(x, t, v_rows, blocks, col_mean, part)
         _fill(sums[1], 0.0)
         for t in range(tasks):
-            for c in range(c_total):
-                sums[1, t // blocks, c] += part[1, t, c]
-    stats = np.empty((7, groups, c_total))
+            for j in range(columns):
+                sums[1, t // blocks, j // k] += part[1, t, j]
+    stats = np.empty((5, groups, channels))
     _finish_stats(sums, shift, count, p, eps, running, limits, stats)
     _update_running(stats, count, track_mean, track_second, momentum, track_kind)
-    coef = np.empty((4, groups, c_total), dtype=x.dtype)
+    coef = np.empty((4, groups, channels), dtype=x.dtype)
     _coefficients(stats, weight, bias, coef)
+    coef = _columns(coef, k)
+    col_noise = _columns(noise.reshape((3, 1, noise.shape[1])), k)[:, 0]
+    base = _column_base(columns, k, m_total)
     if parallel:
         for t in prange(row_blocks):
-            _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, y)
+            _rows_normalize_task(x, t, v_rows, row_blocks, coef, col_noise, table, key, base, k, y)
     else:
-        for t in range(row_blocks):
-            _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, y)
+        _rows_normalize_task(x, 0, v_rows, 1, coef, col_noise, table, key, base, k, y)
     return stats
 
 
@@ -645,7 +741,7 @@ def forward_rows(
 def _eval_stats(mean, spread, eps, is_var):
     """Stats rows for eval: scale = sqrt(spread + eps) (running_var) or spread itself."""
     c_total = mean.shape[0]
-    stats = np.empty((7, 1, c_total))
+    stats = np.empty((5, 1, c_total))
     for c in range(c_total):
         stats[MEAN, 0, c] = mean[c]
         s = np.float64(spread[c])
@@ -656,7 +752,7 @@ def _eval_stats(mean, spread, eps, is_var):
 
 
 @njit(cache=True, parallel=_PARALLEL)
-def eval_planar(x, mean, spread, eps, is_var, weight, bias, y, parallel):
+def eval_planar(x, mean, spread, eps, is_var, weight, bias, y, row_blocks, parallel):
     """y = weight (x - mean) / scale + bias with the running statistics (scale from
     :func:`_eval_stats`). One read of x, one write of y."""
     n_total, c_total, _ = x.shape
@@ -667,33 +763,37 @@ def eval_planar(x, mean, spread, eps, is_var, weight, bias, y, parallel):
     table = np.empty(0, dtype=x.dtype)
     key = np.empty(2, dtype=np.uint64)  # unused without noise
     if parallel:
-        for t in prange(n_total * c_total):
-            _planar_normalize_task(x, t, n_total, coef, empty_noise, table, key, y)
+        for t in prange(row_blocks):
+            _planar_normalize_task(x, t, row_blocks, n_total, coef, empty_noise, table, key, y)
     else:
-        for t in range(n_total * c_total):
-            _planar_normalize_task(x, t, n_total, coef, empty_noise, table, key, y)
+        _planar_normalize_task(x, 0, 1, n_total, coef, empty_noise, table, key, y)
 
 
 @njit(cache=True, parallel=_PARALLEL)
-def eval_rows(x, mean, spread, eps, is_var, weight, bias, y, row_blocks, parallel):
-    """Row-layout :func:`eval_planar`. One read of x, one write of y."""
-    m_total, c_total = x.shape
+def eval_rows(x, k, mean, spread, eps, is_var, weight, bias, y, row_blocks, parallel):
+    """Row-layout :func:`eval_planar` (columns as :func:`forward_rows`). One read, one write."""
+    m_total, columns = x.shape
     stats = _eval_stats(mean, spread, eps, is_var)
-    coef = np.empty((4, 1, c_total), dtype=x.dtype)
+    coef = np.empty((4, 1, columns // k), dtype=x.dtype)
     _coefficients(stats, weight, bias, coef)
+    coef = _columns(coef, k)
     empty_noise = np.empty((3, 0))
     table = np.empty(0, dtype=x.dtype)
     key = np.empty(2, dtype=np.uint64)  # unused without noise
+    base = np.empty(0, dtype=np.uint64)
     if parallel:
         for t in prange(row_blocks):
-            _rows_normalize_task(x, t, m_total, row_blocks, coef, empty_noise, table, key, y)
+            _rows_normalize_task(
+                x, t, m_total, row_blocks, coef, empty_noise, table, key, base, k, y
+            )
     else:
-        for t in range(row_blocks):
-            _rows_normalize_task(x, t, m_total, row_blocks, coef, empty_noise, table, key, y)
+        _rows_normalize_task(x, 0, m_total, 1, coef, empty_noise, table, key, base, k, y)
 
 
 @njit(cache=True, parallel=_PARALLEL)
-def backward_planar(dy, x, v, blocks, p, stats, weight, noise, table, key, dx, need_dx, parallel):
+def backward_planar(
+    dy, x, v, blocks, row_blocks, p, stats, weight, noise, table, key, dx, need_dx, parallel
+):
     """Fused backward on (N, C, S); writes dx (if ``need_dx``), returns (2, C) d weight, d bias.
 
     Memory passes: read dy and x (sums), read dy and x, write dx. p = inf: plus an early-exit
@@ -720,30 +820,21 @@ def backward_planar(dy, x, v, blocks, p, stats, weight, noise, table, key, dx, n
     argmax_sign = _filled(0.0, (groups, c_total))
     argmax_at = _no_index(groups, c_total)
     if p != 1.0 and p != 2.0:
-        for gc in range(groups * c_total):
-            g, c = gc // c_total, gc % c_total
-            shift = x[g * v, c, 0]
-            ta, tb = stats[TARGET_A, g, c], stats[TARGET_B, g, c]
-            for n in range(g * v, min(n_total, (g + 1) * v)):
-                for s in range(size):
-                    d = np.float64(x[n, c, s] - shift)
-                    if d == ta or d == tb:
-                        argmax_at[g, c] = (n * c_total + c) * size + s
-                        xc = np.float64(x[n, c, s]) - stats[MEAN, g, c]
-                        argmax_sign[g, c] = (xc > 0.0) - (xc < 0.0)
-                        break
-                if argmax_at[g, c] >= 0:
-                    break
+        if parallel:
+            for gc in prange(groups * c_total):
+                _planar_argmax_task(x, gc, v, mean, argmax_at, argmax_sign)
+        else:
+            for gc in range(groups * c_total):
+                _planar_argmax_task(x, gc, v, mean, argmax_at, argmax_sign)
     coef = np.empty((5, groups, c_total), dtype=x.dtype)
     dparams = np.empty((2, c_total), dtype=weight.dtype)
     _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams)
     if need_dx:
         if parallel:
-            for t in prange(n_total * c_total):
-                _planar_dx_task(dy, x, t, v, p, coef, noise, table, key, dx)
+            for t in prange(row_blocks):
+                _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noise, table, key, dx)
         else:
-            for t in range(n_total * c_total):
-                _planar_dx_task(dy, x, t, v, p, coef, noise, table, key, dx)
+            _planar_dx_task(dy, x, 0, 1, v, p, coef, noise, table, key, dx)
         flat = dx.reshape(-1)
         for g in range(groups):
             for c in range(c_total):
@@ -754,53 +845,54 @@ def backward_planar(dy, x, v, blocks, p, stats, weight, noise, table, key, dx, n
 
 @njit(cache=True, parallel=_PARALLEL)
 def backward_rows(
-    dy, x, v_rows, blocks, row_blocks, p, stats, weight, noise, table, key, dx, need_dx, parallel
-):
-    """Row-layout :func:`backward_planar`; same memory passes."""
-    m_total, c_total = x.shape
-    count = _group_counts(m_total, v_rows, 1)
-    groups = count.shape[0]
+    dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, noise, table, key, dx, need_dx,
+    parallel,
+):  # fmt: skip
+    """Row-layout :func:`backward_planar` (columns as :func:`forward_rows`); same passes."""
+    m_total, columns = x.shape
+    channels = columns // k
+    rows = _group_counts(m_total, v_rows, 1)
+    count = rows * k
+    groups = rows.shape[0]
     tasks = groups * blocks
-    part = _filled(0.0, (3, tasks, c_total))
-    mean = stats[MEAN]
+    part = _filled(0.0, (3, tasks, columns))
+    col_mean = _columns(stats[MEAN : MEAN + 1], k)[0]
+    col_noise = _columns(noise.reshape((3, 1, noise.shape[1])), k)[:, 0]
+    base = _column_base(columns, k, m_total)
     if parallel:
         for t in prange(tasks):
-            _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, table, key, part)
+            _rows_grad_sums_task(
+                dy, x, t, v_rows, blocks, p, col_mean, col_noise, table, key, base, k, part
+            )
     else:
         for t in range(tasks):
-            _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, table, key, part)
-    sums = _filled(0.0, (3, groups, c_total))
+            _rows_grad_sums_task(
+                dy, x, t, v_rows, blocks, p, col_mean, col_noise, table, key, base, k, part
+            )
+    sums = _filled(0.0, (3, groups, channels))
     for t in range(tasks):
         for i in range(3):
-            for c in range(c_total):
-                sums[i, t // blocks, c] += part[i, t, c]
-    argmax_sign = _filled(0.0, (groups, c_total))
-    argmax_at = _no_index(groups, c_total)
+            for j in range(columns):
+                sums[i, t // blocks, j // k] += part[i, t, j]
+    argmax_sign = _filled(0.0, (groups, channels))
+    argmax_at = _no_index(groups, channels)
     if p != 1.0 and p != 2.0:
-        for gc in range(groups * c_total):
-            g, c = gc // c_total, gc % c_total
-            shift = x[g * v_rows, c]
-            ta, tb = stats[TARGET_A, g, c], stats[TARGET_B, g, c]
-            for r in range(g * v_rows, min(m_total, (g + 1) * v_rows)):
-                d = np.float64(x[r, c] - shift)
-                if d == ta or d == tb:
-                    argmax_at[g, c] = r * c_total + c
-                    xc = np.float64(x[r, c]) - stats[MEAN, g, c]
-                    argmax_sign[g, c] = (xc > 0.0) - (xc < 0.0)
-                    break
-    coef = np.empty((5, groups, c_total), dtype=x.dtype)
-    dparams = np.empty((2, c_total), dtype=weight.dtype)
+        _rows_argmax(x, k, v_rows, col_mean, argmax_at, argmax_sign)
+    coef = np.empty((5, groups, channels), dtype=x.dtype)
+    dparams = np.empty((2, channels), dtype=weight.dtype)
     _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams)
+    coef = _columns(coef, k)
     if need_dx:
         if parallel:
             for t in prange(row_blocks):
-                _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, table, key, dx)
+                _rows_dx_task(
+                    dy, x, t, v_rows, row_blocks, p, coef, col_noise, table, key, base, k, dx
+                )
         else:
-            for t in range(row_blocks):
-                _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, table, key, dx)
+            _rows_dx_task(dy, x, 0, v_rows, 1, p, coef, col_noise, table, key, base, k, dx)
         flat = dx.reshape(-1)
         for g in range(groups):
-            for c in range(c_total):
+            for c in range(channels):
                 if argmax_at[g, c] >= 0:
                     flat[argmax_at[g, c]] += sums[2, g, c]
     return dparams
