@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -135,16 +134,23 @@ def test_registry_names_are_all_buildable() -> None:
     assert {"vgg", "vgg16", "vgg_digits", "mlp", "dln", "logistic"} <= set(MODELS)
 
 
-def test_digits_preset_trains_in_a_few_milliseconds_per_step() -> None:
+def test_digits_preset_costs_under_100k_multiply_adds_per_sample() -> None:
+    # the study trains it many times on two cores: its cost is what keeps a step at a few ms
+    # (about 5 ms at batch 128 on one idle core; wall-clock time is not asserted on a shared
+    # machine). Count the multiply-adds of every conv and linear layer with forward hooks.
     model = build_model("vgg_digits", (1, 8, 8), 10, norm="bn")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x, y = torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,))
-    times = []
-    for _ in range(25):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    # about 5 ms on one core here; the bound leaves room for a busy shared machine
-    assert sorted(times)[len(times) // 2] < 0.05
+    macs = []
+
+    def count(module: nn.Module, inputs: tuple[torch.Tensor], out: torch.Tensor) -> None:
+        weight = module.weight  # type: ignore[union-attr]
+        per_output = weight[0].numel()  # in_channels * kernel area, or in_features
+        macs.append(out[0].numel() * per_output)
+
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.register_forward_hook(count)
+    model(torch.randn(2, 1, 8, 8))
+    # conv 1->16 at 8x8, conv 16->32 at 4x4, linear 128->10
+    assert macs == [8 * 8 * 16 * 9, 4 * 4 * 32 * 16 * 9, 10 * 128]
+    assert sum(macs) < 100_000
+    assert sum(p.numel() for p in model.parameters()) < 10_000

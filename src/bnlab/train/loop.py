@@ -273,7 +273,8 @@ def train(
     _check_run_dir(store, config_text)
     store.write_config(config_text)
     try:
-        return _run(config, store, device, rank, world, list(hooks), progress)
+        session = _Session.build(config, store, device, rank, world, list(hooks))
+        return session.run(progress)
     except Exception as error:
         last = read_status(run_dir)
         step = int(last["step"]) if last else 0
@@ -284,15 +285,7 @@ def train(
         store.close()
 
 
-def _run(
-    config: TrainConfig,
-    store: RunStore,
-    device: torch.device,
-    rank: int,
-    world: int,
-    hooks: list[ProbeHook],
-    progress: bool | Progress,
-) -> RunResult:
+def _seed_everything(config: TrainConfig, device: torch.device) -> None:
     if config.threads:
         set_threads(config.threads)
     if device.type == "cuda":
@@ -302,9 +295,11 @@ def _run(
     np.random.seed(config.seed)  # noqa: NPY002
     torch.manual_seed(config.seed)
 
+
+def _load_data(config: TrainConfig) -> Dataset:
     data = config.data
     try:
-        dataset = load_dataset(
+        return load_dataset(
             data.spec,
             seed=data.split_seed,
             test_fraction=data.test_fraction,
@@ -313,14 +308,12 @@ def _run(
         )
     except TypeError as error:
         raise ConfigError("data.options", str(error)) from error
-    x_train, y_train = dataset.x_train.to(device), dataset.y_train.to(device)
-    x_test, y_test = dataset.x_test.to(device), dataset.y_test.to(device)
-    order = BatchOrder(len(x_train), data.batch_size, config.seed, rank, world)
-    loss_fn = _loss_fn(config, dataset)
 
+
+def _build_model(config: TrainConfig, dataset: Dataset, device: torch.device) -> nn.Module:
     spec = config.model
     try:
-        model = build_model(
+        return build_model(
             spec.name,
             dataset.input_shape,
             dataset.num_outputs,
@@ -334,88 +327,184 @@ def _run(
         raise ConfigError(
             "model", f"cannot build {spec.name!r} for {dataset.name}: {error}"
         ) from error
-    net: nn.Module = model
-    if world > 1:
-        # The norm layers reduce their statistics over all ranks, so running buffers agree
-        # without DDP's per-forward broadcast.
-        accepted = inspect.signature(nn.parallel.DistributedDataParallel).parameters
-        no_sync: dict[str, Any] = (
-            {"forward_sync_buffers": False}
-            if "forward_sync_buffers" in accepted
-            else {"broadcast_buffers": False}
-        )
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
-        )
-    optimizer = build_optimizer(config, model.parameters())
-    scheduler = build_scheduler(optimizer, config.schedule, config.optim.lr, config.steps)
-    hooks = [make_probe(p.name, p.every, p.options) for p in config.probes] + hooks
 
-    start = 0
-    latest = load_latest(store.checkpoints)
-    if latest is not None:
-        start, state = latest
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-    store.truncate_metrics(start if latest is not None else -1)
-    store.write_env(
-        config.seed, str(device), world, {"resumed_from": start, "dataset": dataset.name}
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    # The norm layers reduce their statistics over all ranks, so running buffers agree without
+    # DDP's per-forward broadcast.
+    accepted = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_sync: dict[str, Any] = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in accepted
+        else {"broadcast_buffers": False}
     )
-    store.set_status("running", start)
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync
+    )
 
-    bar = None
-    report: Progress | None = progress if callable(progress) else None
-    if progress is True and rank == 0:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.steps, initial=start, desc=store.root.name, leave=False)
+@dataclass
+class _Session:
+    """One process's share of a run: data on the device, the model (``net`` wraps it in DDP
+    when there are several processes), optimizer, scheduler, probes and the store."""
 
-    if start == 0 and config.eval_every:
-        _evaluate_rows(store, model, loss_fn, x_test, y_test, config, 0, rank)
-    step = start
-    try:
-        for step in range(start + 1, config.steps + 1):
-            idx = order.indices(step)
-            x, y = x_train[idx], y_train[idx]
-            due = [h for h in hooks if h.due(step)]
-            if due and rank == 0:
-                context = ProbeContext(model, loss_fn, (x, y), optimizer, step)
-                for hook in due:
-                    with _untouched(model):
-                        values = hook(context)
-                    store.append(step, "probe", probe=hook.name, **values)
+    config: TrainConfig
+    store: RunStore
+    rank: int
+    world: int
+    dataset: Dataset
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    order: BatchOrder
+    loss_fn: LossFn
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    hooks: list[ProbeHook]
 
-            net.train()
-            optimizer.zero_grad(set_to_none=True)
-            out = net(x)
-            loss = loss_fn(out, y)
-            loss.backward()
-            kill_point("step", step, fire=True)
-            lr = optimizer.param_groups[0]["lr"]
-            stats = _batch_stats(loss, out, y, world)
-            if not math.isfinite(stats["loss"]):
-                store.append(step, "train", lr=lr, **stats)
-                store.set_status("diverged", step, reason=f"loss is {stats['loss']}")
-                return RunResult(store.root, "diverged", step)
-            optimizer.step()
-            scheduler.step()
-            if step % config.log_every == 0 or step == config.steps:
-                store.append(step, "train", lr=lr, **stats)
-            if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
-                _evaluate_rows(store, model, loss_fn, x_test, y_test, config, step, rank)
-            if step % config.checkpoint.every == 0 or step == config.steps:
-                _checkpoint(store, config, step, model, optimizer, scheduler, order, rank)
+    @classmethod
+    def build(
+        cls,
+        config: TrainConfig,
+        store: RunStore,
+        device: torch.device,
+        rank: int,
+        world: int,
+        hooks: list[ProbeHook],
+    ) -> _Session:
+        _seed_everything(config, device)
+        dataset = _load_data(config)
+        model = _build_model(config, dataset, device)
+        optimizer = build_optimizer(config, model.parameters())
+        return cls(
+            config=config,
+            store=store,
+            rank=rank,
+            world=world,
+            dataset=dataset,
+            x_train=dataset.x_train.to(device),
+            y_train=dataset.y_train.to(device),
+            x_test=dataset.x_test.to(device),
+            y_test=dataset.y_test.to(device),
+            order=BatchOrder(
+                len(dataset.x_train), config.data.batch_size, config.seed, rank, world
+            ),
+            loss_fn=_loss_fn(config, dataset),
+            model=model,
+            net=_data_parallel(model, device) if world > 1 else model,
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, config.schedule, config.optim.lr, config.steps),
+            hooks=[make_probe(p.name, p.every, p.options) for p in config.probes] + hooks,
+        )
+
+    def resume(self) -> int:
+        """Load the newest good checkpoint (if any), drop the metric rows after it, and return
+        its step (0 for a fresh start)."""
+        latest = load_latest(self.store.checkpoints)
+        start = 0
+        if latest is not None:
+            start, state = latest
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            _set_rng_state(state["rng"])
+        self.store.truncate_metrics(start if latest is not None else -1)
+        self.store.write_env(
+            self.config.seed,
+            str(self.x_train.device),
+            self.world,
+            {"resumed_from": start, "dataset": self.dataset.name},
+        )
+        self.store.set_status("running", start)
+        return start
+
+    def run(self, progress: bool | Progress) -> RunResult:
+        config, store = self.config, self.store
+        start = self.resume()
+        bar = None
+        report: Progress | None = progress if callable(progress) else None
+        if progress is True and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=config.steps, initial=start, desc=store.root.name, leave=False)
+        if start == 0 and config.eval_every:
+            self.evaluate(0)
+        try:
+            for step in range(start + 1, config.steps + 1):
+                if not self.step(step):
+                    return RunResult(store.root, "diverged", step)
+                if (config.eval_every and step % config.eval_every == 0) or step == config.steps:
+                    self.evaluate(step)
+                if step % config.checkpoint.every == 0 or step == config.steps:
+                    self.checkpoint(step)
+                if bar is not None:
+                    bar.update(1)
+                if report is not None:
+                    report(step, config.steps)
+        finally:
             if bar is not None:
-                bar.update(1)
-            if report is not None:
-                report(step, config.steps)
-    finally:
-        if bar is not None:
-            bar.close()
-    store.set_status("finished", config.steps)
-    return RunResult(store.root, "finished", config.steps)
+                bar.close()
+        store.set_status("finished", config.steps)
+        return RunResult(store.root, "finished", config.steps)
+
+    def step(self, step: int) -> bool:
+        """Probes, then one update on batch ``step``; False (run diverged) on a non-finite loss."""
+        idx = self.order.indices(step)
+        x, y = self.x_train[idx], self.y_train[idx]
+        due = [h for h in self.hooks if h.due(step)]
+        if due and self.rank == 0:
+            context = ProbeContext(self.model, self.loss_fn, (x, y), self.optimizer, step)
+            for hook in due:
+                with _untouched(self.model):
+                    values = hook(context)
+                self.store.append(step, "probe", probe=hook.name, **values)
+
+        self.net.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.net(x)
+        loss = self.loss_fn(out, y)
+        loss.backward()
+        kill_point("step", step, fire=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        stats = _batch_stats(loss, out, y, self.world)
+        if not math.isfinite(stats["loss"]):
+            self.store.append(step, "train", lr=lr, **stats)
+            self.store.set_status("diverged", step, reason=f"loss is {stats['loss']}")
+            return False
+        self.optimizer.step()
+        self.scheduler.step()
+        if step % self.config.log_every == 0 or step == self.config.steps:
+            self.store.append(step, "train", lr=lr, **stats)
+        return True
+
+    def evaluate(self, step: int) -> None:
+        """An "eval" row for the test split (rank 0; eval mode needs no other rank)."""
+        if self.rank == 0:
+            values = evaluate(
+                self.model, self.loss_fn, self.x_test, self.y_test, self.config.data.eval_batch_size
+            )
+            self.store.append(step, "eval", split="test", **values)
+
+    def checkpoint(self, step: int) -> None:
+        """Rank 0 makes the rows so far durable, then writes the checkpoint of ``step``."""
+        if self.rank != 0:
+            return
+        self.store.sync()
+        epoch, batch = self.order.position(step + 1)
+        state = {
+            "step": step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "data_order": {"seed": self.config.seed, "next_epoch": epoch, "next_batch": batch},
+        }
+        save_checkpoint(self.store.checkpoints, step, state, keep=self.config.checkpoint.keep)
+        self.store.set_status("running", step)
+        kill_point("after_checkpoint", step, fire=True)
 
 
 def _batch_stats(loss: Tensor, out: Tensor, y: Tensor, world: int) -> dict[str, float]:
@@ -433,45 +522,3 @@ def _batch_stats(loss: Tensor, out: Tensor, y: Tensor, world: int) -> dict[str, 
     if classification:
         stats["accuracy"] = totals[2] / totals[1]
     return stats
-
-
-def _evaluate_rows(
-    store: RunStore,
-    model: nn.Module,
-    loss_fn: LossFn,
-    x: Tensor,
-    y: Tensor,
-    config: TrainConfig,
-    step: int,
-    rank: int,
-) -> None:
-    if rank == 0:
-        values = evaluate(model, loss_fn, x, y, config.data.eval_batch_size)
-        store.append(step, "eval", split="test", **values)
-
-
-def _checkpoint(
-    store: RunStore,
-    config: TrainConfig,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    order: BatchOrder,
-    rank: int,
-) -> None:
-    if rank != 0:
-        return
-    store.sync()
-    epoch, batch = order.position(step + 1)
-    state = {
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
-        "data_order": {"seed": config.seed, "next_epoch": epoch, "next_batch": batch},
-    }
-    save_checkpoint(store.checkpoints, step, state, keep=config.checkpoint.keep)
-    store.set_status("running", step)
-    kill_point("after_checkpoint", step, fire=True)

@@ -35,6 +35,7 @@ class ProbeContext:
 
 
 Measure = Callable[["ProbeContext"], Mapping[str, Any]]
+RESERVED_KEYS = frozenset({"step", "kind", "probe"})
 
 
 class ProbeHook:
@@ -53,7 +54,14 @@ class ProbeHook:
         return step % self.every == 0
 
     def __call__(self, context: ProbeContext) -> dict[str, Any]:
-        return dict(self.measure(context))
+        values = dict(self.measure(context))
+        taken = sorted(RESERVED_KEYS & set(values))
+        if taken:
+            raise ValueError(
+                f"probe {self.name!r} returned the reserved key(s) {', '.join(taken)}; "
+                f"a metrics row already has {', '.join(sorted(RESERVED_KEYS))}"
+            )
+        return values
 
     def __repr__(self) -> str:
         return f"ProbeHook({self.name!r}, every={self.every})"

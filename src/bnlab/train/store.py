@@ -6,7 +6,7 @@ RUN/
   env.json         versions, seed, device, world size
   metrics.jsonl    one JSON object per line: {"step", "kind", ...values}, appended and flushed
   status.json      {"state": running|finished|diverged|failed, "step", "started", "updated"}
-  traceback.txt    the error of a failed run
+  traceback.txt    the error of the last failed attempt
   checkpoints/     step-00000100.ckpt ... (atomic, checksummed)
 ```
 

@@ -22,6 +22,7 @@ import os
 import queue as queue_module
 import re
 import time
+import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,12 @@ def _worker(
             last[0] = now
             messages.put((run_dir, step, total))
 
-    train(config, run_dir, progress=report)
+    try:
+        train(config, run_dir, progress=report)
+    except BaseException:
+        # train() records its own errors; this also covers those raised before it could
+        RunStore(run_dir).write_traceback(traceback.format_exc())
+        raise
 
 
 def sweep(
@@ -189,11 +195,11 @@ def sweep(
                     position=slot_of[name],
                 )
                 running[name] = (process, bar)
-            _drain(messages, running, out)
+            _drain(messages, running)
             for name in [n for n, (p, _) in running.items() if not p.is_alive()]:
                 process, bar = running.pop(name)
                 process.join()
-                _drain(messages, {name: (process, bar), **running}, out)
+                _drain(messages, {name: (process, bar), **running})
                 bar.close()
                 free_slots.append(slot_of.pop(name))
                 free_slots.sort()
@@ -209,7 +215,8 @@ def sweep(
     return {name: results[name] for name, _ in points}
 
 
-def _drain(messages: Any, running: Mapping[str, tuple[Any, Any]], out: Path) -> None:
+def _drain(messages: Any, running: Mapping[str, tuple[Any, Any]]) -> None:
+    """Move each run's bar to the step its worker last reported."""
     while True:
         try:
             run_dir, step, _ = messages.get_nowait()
