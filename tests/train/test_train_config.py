@@ -115,6 +115,12 @@ def test_integers_are_accepted_where_floats_are_expected() -> None:
         ),
         ({"schedule": {"warmup_steps": 600}}, "schedule.warmup_steps", r"must be < steps"),
         ({"data": 3}, "data", "expected a table"),
+        ({"data": {"options": {"n": 5}}}, "data.options.n", "dataset 'digits'; allowed: none"),
+        (
+            {"data": {"spec": "gaussian", "options": {"dim": 5}}},
+            "data.options.dim",
+            "allowed: n_samples, input_dim",
+        ),
         ({"optim": {"options": {"lr": 0.1}}}, "optim.options.lr", "allowed: dampening"),
         ({"optim": {"name": "Adam", "options": {"beta": 0.9}}}, "optim.options.beta", "betas"),
     ],

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ EMBEDDED: dict[str, Callable[..., Dataset]] = {
 }
 FROM_FILES: dict[str, Callable[..., Dataset]] = {"cifar10": load_cifar10, "mnist": load_mnist}
 DATASETS: tuple[str, ...] = (*EMBEDDED, *(f"{name}:PATH" for name in FROM_FILES))
+SPLIT_OPTIONS = ("seed", "test_fraction")  # given by load_dataset itself
 
 
 def dataset_name(spec: str) -> str:
@@ -33,6 +35,15 @@ def dataset_name(spec: str) -> str:
             raise ValueError(f"dataset {name!r} needs a path: {name}:PATH")
         return name
     raise ValueError(f"unknown dataset {spec!r}; known datasets: {', '.join(DATASETS)}")
+
+
+def dataset_options(spec: str) -> tuple[str, ...]:
+    """The generator options ``load_dataset(spec, **options)`` accepts (none for files)."""
+    name = dataset_name(spec)
+    if name in FROM_FILES:
+        return ()
+    parameters = inspect.signature(EMBEDDED[name]).parameters
+    return tuple(p for p in parameters if p not in SPLIT_OPTIONS)
 
 
 def load_dataset(
@@ -59,13 +70,12 @@ def load_dataset(
         dataset = FROM_FILES[name](spec.partition(":")[2])
     else:
         builder = EMBEDDED[name]
-        allowed = builder.__code__.co_varnames[: builder.__code__.co_argcount]
-        unknown = sorted(set(options) - set(allowed) - {"seed", "test_fraction"})
+        allowed = dataset_options(spec)
+        unknown = sorted(set(options) - set(allowed))
         if unknown:
-            extra = [a for a in allowed if a not in ("seed", "test_fraction")]
             raise ValueError(
                 f"dataset {name!r} has no option {unknown[0]!r}; "
-                f"its options: {', '.join(extra) or 'none'}"
+                f"its options: {', '.join(allowed) or 'none'}"
             )
         dataset = builder(seed=seed, test_fraction=test_fraction, **options)
     return dataset.standardized() if standardize else dataset
@@ -77,6 +87,7 @@ __all__ = [
     "Dataset",
     "Task",
     "dataset_name",
+    "dataset_options",
     "from_arrays",
     "load_cifar10",
     "load_dataset",

@@ -328,7 +328,7 @@ def optimizer_arguments(name: str) -> tuple[str, ...]:
 
 def validate(config: TrainConfig) -> None:
     """Check values beyond their types; raises ConfigError naming the key."""
-    from bnlab.data import dataset_name
+    from bnlab.data import dataset_options
     from bnlab.models import MODELS, model_options
     from bnlab.nn import NORM_KINDS
     from bnlab.train.probes import PROBES, probe_options
@@ -343,9 +343,16 @@ def validate(config: TrainConfig) -> None:
 
     data = config.data
     try:
-        dataset_name(data.spec)
+        accepted = dataset_options(data.spec)
     except ValueError as error:
         raise ConfigError("data.spec", str(error)) from error
+    for key in data.options:
+        if key not in accepted:
+            raise ConfigError(
+                f"data.options.{key}",
+                f"unknown option of dataset {data.spec!r}; "
+                f"allowed: {', '.join(accepted) or 'none'}",
+            )
     _positive("data.batch_size", data.batch_size)
     _positive("data.eval_batch_size", data.eval_batch_size)
     if not 0.0 < data.test_fraction < 1.0:
