@@ -456,6 +456,7 @@ class _Session:
         x, y = self.x_train[idx], self.y_train[idx]
         due = [h for h in self.hooks if h.due(step)]
         if due and self.rank == 0:
+            self.model.train()
             context = ProbeContext(self.model, self.loss_fn, (x, y), self.optimizer, step)
             for hook in due:
                 with _untouched(self.model):
