@@ -174,9 +174,8 @@ class RunStore:
         self.close()
         kept = []
         if self.metrics_path.exists():
-            kept = [
-                r for r in _parse_lines(self.metrics_path.read_text()) if r["step"] <= last_step
-            ]
+            rows = _parse_lines(self.metrics_path.read_text())
+            kept = [r for r in rows if isinstance(r.get("step"), int) and r["step"] <= last_step]
         write_atomic(self.metrics_path, "".join(self._line(r) for r in kept).encode())
 
     @staticmethod
