@@ -15,6 +15,7 @@ The report (:func:`bnlab.report.build_report`) reads this folder and nothing els
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -101,12 +102,22 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, progress: bool = 
         return _run(study, Path(out), jobs, progress)
 
 
+def _keep_torch_threads_pinned() -> None:
+    """Work around an interaction in the sweep workers: numba's default OpenMP threading layer,
+    started by ``bnlab.train.loop.set_threads``, resets torch's OpenMP thread count to the core
+    count, so two workers on two cores each ran two torch threads and the study ran several
+    times slower. The workqueue layer leaves torch's count alone. Must be set before the
+    sweep's fork server starts (it passes its environment to every worker)."""
+    os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+
+
 def _train(
     experiment: Experiment, folder: Path, jobs: int, in_process: bool, progress: bool
 ) -> None:
     """A sweep in worker processes, or (for a user's model, which workers cannot import) one run
     after another in this process; either way finished runs are skipped."""
     if not in_process:
+        _keep_torch_threads_pinned()
         sweep(experiment.sweep, folder, jobs=jobs, progress=progress)
         return
     for name, config in run_names(experiment.sweep):
