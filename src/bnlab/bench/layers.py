@@ -154,33 +154,44 @@ def _call(layer: nn.Module, x: Tensor, dy: Tensor, mode: str) -> Callable[[], ob
     return lambda: torch.autograd.grad(layer(x), params, dy)
 
 
-def _calls_per_sample(fn: Callable[[], object], min_sample_s: float) -> int:
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    return max(1, round(min_sample_s / once))
+Clock = Callable[[], float]
 
 
-def _sample(fn: Callable[[], object], calls: int) -> float:
-    start = time.perf_counter()
+def _calls_per_sample(fn: Callable[[], object], min_sample_s: float, clock: Clock) -> int:
+    """Calls that take about ``min_sample_s``, from the fastest of five single calls (one call
+    slowed by the machine's load would otherwise make every sample a single noisy call)."""
+    times = []
+    for _ in range(5):
+        start = clock()
+        fn()
+        times.append(clock() - start)
+    return max(1, round(min_sample_s / max(min(times), 1e-7)))
+
+
+def _sample(fn: Callable[[], object], calls: int, clock: Clock) -> float:
+    start = clock()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int, min_sample_s: float
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    min_sample_s: float,
+    clock: Clock = time.perf_counter,
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed in turn within every repeat."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    calls = {k: _calls_per_sample(fn, min_sample_s) for k, fn in fns.items()}
+    calls = {k: _calls_per_sample(fn, min_sample_s, clock) for k, fn in fns.items()}
     samples: dict[str, list[float]] = {k: [] for k in fns}
     order = list(fns)
     for r in range(repeats):
         for k in order if r % 2 == 0 else reversed(order):
-            samples[k].append(_sample(fns[k], calls[k]))
+            samples[k].append(_sample(fns[k], calls[k], clock))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -271,8 +282,19 @@ def run_benchmark(
     min_sample_s: float = 0.02,
     measure_compile: bool = True,
     progress: Callable[[str], None] | None = None,
+    cpu_clock: bool = False,
 ) -> LayerBenchmark:
-    """Time every (shape, format, mode) for torch.nn and each bnlab layer, interleaved."""
+    """Time every (shape, format, mode) for torch.nn and each bnlab layer, interleaved.
+
+    ``cpu_clock``: measure the calling thread's CPU time instead of wall time; meaningful with
+    one intra-op thread only (everything then runs on the calling thread), and robust to other
+    processes taking the cores.
+    """
+    if cpu_clock and torch.get_num_threads() != 1:
+        raise ValueError(
+            "cpu_clock needs torch.set_num_threads(1): other threads' work is not counted"
+        )
+    clock: Clock = time.thread_time if cpu_clock else time.perf_counter
     for kind in layers:
         if kind not in LAYERS:
             raise ValueError(f"unknown layer {kind!r}; choose from {', '.join(LAYERS)}")
@@ -297,7 +319,7 @@ def run_benchmark(
                 fns = {"torch": _call(_torch_layer(channels, rank), x, dy, mode)}
                 for kind in layers:
                     fns[kind] = _call(make_layer(kind, channels, rank), x, dy, mode)
-                medians = time_interleaved(fns, repeats, warmup, min_sample_s)
+                medians = time_interleaved(fns, repeats, warmup, min_sample_s, clock)
                 floor = _bytes_moved(shape, mode) / copy
                 for kind in layers:
                     timing = LayerTiming(
@@ -309,7 +331,8 @@ def run_benchmark(
                     progress(
                         f"{shape} {fmt} {mode}: torch {medians['torch'] * 1e3:.3f} ms; {ratios}"
                     )
-    return LayerBenchmark(timings, copy / 1e9, _machine(), compile_s)
+    machine = {**_machine(), "clock": "thread CPU time" if cpu_clock else "wall"}
+    return LayerBenchmark(timings, copy / 1e9, machine, compile_s)
 
 
 def summary(timings: list[LayerTiming]) -> dict[str, Any]:
@@ -392,6 +415,17 @@ def _parse_list(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ..
 @click.option("--formats", "format_text", default=",".join(FORMATS), show_default=True)
 @click.option("--modes", "mode_text", default=",".join(MODES), show_default=True)
 @click.option("--no-compile-time", is_flag=True, help="Skip the fresh-process compile timing.")
+@click.option(
+    "--threads",
+    default=None,
+    type=int,
+    help="torch intra-op threads (the kernels follow torch); default: torch's own.",
+)
+@click.option(
+    "--cpu-clock",
+    is_flag=True,
+    help="Time the thread's CPU time, not wall time (needs --threads 1; robust to a busy machine).",
+)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write JSON here.")
 def command(
     quick: bool,
@@ -400,9 +434,15 @@ def command(
     format_text: str,
     mode_text: str,
     no_compile_time: bool,
+    threads: int | None,
+    cpu_clock: bool,
     out: str | None,
 ) -> None:
     """Time bnlab's layers against torch.nn.BatchNorm* (interleaved, medians) and print a table."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if cpu_clock and torch.get_num_threads() != 1:
+        raise click.BadParameter("--cpu-clock needs --threads 1", param_hint="--cpu-clock")
     layers = _parse_list(layer_text, LAYERS, "layer")
     formats = _parse_list(format_text, FORMATS, "format")
     modes = _parse_list(mode_text, MODES, "mode")
@@ -415,6 +455,7 @@ def command(
         min_sample_s=0.01 if quick else 0.02,
         measure_compile=not (quick or no_compile_time),
         progress=lambda line: click.echo(line, err=True),
+        cpu_clock=cpu_clock,
     )
     click.echo(format_table(result))
     if out is not None:
