@@ -332,3 +332,13 @@ def test_importing_bnlab_imports_no_numba():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_first_kernel_use_keeps_torch_thread_count():
+    """numba's OpenMP pool resets the process-wide OpenMP thread count torch reads."""
+    code = (
+        "import torch; torch.set_num_threads(1); import bnlab.nn as bnn; "
+        "bnn.BatchNorm2d(4)(torch.randn(8, 4, 3, 3)); print(torch.get_num_threads())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

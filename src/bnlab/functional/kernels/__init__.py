@@ -57,8 +57,15 @@ def numba_available() -> bool:
 def _loops() -> Any:
     global _loops_module
     if _loops_module is None:
+        # numba's OpenMP pool, started here, resets the process-wide OpenMP thread count that
+        # torch reads as its intra-op thread count: keep the user's torch.set_num_threads.
+        threads = torch.get_num_threads()
+        import numba
+
         from bnlab.functional.kernels import loops
 
+        numba.get_num_threads()  # starts the pool now rather than inside a later call
+        torch.set_num_threads(threads)
         _loops_module = loops
     return _loops_module
 
