@@ -124,9 +124,25 @@ def _train(
         train(config, folder / name, progress=progress)
 
 
+def warm_kernels(study: Study) -> None:
+    """Compile (or load from numba's disk cache) the CPU kernels of every norm kind the study
+    trains, once, here: otherwise the first run of each kind in every worker compiles them."""
+    from bnlab.nn import norm_layer
+
+    kinds = {v for e in study.experiments for v in e.sweep.grid.get("model.norm", [])}
+    kinds |= {e.sweep.base.model.norm for e in study.experiments}
+    rank = 2 if study.experiments[0].sweep.base.model.name.startswith("vgg") else 1
+    shape = (8, 3, 2, 2) if rank == 2 else (8, 3)
+    for kind in sorted(kinds - {"none"}):
+        x = torch.randn(shape, requires_grad=True)
+        norm_layer(kind, 3, rank)(x).square().sum().backward()
+
+
 def _run(study: Study, out: Path, jobs: int, progress: bool) -> Path:
     check_data(study)
     write_manifest(study, out)
+    _keep_torch_threads_pinned()
+    warm_kernels(study)
     timing: dict[str, Any] = {"jobs": jobs}
     phases = 2 + len(study.experiments)
 
