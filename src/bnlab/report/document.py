@@ -204,7 +204,8 @@ def render_summary(content: ReportContent) -> str:
         "| --- | --- | --- | --- |",
     ]
     for c in content.claims:
-        lines.append(f"| {c.id} | {c.title} | {c.verdict.value} | {c.headline()} |")
+        cells = [str(c.id), c.title, c.verdict.value, c.headline()]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     for c in content.claims:
         if c.verdict is not Verdict.REPRODUCED and c.explanation:
             lines += ["", f"- Claim {c.id} ({c.verdict.value}): {c.explanation}"]
