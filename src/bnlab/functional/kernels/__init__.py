@@ -225,9 +225,11 @@ class FusedTrainNorm(torch.autograd.Function):
             track_second, momentum, kind, noise, table, key, ya, layout.parallel,
         )  # fmt: skip
         if layout.planar:
-            stats = loops.forward_planar(xa, v, *args)
+            forward = loops.forward_planar if layout.parallel else loops.forward_planar_serial
+            stats = forward(xa, v, *args)
         else:
-            stats = loops.forward_rows(xa, layout.k, v * layout.rows_per_sample, *args)
+            forward = loops.forward_rows if layout.parallel else loops.forward_rows_serial
+            stats = forward(xa, layout.k, v * layout.rows_per_sample, *args)
         ctx.save_for_backward(x, weight, bias)
         ctx.spec = spec
         ctx.stats = stats
@@ -258,10 +260,11 @@ class FusedTrainNorm(torch.autograd.Function):
             layout.parallel,
         )  # fmt: skip
         if layout.planar:
-            dparams = loops.backward_planar(dya, xa, v, *args)
+            backward = loops.backward_planar if layout.parallel else loops.backward_planar_serial
+            dparams = backward(dya, xa, v, *args)
         else:
-            v_rows = v * layout.rows_per_sample
-            dparams = loops.backward_rows(dya, xa, layout.k, v_rows, *args)
+            backward = loops.backward_rows if layout.parallel else loops.backward_rows_serial
+            dparams = backward(dya, xa, layout.k, v * layout.rows_per_sample, *args)
         dweight = _grad_of(weight, dparams[0])
         dbias = _grad_of(bias, dparams[1])
         return (dx if need_dx else None), dweight, dbias, None, None
@@ -344,9 +347,9 @@ class FusedEvalNorm(torch.autograd.Function):
         _, row_blocks = _blocks(layout, 1, layout.n)
         args = (m, s, eps, is_var, w, b, ya, row_blocks, layout.parallel)
         if layout.planar:
-            loops.eval_planar(xa, *args)
+            (loops.eval_planar if layout.parallel else loops.eval_planar_serial)(xa, *args)
         else:
-            loops.eval_rows(xa, layout.k, *args)
+            (loops.eval_rows if layout.parallel else loops.eval_rows_serial)(xa, layout.k, *args)
         ctx.save_for_backward(x, mean, spread, weight)
         ctx.eps, ctx.is_var = eps, is_var
         return y

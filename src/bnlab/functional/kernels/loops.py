@@ -23,6 +23,7 @@ backward regenerate the same values, deterministically for any number of threads
 from __future__ import annotations
 
 import math
+import types
 from typing import Any
 
 import numpy as np
@@ -896,3 +897,22 @@ def backward_rows(
                 if argmax_at[g, c] >= 0:
                     flat[argmax_at[g, c]] += sums[2, g, c]
     return dparams
+
+
+def _serial_twin(dispatcher: Any) -> Any:
+    """The same driver compiled without ``parallel``: a parallel-compiled function costs
+    milliseconds per call on a busy machine even when it runs no parallel region (measured 4 ms
+    against 11 us for a 16k-element backward). Its own name keeps its own disk cache entry."""
+    f = dispatcher.py_func
+    twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__)
+    twin.__qualname__ = f.__qualname__ + "_serial"
+    twin.__doc__ = f.__doc__
+    return njit(cache=True)(twin)
+
+
+forward_planar_serial = _serial_twin(forward_planar)
+forward_rows_serial = _serial_twin(forward_rows)
+eval_planar_serial = _serial_twin(eval_planar)
+eval_rows_serial = _serial_twin(eval_rows)
+backward_planar_serial = _serial_twin(backward_planar)
+backward_rows_serial = _serial_twin(backward_rows)
