@@ -19,7 +19,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "my_model.py"
 def test_measure_swaps_norm_layers_and_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "measure"
     args = ["measure", "--model", f"{EXAMPLE}:small_cnn", "--norms", "none,bn"]
-    result = CliRunner().invoke(main, [*args, "--steps", "12", "--seeds", "2", "--out", str(out)])
+    result = CliRunner().invoke(main, [*args, "--steps", "12", "--seeds", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     claims = json.loads((out / "claims.json").read_text())["claims"]
     assert [c["id"] for c in claims] == [4, 5, 6, 7, 10, 11]
