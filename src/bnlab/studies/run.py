@@ -142,8 +142,10 @@ def _run(study: Study, out: Path, jobs: int, progress: bool) -> Path:
     check_data(study)
     write_manifest(study, out)
     _keep_torch_threads_pinned()
+    start = time.perf_counter()
+    _say("preparing the CPU norm kernels (compiled once, then loaded from numba's cache)", progress)
     warm_kernels(study)
-    timing: dict[str, Any] = {"jobs": jobs}
+    timing: dict[str, Any] = {"jobs": jobs, "kernels": time.perf_counter() - start}
     phases = 2 + len(study.experiments)
 
     start = time.perf_counter()
