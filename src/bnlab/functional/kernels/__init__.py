@@ -321,6 +321,32 @@ def _torch_op_backward(
     return dx, dweight, dbias
 
 
+def _eval_kernel(
+    x: Tensor,
+    mean: Tensor,
+    spread: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    is_var: bool,
+) -> Tensor:
+    layout = _Layout(x)
+    loops = _loops()
+    xa = layout.array(x)
+    y, ya = layout.empty(x)
+    w = _param(weight, layout.channels, 1.0, x.dtype)
+    b = _param(bias, layout.channels, 0.0, x.dtype)
+    m = mean.detach().numpy()
+    s = spread.detach().numpy()
+    _, row_blocks = _blocks(layout, 1, layout.n)
+    args = (m, s, eps, is_var, w, b, ya, row_blocks, layout.parallel)
+    if layout.planar:
+        (loops.eval_planar if layout.parallel else loops.eval_planar_serial)(xa, *args)
+    else:
+        (loops.eval_rows if layout.parallel else loops.eval_rows_serial)(xa, layout.k, *args)
+    return y
+
+
 class FusedEvalNorm(torch.autograd.Function):
     """Eval-mode normalization with running statistics on the kernel; the backward (a
     per-channel scaling) is torch ops, differentiable again."""
@@ -336,20 +362,7 @@ class FusedEvalNorm(torch.autograd.Function):
         eps: float,
         is_var: bool,
     ) -> Tensor:
-        layout = _Layout(x)
-        loops = _loops()
-        xa = layout.array(x)
-        y, ya = layout.empty(x)
-        w = _param(weight, layout.channels, 1.0, x.dtype)
-        b = _param(bias, layout.channels, 0.0, x.dtype)
-        m = mean.detach().numpy()
-        s = spread.detach().numpy()
-        _, row_blocks = _blocks(layout, 1, layout.n)
-        args = (m, s, eps, is_var, w, b, ya, row_blocks, layout.parallel)
-        if layout.planar:
-            (loops.eval_planar if layout.parallel else loops.eval_planar_serial)(xa, *args)
-        else:
-            (loops.eval_rows if layout.parallel else loops.eval_rows_serial)(xa, layout.k, *args)
+        y = _eval_kernel(x, mean, spread, weight, bias, eps, is_var)
         ctx.save_for_backward(x, mean, spread, weight)
         ctx.eps, ctx.is_var = eps, is_var
         return y
@@ -401,7 +414,10 @@ def eval_normalize(
     is_var: bool,
 ) -> Tensor:
     """y = weight (x - mean) / s + bias, s = sqrt(spread + eps) (``is_var``) or spread."""
-    y: Tensor = FusedEvalNorm.apply(
-        x, mean.to(x.dtype), spread.to(x.dtype), weight, bias, eps, is_var
-    )
+    mean, spread = mean.to(x.dtype), spread.to(x.dtype)
+    if not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    ):
+        return _eval_kernel(x, mean, spread, weight, bias, eps, is_var)
+    y: Tensor = FusedEvalNorm.apply(x, mean, spread, weight, bias, eps, is_var)
     return y
