@@ -79,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = load_config(args.config, args.overrides)
     try:
         train(config, args.run_dir, progress=not args.no_progress)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 may still be writing; leave together
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
