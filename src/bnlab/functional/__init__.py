@@ -232,8 +232,11 @@ def ghost_batch_norm(
     """Ghost Batch Normalization (Hoffer et al. 2017): BatchNorm over virtual batches.
 
     The batch is split into consecutive chunks of ``virtual_batch_size`` samples (the last may be
-    smaller), each normalized with its own statistics. The running buffers move towards the
-    average of the chunks' means and unbiased variances (over the chunks of all ranks).
+    smaller), each normalized with its own statistics. Under a process group the chunks are
+    taken within each rank's local batch (so per-rank batches that are multiples of
+    ``virtual_batch_size`` give exactly the chunks of the concatenated batch). The running
+    buffers move towards the average of the chunks' means and unbiased variances (over the
+    chunks of all ranks).
     """
     if virtual_batch_size < 2:
         raise ValueError(f"virtual_batch_size must be at least 2, got {virtual_batch_size}")
