@@ -149,6 +149,23 @@ def _normalize_eval(
     return y.to(x.dtype) if low else y
 
 
+def _eval_with_running(
+    name: str,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_second: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    is_var: bool,
+) -> Tensor:
+    """Eval mode of every variant: normalize with the running buffers, which must exist."""
+    second_name = "running_var" if is_var else "running_scale"
+    if running_mean is None or running_second is None:
+        raise ValueError(f"{name} in eval mode needs running_mean and {second_name}")
+    return _normalize_eval(input, running_mean, running_second, weight, bias, eps, is_var)
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -175,9 +192,9 @@ def batch_norm(
     """
     _check_input(input, running_mean, weight, "batch_norm")
     if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError("batch_norm in eval mode needs running_mean and running_var")
-        return _normalize_eval(input, running_mean, running_var, weight, bias, eps, True)
+        return _eval_with_running(
+            "batch_norm", input, running_mean, running_var, weight, bias, eps, True
+        )
     spec = ops.NormSpec(eps, 2.0, noise=noise)
     group = resolve_group(process_group, sync_stats)
     update = _running(running_mean, running_var, momentum, ops.VARIANCE)
@@ -208,9 +225,9 @@ def lp_batch_norm(
         raise ValueError(f"lp_batch_norm: p must be 1, 2 or inf, got {p}")
     _check_input(input, running_mean, weight, "lp_batch_norm")
     if not training:
-        if running_mean is None or running_scale is None:
-            raise ValueError("lp_batch_norm in eval mode needs running_mean and running_scale")
-        return _normalize_eval(input, running_mean, running_scale, weight, bias, eps, False)
+        return _eval_with_running(
+            "lp_batch_norm", input, running_mean, running_scale, weight, bias, eps, False
+        )
     group = resolve_group(process_group, sync_stats)
     update = _running(running_mean, running_scale, momentum, ops.SCALE)
     return normalize_train(input, weight, bias, ops.NormSpec(eps, p), group, update)[0]
@@ -242,9 +259,9 @@ def ghost_batch_norm(
         raise ValueError(f"virtual_batch_size must be at least 2, got {virtual_batch_size}")
     _check_input(input, running_mean, weight, "ghost_batch_norm")
     if not training:
-        if running_mean is None or running_var is None:
-            raise ValueError("ghost_batch_norm in eval mode needs running_mean and running_var")
-        return _normalize_eval(input, running_mean, running_var, weight, bias, eps, True)
+        return _eval_with_running(
+            "ghost_batch_norm", input, running_mean, running_var, weight, bias, eps, True
+        )
     spec = ops.NormSpec(eps, 2.0, virtual_batch_size=virtual_batch_size)
     group = resolve_group(process_group, sync_stats)
     if group is None:
