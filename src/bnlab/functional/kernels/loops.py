@@ -48,12 +48,16 @@ _PARALLEL: Any = {  # numba's stubs type parallel as bool; it takes these option
     "fusion": False,
 }
 
-_M32 = np.uint64(0xFFFFFFFF)
-_MUL1 = np.uint64(0x7FEB352D)
-_MUL2 = np.uint64(0x846CA68B)
-_S15 = np.uint64(15)
-_S16 = np.uint64(16)
-_LOW16 = np.uint64(0xFFFF)
+# The noise hash works on uint32 values, each step wrapped back to uint32 (numba widens
+# uint32 * uint32 to 64 bits): LLVM then runs it on 32-bit vector lanes (vpmulld).
+_MUL1 = np.uint32(0x7FEB352D)
+_MUL2 = np.uint32(0x846CA68B)
+_S15 = np.uint32(15)
+_S16 = np.uint32(16)
+_LOW16 = np.uint32(0xFFFF)
+# Noise values hashed per batch into a scratch vector: the hash loop vectorizes, the table
+# lookups that follow cannot (LLVM emits no gathers for this CPU, and they measured slower).
+_RUN = 256
 
 # Rows of the (5, G, C) float64 statistics array the forward returns and the backward reads.
 MEAN, SPREAD, SCALE, R, D = range(5)
@@ -62,17 +66,40 @@ _MEAN_HI, _MEAN_LO, _A, _B = range(4)
 
 
 @njit(cache=True, inline="always")
-def _hash32(counter: np.uint64, k0: np.uint64, k1: np.uint64) -> np.uint64:
-    """lowbias32 (C. Wellons), applied twice with the key; mirrored by ops.noise_fields."""
-    x = (counter & _M32) ^ k0
+def _hash32(counter: np.uint32, k0: np.uint32, k1: np.uint32) -> np.uint32:
+    """lowbias32 (C. Wellons), applied twice with the key; mirrored by noise.hash32 (whose
+    counter is taken mod 2^32, as the uint32 counters here wrap)."""
+    x = np.uint32(counter ^ k0)
     for _ in range(2):
-        x ^= x >> _S16
-        x = (x * _MUL1) & _M32
-        x ^= x >> _S15
-        x = (x * _MUL2) & _M32
-        x ^= x >> _S16
-        x = (x + k1) & _M32
+        x = np.uint32(x ^ (x >> _S16))
+        x = np.uint32(x * _MUL1)
+        x = np.uint32(x ^ (x >> _S15))
+        x = np.uint32(x * _MUL2)
+        x = np.uint32(x ^ (x >> _S16))
+        x = np.uint32(x + k1)
     return x
+
+
+@njit(cache=True, inline="always")
+def _hash_run(start, count, key, h):
+    """h[i] = hash of counter start + i for i < count (consecutive counters: a planar row)."""
+    k0, k1 = np.uint32(key[0]), np.uint32(key[1])
+    first = np.uint32(start)
+    # Counters go through h: hashing a uint32 load keeps LLVM on 32-bit lanes (hashing
+    # first + i directly, it vectorized over 64-bit lanes at half the speed).
+    for i in range(count):
+        h[i] = np.uint32(first + np.uint32(i))
+    for i in range(count):
+        h[i] = _hash32(h[i], k0, k1)
+
+
+@njit(cache=True, inline="always")
+def _hash_columns(base, j0, count, offset, key, h):
+    """h[i] = hash of counter base[j0 + i] + offset for i < count (a row of the row layout)."""
+    k0, k1 = np.uint32(key[0]), np.uint32(key[1])
+    shift = np.uint32(offset)
+    for i in range(count):
+        h[i] = _hash32(np.uint32(base[j0 + i] + shift), k0, k1)
 
 
 @njit(cache=True, inline="always")
@@ -266,12 +293,13 @@ def _planar_normalize_task(x, t, row_blocks, v, coef, noise, table, key, y):
     rows (S = 16 for a 4x4 feature map)."""
     n_total, c_total, _ = x.shape
     r0, r1 = _block(0, n_total * c_total, t, row_blocks)
+    h = np.empty(_RUN if table.shape[0] != 0 else 0, dtype=np.uint32)
     for r in range(r0, r1):
-        _planar_normalize_row(x, r // c_total, r % c_total, v, coef, noise, table, key, y)
+        _planar_normalize_row(x, r // c_total, r % c_total, v, coef, noise, table, key, h, y)
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _planar_normalize_row(x, n, c, v, coef, noise, table, key, y):
+def _planar_normalize_row(x, n, c, v, coef, noise, table, key, h, y):
     n_total, _, size = x.shape
     g = n // v
     mh, ml, a, b = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c]
@@ -279,43 +307,84 @@ def _planar_normalize_row(x, n, c, v, coef, noise, table, key, y):
         for s in range(size):
             y[n, c, s] = ((x[n, c, s] - mh) - ml) * a + b
         return
-    mu, sigma, scale_std = noise[0, c], noise[1, c], noise[2, c]
-    base = np.uint64(c) * np.uint64(n_total * size) + np.uint64(n * size)
-    for s in range(size):
-        h = _hash32(base + np.uint64(s), key[0], key[1])
-        z = np.float64(table[h >> _S16])
-        z_scale = np.float64(table[h & _LOW16])
-        bn = np.float64(((x[n, c, s] - mh) - ml) * a + b)
-        y[n, c, s] = bn * (1.0 + scale_std * z_scale) + (mu + sigma * z)
+    # In the input dtype, as the torch-op path: y_bn * (1 + scale_std z') + (mu + sigma z).
+    dtype = x.dtype.type
+    mu, sigma, scale_std, one = dtype(noise[0, c]), dtype(noise[1, c]), dtype(noise[2, c]), dtype(1)
+    start = (c * n_total + n) * size
+    for s0 in range(0, size, _RUN):
+        run = min(_RUN, size - s0)
+        _hash_run(start + s0, run, key, h)
+        for i in range(run):
+            s = s0 + i
+            z, z_scale = table[h[i] >> _S16], table[h[i] & _LOW16]
+            bn = ((x[n, c, s] - mh) - ml) * a + b
+            y[n, c, s] = bn * (one + scale_std * z_scale) + (mu + sigma * z)
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
 def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, base, k, y):
+    """Rows of block t; ``noise`` (3, C * k) per column in the input dtype."""
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
+    noisy = table.shape[0] != 0
+    h = np.empty(_RUN if noisy else 0, dtype=np.uint32)
+    mu, sigma, scale_std = noise[0], noise[1], noise[2]
+    one = x.dtype.type(1)
     for r in range(r0, r1):
         g = r // v_rows
         mh, ml, a, b = coef[0, g], coef[1, g], coef[2, g], coef[3, g]
-        if table.shape[0] == 0:
+        if not noisy:
             for c in range(c_total):
                 y[r, c] = ((x[r, c] - mh[c]) - ml[c]) * a[c] + b[c]
             continue
-        for c in range(c_total):
-            h = _hash32(base[c] + np.uint64(r * k), key[0], key[1])
-            z = np.float64(table[h >> _S16])
-            z_scale = np.float64(table[h & _LOW16])
-            bn = np.float64(((x[r, c] - mh[c]) - ml[c]) * a[c] + b[c])
-            y[r, c] = bn * (1.0 + noise[2, c] * z_scale) + (noise[0, c] + noise[1, c] * z)
+        for c0 in range(0, c_total, _RUN):
+            run = min(_RUN, c_total - c0)
+            _hash_columns(base, c0, run, r * k, key, h)
+            for i in range(run):
+                c = c0 + i
+                z, z_scale = table[h[i] >> _S16], table[h[i] & _LOW16]
+                bn = ((x[r, c] - mh[c]) - ml[c]) * a[c] + b[c]
+                y[r, c] = bn * (one + scale_std[c] * z_scale) + (mu[c] + sigma[c] * z)
 
 
 # --------------------------------------------------------------------------------------------
 # Backward: one read of (dy, x) for sum(gy) and sum(gy * (x - mean)) (and sum(sign(x - mean))
 # for p = 1), where gy = dy * (1 + scale_std z') is the gradient at the BN output; then one read
-# of (dy, x) and one write of dx. p = inf adds an early-exit search for the arg-max per channel.
+# of (dy, x) and one write of dx. With noise, the first pass writes gy into dx and the second
+# reads it there instead of dy (z' is hashed once). p = inf also needs the arg-max of
+# |x - mean| per channel: the row layout tracks it per column in the first pass; the planar
+# layout adds a scan of x per (group, channel).
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
+def _noisy_gradient_run(dy, start, scale_std, table, key, h, gy):
+    """gy[s] = dy[s] * (1 + scale_std z'_s) (input dtype) for a planar row of counters start + s."""
+    size = dy.shape[0]
+    scale, one = gy.dtype.type(scale_std), gy.dtype.type(1)
+    for s0 in range(0, size, _RUN):
+        run = min(_RUN, size - s0)
+        _hash_run(start + s0, run, key, h)
+        for i in range(run):
+            gy[s0 + i] = dy[s0 + i] * (one + scale * table[h[i] & _LOW16])
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
+def _noisy_gradient_columns(dy, base, offset, scale_std, table, key, h, gy):
+    """Row-layout :func:`_noisy_gradient_run`: column c's counter is base[c] + offset and
+    ``scale_std`` is per column."""
+    columns = dy.shape[0]
+    one = gy.dtype.type(1)
+    for c0 in range(0, columns, _RUN):
+        run = min(_RUN, columns - c0)
+        _hash_columns(base, c0, run, offset, key, h)
+        for i in range(run):
+            c = c0 + i
+            gy[c] = dy[c] * (one + scale_std[c] * table[h[i] & _LOW16])
 
 
 @njit(cache=True, fastmath=_REDUCE)
-def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, part):
+def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, store, part, dx):
+    """``store``: keep gy (noise only) in dx for the dx pass."""
     n_total, c_total, size = x.shape
     b = t % blocks
     gc = t // blocks
@@ -326,15 +395,18 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, part
     s_gx = 0.0
     s_sign = 0.0
     noisy = table.shape[0] != 0
-    scale_std = noise[2, c] if noisy else 0.0
+    h = np.empty(_RUN if noisy else 0, dtype=np.uint32)
+    scratch = np.empty(size if noisy and not store else 0, dtype=dy.dtype)
     for n in range(n0, n1):
-        base = np.uint64(c) * np.uint64(n_total * size) + np.uint64(n * size)
+        grad = dy[n, c]
+        if noisy:
+            grad = dx[n, c] if store else scratch
+            start = (c * n_total + n) * size
+            _noisy_gradient_run(dy[n, c], start, noise[2, c], table, key, h, grad)
+        x_row = x[n, c]
         for s in range(size):
-            gy = np.float64(dy[n, c, s])
-            if noisy:
-                h = _hash32(base + np.uint64(s), key[0], key[1])
-                gy *= 1.0 + scale_std * np.float64(table[h & _LOW16])
-            xc = np.float64(x[n, c, s]) - m
+            gy = np.float64(grad[s])
+            xc = np.float64(x_row[s]) - m
             s_gy += gy
             s_gx += gy * xc
             if p == 1.0:
@@ -345,24 +417,45 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, part
 
 
 @njit(cache=True, fastmath=_REDUCE)
-def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, table, key, base, k, part):
+def _rows_grad_sums_task(
+    dy, x, t, v_rows, blocks, p, mean, noise, table, key, base, k, store, part, top, first, dx
+):
+    """Per-column partial sums of block t; p = inf: ``top``/``first`` get each column's
+    largest |x - mean| and the first row holding it (merged by :func:`_rows_argmax`)."""
     m_total, c_total = x.shape
     g, b = t // blocks, t % blocks
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
     m = mean[g]
     s_gy, s_gx, s_sign = part[0, t], part[1, t], part[2, t]
     noisy = table.shape[0] != 0
+    h = np.empty(_RUN if noisy else 0, dtype=np.uint32)
+    scratch = np.empty(c_total if noisy and not store else 0, dtype=dy.dtype)
+    track = p != 1.0 and p != 2.0
+    top_t, first_t = (top[t], first[t]) if track else (top[0], first[0])
     for r in range(r0, r1):
-        for c in range(c_total):
-            gy = np.float64(dy[r, c])
-            if noisy:
-                h = _hash32(base[c] + np.uint64(r * k), key[0], key[1])
-                gy *= 1.0 + noise[2, c] * np.float64(table[h & _LOW16])
-            xc = np.float64(x[r, c]) - m[c]
-            s_gy[c] += gy
-            s_gx[c] += gy * xc
-            if p == 1.0:
+        grad = dy[r]
+        if noisy:
+            grad = dx[r] if store else scratch
+            _noisy_gradient_columns(dy[r], base, r * k, noise[2], table, key, h, grad)
+        x_row = x[r]
+        if p == 1.0:
+            for c in range(c_total):
+                gy = np.float64(grad[c])
+                xc = np.float64(x_row[c]) - m[c]
+                s_gy[c] += gy
+                s_gx[c] += gy * xc
                 s_sign[c] += (xc > 0.0) - (xc < 0.0)
+        else:  # p = 2 and p = inf; a third sum in the same loop stops it vectorizing
+            for c in range(c_total):
+                gy = np.float64(grad[c])
+                s_gy[c] += gy
+                s_gx[c] += gy * (np.float64(x_row[c]) - m[c])
+        if track:  # a loop of its own, on the row just read: it vectorizes
+            for c in range(c_total):
+                deviation = abs(np.float64(x_row[c]) - m[c])
+                better = deviation > top_t[c]  # strict: the first row keeps a tie
+                top_t[c] = deviation if better else top_t[c]
+                first_t[c] = r if better else first_t[c]
 
 
 @njit(cache=True)
@@ -401,57 +494,54 @@ def _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noise, table, key, dx):
+def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, gy_in_dx, dx):
+    """dx = a gy + b phi + k over rows (n, c) of block t; gy = dy, or dx itself when the sums
+    pass stored the noisy gradient there (``gy_in_dx``)."""
     n_total, c_total, _ = x.shape
     r0, r1 = _block(0, n_total * c_total, t, row_blocks)
     for r in range(r0, r1):
-        _planar_dx_row(dy, x, r // c_total, r % c_total, v, p, coef, noise, table, key, dx)
+        _planar_dx_row(dy, x, r // c_total, r % c_total, v, p, coef, gy_in_dx, dx)
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _planar_dx_row(dy, x, n, c, v, p, coef, noise, table, key, dx):
-    n_total, _, size = x.shape
+def _planar_dx_row(dy, x, n, c, v, p, coef, gy_in_dx, dx):
+    size = x.shape[2]
     g = n // v
     mh, ml, a, b, k = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c], coef[4, g, c]
-    if table.shape[0] == 0:
-        if p == 1.0:
-            for s in range(size):
-                xc = (x[n, c, s] - mh) - ml
-                dx[n, c, s] = a * dy[n, c, s] + b * ((xc > 0) - (xc < 0)) + k
-        else:
-            for s in range(size):
-                dx[n, c, s] = a * dy[n, c, s] + b * ((x[n, c, s] - mh) - ml) + k
-        return
-    scale_std = noise[2, c]
-    base = np.uint64(c) * np.uint64(n_total * size) + np.uint64(n * size)
-    for s in range(size):
-        h = _hash32(base + np.uint64(s), key[0], key[1])
-        gy = np.float64(dy[n, c, s]) * (1.0 + scale_std * np.float64(table[h & _LOW16]))
-        xc = (x[n, c, s] - mh) - ml
-        phi = ((xc > 0) - (xc < 0)) if p == 1.0 else xc
-        dx[n, c, s] = a * gy + b * phi + k
+    if gy_in_dx:
+        for s in range(size):
+            xc = (x[n, c, s] - mh) - ml
+            phi = ((xc > 0) - (xc < 0)) if p == 1.0 else xc
+            dx[n, c, s] = a * dx[n, c, s] + b * phi + k
+    elif p == 1.0:
+        for s in range(size):
+            xc = (x[n, c, s] - mh) - ml
+            dx[n, c, s] = a * dy[n, c, s] + b * ((xc > 0) - (xc < 0)) + k
+    else:
+        for s in range(size):
+            dx[n, c, s] = a * dy[n, c, s] + b * ((x[n, c, s] - mh) - ml) + k
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, table, key, base, k, dx):
+def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, gy_in_dx, dx):
+    """Row-layout :func:`_planar_dx_task`."""
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
-    noisy = table.shape[0] != 0
     for r in range(r0, r1):
         g = r // v_rows
         mh, ml, a, b, offset = coef[0, g], coef[1, g], coef[2, g], coef[3, g], coef[4, g]
-        if not noisy and p != 1.0:
+        if gy_in_dx:
+            for c in range(c_total):
+                xc = (x[r, c] - mh[c]) - ml[c]
+                phi = ((xc > 0) - (xc < 0)) if p == 1.0 else xc
+                dx[r, c] = a[c] * dx[r, c] + b[c] * phi + offset[c]
+        elif p == 1.0:
+            for c in range(c_total):
+                xc = (x[r, c] - mh[c]) - ml[c]
+                dx[r, c] = a[c] * dy[r, c] + b[c] * ((xc > 0) - (xc < 0)) + offset[c]
+        else:
             for c in range(c_total):
                 dx[r, c] = a[c] * dy[r, c] + b[c] * ((x[r, c] - mh[c]) - ml[c]) + offset[c]
-            continue
-        for c in range(c_total):
-            gy = np.float64(dy[r, c])
-            if noisy:
-                h = _hash32(base[c] + np.uint64(r * k), key[0], key[1])
-                gy *= 1.0 + noise[2, c] * np.float64(table[h & _LOW16])
-            xc = (x[r, c] - mh[c]) - ml[c]
-            phi = ((xc > 0) - (xc < 0)) if p == 1.0 else xc
-            dx[r, c] = a[c] * gy + b[c] * phi + offset[c]
 
 
 @njit(cache=True)
@@ -472,19 +562,25 @@ def _planar_argmax_task(x, gc, v, mean, argmax_at, argmax_sign):
 
 
 @njit(cache=True)
-def _rows_argmax(x, k, v_rows, col_mean, argmax_at, argmax_sign):
-    """Row-layout :func:`_planar_argmax_task` for all channels in one row-major scan (the
-    logical order of channel j // k is row-major over (row, column))."""
-    m_total, columns = x.shape
-    best = np.full(argmax_at.shape, -1.0)
-    for r in range(m_total):
-        g = r // v_rows
+def _rows_argmax(x, k, blocks, col_mean, top, first, argmax_at, argmax_sign):
+    """Row-layout :func:`_planar_argmax_task` from the per-(task, column) maxima of
+    :func:`_rows_grad_sums_task`: the channel's first largest |x - mean| in its logical order,
+    row-major over (row, column), is the largest ``top`` with the smallest flat index."""
+    tasks, columns = top.shape
+    best = _filled(-1.0, argmax_at.shape)
+    for t in range(tasks):
+        g = t // blocks
         for j in range(columns):
+            r = first[t, j]
+            if r < 0:
+                continue
             c = j // k
-            xc = np.float64(x[r, j]) - col_mean[g, j]
-            if abs(xc) > best[g, c]:
-                best[g, c] = abs(xc)
-                argmax_at[g, c] = r * columns + j
+            at = r * columns + j
+            value = top[t, j]
+            if value > best[g, c] or (value == best[g, c] and at < argmax_at[g, c]):
+                best[g, c] = value
+                argmax_at[g, c] = at
+                xc = np.float64(x[r, j]) - col_mean[g, j]
                 argmax_sign[g, c] = (xc > 0.0) - (xc < 0.0)
 
 
@@ -543,7 +639,7 @@ def forward_planar(
     y,
     parallel,
 ):
-    """Training forward on (N, C, S); returns the (7, G, C) float64 statistics.
+    """Training forward on (N, C, S); returns the (5, G, C) float64 statistics.
 
     Memory passes: p = 2, inf: read x (stats), read x + write y (normalize). p = 1: one more
     read of x for the mean absolute deviation.
@@ -616,11 +712,23 @@ def _columns(a, k):
 
 @njit(cache=True)
 def _column_base(columns, k, m_total):
-    """Noise counter of column j at row r: base[j] + r * k, i.e. c * (N * S) + n * S + s."""
-    base = np.empty(columns, dtype=np.uint64)
+    """Noise counter of column j at row r: base[j] + r * k, i.e. c * (N * S) + n * S + s,
+    mod 2^32 (wrapping, as the hash takes it)."""
+    base = np.empty(columns, dtype=np.uint32)
     for j in range(columns):
-        base[j] = np.uint64((j // k) * (m_total * k) + j % k)
+        base[j] = np.uint32((j // k) * (m_total * k) + j % k)
     return base
+
+
+@njit(cache=True)
+def _noise_columns(noise, k, like):
+    """Per-channel noise parameters (3, C) float64 -> per column (3, C * k) in like's dtype."""
+    channels = noise.shape[1]
+    out = np.empty((3, channels * k), dtype=like.dtype)
+    for i in range(3):
+        for j in range(channels * k):
+            out[i, j] = noise[i, j // k]
+    return out
 
 
 @njit(cache=True)
@@ -728,7 +836,7 @@ def forward_rows(
     coef = np.empty((4, groups, channels), dtype=x.dtype)
     _coefficients(stats, weight, bias, coef)
     coef = _columns(coef, k)
-    col_noise = _columns(noise.reshape((3, 1, noise.shape[1])), k)[:, 0]
+    col_noise = _noise_columns(noise, k, x)
     base = _column_base(columns, k, m_total)
     if parallel:
         for t in prange(row_blocks):
@@ -778,10 +886,10 @@ def eval_rows(x, k, mean, spread, eps, is_var, weight, bias, y, row_blocks, para
     coef = np.empty((4, 1, columns // k), dtype=x.dtype)
     _coefficients(stats, weight, bias, coef)
     coef = _columns(coef, k)
-    empty_noise = np.empty((3, 0))
+    empty_noise = np.empty((3, 0), dtype=x.dtype)
     table = np.empty(0, dtype=x.dtype)
     key = np.empty(2, dtype=np.uint64)  # unused without noise
-    base = np.empty(0, dtype=np.uint64)
+    base = np.empty(0, dtype=np.uint32)
     if parallel:
         for t in prange(row_blocks):
             _rows_normalize_task(
@@ -797,8 +905,9 @@ def backward_planar(
 ):
     """Fused backward on (N, C, S); writes dx (if ``need_dx``), returns (2, C) d weight, d bias.
 
-    Memory passes: read dy and x (sums), read dy and x, write dx. p = inf: plus an early-exit
-    scan of x per (group, channel) for the arg-max of |x - mean|.
+    Memory passes: read dy and x (sums; with noise also write gy to dx), read dy (or gy from
+    dx) and x, write dx. p = inf: plus a scan of x per (group, channel) for the arg-max of
+    |x - mean|.
     """
     n_total, c_total, size = x.shape
     count = _group_counts(n_total, v, size)
@@ -806,12 +915,13 @@ def backward_planar(
     tasks = groups * c_total * blocks
     part = np.empty((3, tasks))
     mean = stats[MEAN]
+    store = need_dx and table.shape[0] != 0
     if parallel:
         for t in prange(tasks):
-            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, part)
+            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, store, part, dx)
     else:
         for t in range(tasks):
-            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, part)
+            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, store, part, dx)
     sums = _filled(0.0, (3, groups, c_total))
     for t in range(tasks):
         gc = t // blocks
@@ -833,9 +943,9 @@ def backward_planar(
     if need_dx:
         if parallel:
             for t in prange(row_blocks):
-                _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noise, table, key, dx)
+                _planar_dx_task(dy, x, t, row_blocks, v, p, coef, store, dx)
         else:
-            _planar_dx_task(dy, x, 0, 1, v, p, coef, noise, table, key, dx)
+            _planar_dx_task(dy, x, 0, 1, v, p, coef, store, dx)
         flat = dx.reshape(-1)
         for g in range(groups):
             for c in range(c_total):
@@ -849,7 +959,9 @@ def backward_rows(
     dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, noise, table, key, dx, need_dx,
     parallel,
 ):  # fmt: skip
-    """Row-layout :func:`backward_planar` (columns as :func:`forward_rows`); same passes."""
+    """Row-layout :func:`backward_planar` (columns as :func:`forward_rows`). Memory passes:
+    read dy and x (sums, and the arg-max for p = inf; with noise also write gy to dx), read dy
+    (or gy from dx) and x, write dx."""
     m_total, columns = x.shape
     channels = columns // k
     rows = _group_counts(m_total, v_rows, 1)
@@ -857,19 +969,26 @@ def backward_rows(
     groups = rows.shape[0]
     tasks = groups * blocks
     part = _filled(0.0, (3, tasks, columns))
+    track = p != 1.0 and p != 2.0
+    tracked = (tasks, columns) if track else (1, 0)
+    top = _filled(-1.0, tracked)
+    first = _no_index(tracked[0], tracked[1])
     col_mean = _columns(stats[MEAN : MEAN + 1], k)[0]
-    col_noise = _columns(noise.reshape((3, 1, noise.shape[1])), k)[:, 0]
+    col_noise = _noise_columns(noise, k, x)
     base = _column_base(columns, k, m_total)
+    store = need_dx and table.shape[0] != 0
     if parallel:
         for t in prange(tasks):
             _rows_grad_sums_task(
-                dy, x, t, v_rows, blocks, p, col_mean, col_noise, table, key, base, k, part
-            )
+                dy, x, t, v_rows, blocks, p, col_mean, col_noise, table, key, base, k, store,
+                part, top, first, dx,
+            )  # fmt: skip
     else:
         for t in range(tasks):
             _rows_grad_sums_task(
-                dy, x, t, v_rows, blocks, p, col_mean, col_noise, table, key, base, k, part
-            )
+                dy, x, t, v_rows, blocks, p, col_mean, col_noise, table, key, base, k, store,
+                part, top, first, dx,
+            )  # fmt: skip
     sums = _filled(0.0, (3, groups, channels))
     for t in range(tasks):
         for i in range(3):
@@ -877,8 +996,8 @@ def backward_rows(
                 sums[i, t // blocks, j // k] += part[i, t, j]
     argmax_sign = _filled(0.0, (groups, channels))
     argmax_at = _no_index(groups, channels)
-    if p != 1.0 and p != 2.0:
-        _rows_argmax(x, k, v_rows, col_mean, argmax_at, argmax_sign)
+    if track:
+        _rows_argmax(x, k, blocks, col_mean, top, first, argmax_at, argmax_sign)
     coef = np.empty((5, groups, channels), dtype=x.dtype)
     dparams = np.empty((2, channels), dtype=weight.dtype)
     _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams)
@@ -886,11 +1005,9 @@ def backward_rows(
     if need_dx:
         if parallel:
             for t in prange(row_blocks):
-                _rows_dx_task(
-                    dy, x, t, v_rows, row_blocks, p, coef, col_noise, table, key, base, k, dx
-                )
+                _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, store, dx)
         else:
-            _rows_dx_task(dy, x, 0, v_rows, 1, p, coef, col_noise, table, key, base, k, dx)
+            _rows_dx_task(dy, x, 0, v_rows, 1, p, coef, store, dx)
         flat = dx.reshape(-1)
         for g in range(groups):
             for c in range(channels):

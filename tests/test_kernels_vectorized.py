@@ -1,0 +1,148 @@
+"""The vectorized pieces of the kernels: 32-bit noise hashing in batches, the noisy gradient
+kept in dx between the backward passes, the row layout's fused arg-max for p = inf."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import bnlab.functional as F
+from bnlab.functional import kernels, noise, ops
+from bnlab.functional import reference as R
+from helpers import TOL, rel_err
+
+pytestmark = pytest.mark.skipif(not kernels.numba_available(), reason="numba not installed")
+
+KEY = (0x9E3779B9, 0x7F4A7C15)
+
+
+def _loops():
+    from bnlab.functional.kernels import loops
+
+    return loops
+
+
+def _hash_reference(counters: np.ndarray) -> np.ndarray:
+    return noise.hash32(torch.from_numpy(counters.astype(np.int64)), KEY).numpy()
+
+
+@pytest.mark.parametrize("start", [0, 2**32 - 100, 3 * 2**32 + 17])
+def test_hash_run_matches_torch_hash_across_the_32_bit_wrap(start):
+    loops = _loops()
+    h = np.empty(300, dtype=np.uint32)
+    loops._hash_run(start, 300, np.array(KEY, dtype=np.uint64), h)
+    expected = _hash_reference(np.arange(start, start + 300))
+    np.testing.assert_array_equal(h.astype(np.int64), expected)
+
+
+def test_hash_columns_match_torch_hash_of_the_logical_counters():
+    """Row layout with k = 3 columns per channel and 2^31 rows: counters pass 2^32."""
+    loops = _loops()
+    k, rows, columns = 3, 2**31, 12
+    base = loops._column_base(columns, k, rows)
+    row = rows - 5
+    h = np.empty(columns, dtype=np.uint32)
+    loops._hash_columns(base, 0, columns, row * k, np.array(KEY, dtype=np.uint64), h)
+    j = np.arange(columns)
+    counters = (j // k) * (rows * k) + row * k + j % k  # c * N * S + n * S + s
+    np.testing.assert_array_equal(h.astype(np.int64), _hash_reference(counters))
+
+
+def _noisy_spec(channels: int, dtype: torch.dtype, seed: int = 0) -> ops.NormSpec:
+    gen = torch.Generator().manual_seed(seed)
+    draw = noise.draw(F.NoiseSpec(), channels, torch.device("cpu"), dtype, gen)
+    return ops.NormSpec(1e-5, noise=draw)
+
+
+def _train(x, weight, bias, spec, dy, kernels_on, need_dx=True):
+    xs = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(need_dx)
+    w, b = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    with F.use_kernels(kernels_on):
+        y, _ = F.normalize_train(xs, w, b, spec)
+    inputs = (xs, w, b) if need_dx else (w, b)
+    return (y, *torch.autograd.grad(y, inputs, dy))
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [
+        ((3, 2, 23, 25), False),  # planar rows of 575 values: two full batches of 256 and a tail
+        ((2, 300, 3, 3), True),  # rows of 300 channels: one full batch of 256 and a tail
+        ((4, 70, 2, 2), False),  # rows (N, C * S) of 280 columns, 4 per channel
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noisy_kernels_match_torch_op_path_past_a_hash_batch(shape, channels_last, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=dtype) * 2 + 3).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    c = shape[1]
+    weight, bias = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
+    dy = torch.randn(shape, dtype=dtype)
+    spec = _noisy_spec(c, dtype)
+    ours = _train(x, weight, bias, spec, dy, True)
+    torch_op = _train(x, weight, bias, spec, dy, False)
+    for a, b in zip(ours, torch_op, strict=True):
+        assert rel_err(a, b) <= 10 * TOL[dtype]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_noisy_parameter_gradients_without_dx_match_those_with_dx(channels_last):
+    """Without dx the sums pass keeps the noisy gradient in scratch, not in dx."""
+    torch.manual_seed(1)
+    x = torch.randn(8, 4, 9, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(4, dtype=x.dtype) + 0.5, torch.randn(4, dtype=x.dtype)
+    dy = torch.randn_like(x)
+    spec = _noisy_spec(4, x.dtype, seed=2)
+    _, _, dw_full, db_full = _train(x, weight, bias, spec, dy, True)
+    _, dw, db = _train(x, weight, bias, spec, dy, True, need_dx=False)
+    assert torch.equal(dw, dw_full) and torch.equal(db, db_full)
+
+
+def _tied_input(first: tuple[int, int], second: tuple[int, int], shape) -> torch.Tensor:
+    """Float64 (N, 2, H, W): channel 0 plain, channel 1 with mean 0 and its largest |x - mean|
+    a tie, +3 at ``first`` and -3 at ``second`` ((sample, flat spatial) positions)."""
+    n, _, h, w = shape
+    values = np.random.default_rng(0).uniform(-1, 1, size=(n, h * w))
+    values[first], values[second] = 3.0, -3.0
+    rest = np.ones(values.shape, dtype=bool)
+    rest[first] = rest[second] = False
+    values[rest] -= values[rest].mean()
+    plain = np.random.default_rng(1).normal(size=(n, h * w))
+    return torch.from_numpy(np.stack([plain, values], axis=1).reshape(n, 2, h, w))
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last, first, second",
+    [
+        ((6, 2, 4, 4), False, (0, 15), (1, 0)),  # rows (N, C S): later column, earlier row
+        ((6, 2, 4, 4), False, (2, 3), (2, 7)),  # same row, two columns of the channel
+        ((6, 2, 4, 4), True, (1, 9), (0, 2)),  # channels-last: -3 comes first
+        ((40, 2, 24, 24), True, (3, 1), (35, 2)),  # parallel row blocks, the tie across them
+    ],
+)
+def test_rows_linf_arg_max_takes_the_first_tied_value(shape, channels_last, first, second):
+    x = _tied_input(first, second, shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean = x[:, 1].mean().item()
+    assert abs(3.0 - mean) == abs(-3.0 - mean)  # a real tie in float64
+    weight, bias = torch.tensor([1.5, 0.7], dtype=x.dtype), torch.tensor([0.2, -1.0], dtype=x.dtype)
+    dy = torch.randn(shape, dtype=x.dtype, generator=torch.Generator().manual_seed(5))
+    spec = ops.NormSpec(1e-5, math.inf)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the last case then runs in parallel blocks of rows
+    try:
+        _, dx, dw, db = _train(x, weight, bias, spec, dy, True)
+    finally:
+        torch.set_num_threads(threads)
+    _, cache = R.lp_batch_norm_forward(x.numpy(), weight.numpy(), bias.numpy(), 1e-5, math.inf)
+    dx_ref, dw_ref, db_ref = R.lp_batch_norm_backward(dy.numpy(), cache)
+    assert rel_err(dx, dx_ref) <= 1e-10
+    assert rel_err(dw, dw_ref) <= 1e-10 and rel_err(db, db_ref) <= 1e-10
