@@ -249,20 +249,67 @@ def test_constant_channel_is_finite_and_nan_stays_in_its_channel(channels_last, 
     assert torch.equal(dx_nan[:, 1:], dx[:, 1:])
 
 
+@pytest.fixture
+def two_threads():
+    """torch (and so the kernels) on two threads for the test; the suite runs on one."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba's pool has one thread on this machine")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _assert_parallel(x: torch.Tensor) -> None:
+    plan = kernels._plan(kernels._readable(x), x.shape[0])
+    assert plan.parallel and plan.threads == 2
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("variant", ["bn", "l1", "linf", "ghost", "noisy"])
-def test_parallel_passes_with_few_channels_match_torch_op_path(channels_last, variant):
+def test_parallel_passes_with_few_channels_match_torch_op_path(channels_last, variant, two_threads):
     """Large enough for the thread pool, with 2 channels: the batch is split into blocks."""
     torch.manual_seed(3)
     x = torch.randn(40, 2, 24, 20) * 3 + 5
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    assert x.numel() >= kernels.PARALLEL_MIN_NUMEL
+    _assert_parallel(x)
     spec = _spec(variant, 2, torch.float32)
     weight, bias = torch.rand(2) + 0.5, torch.randn(2)
     ours, torch_op = _both_paths(x, weight, bias, spec, torch.randn_like(x))
     for a, b in zip(ours[:4], torch_op[:4], strict=True):
         assert rel_err(a, b) <= 1e-4  # sums over 38400 float32 values per channel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["planar", "rows", "channels_last"])
+def test_eval_kernel_on_the_thread_pool_with_a_large_mean_matches_the_reference(
+    layout, dtype, two_threads
+):
+    """Large enough for the parallel eval loops; channel 0 sits at mean 1e4 (running_mean too),
+    one channel is constant, and the running statistics are float64 buffers."""
+    torch.manual_seed(5)
+    shape = (64, 4, 12, 12) if layout != "rows" else (512, 4, 4, 4)
+    x = torch.randn(shape, dtype=dtype) * torch.tensor([1.0, 2.0, 0.0, 0.5], dtype=dtype).view(
+        1, 4, 1, 1
+    )
+    x[:, 0] += 1e4
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    _assert_parallel(x)
+    mean = torch.tensor([1e4, 0.1, -0.2, 0.0], dtype=torch.float64)
+    var = torch.tensor([1.0, 4.0, 0.0, 0.25], dtype=torch.float64)
+    weight, bias = torch.rand(4, dtype=dtype) + 0.5, torch.randn(4, dtype=dtype)
+    with F.use_kernels(True):
+        y = F.batch_norm(x, mean, var, weight, bias, training=False, eps=1e-3)
+    ref = R.batch_norm_inference(
+        x.double().numpy(), mean.numpy(), var.numpy(), weight.double().numpy(),
+        bias.double().numpy(), 1e-3,
+    )  # fmt: skip
+    assert y.dtype == dtype and y.stride() == x.stride()
+    assert rel_err(y, ref) <= TOL[dtype]
 
 
 def test_noise_is_the_same_on_both_paths_and_for_any_thread_count():

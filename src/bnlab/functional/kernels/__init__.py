@@ -70,93 +70,143 @@ def _loops() -> Any:
     return _loops_module
 
 
-def _threads() -> int:
-    """The kernels follow torch's intra-op thread count (``torch.set_num_threads``), capped by
-    numba's pool; the count is set on numba for the calling thread."""
-    import numba
-
-    pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    threads = min(torch.get_num_threads(), pool)
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
-    return threads
-
-
 def supports(x: Tensor) -> bool:
     """Whether the kernels can normalize x (CPU, float32/float64, not empty)."""
-    return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES and x.numel() > 0
+    return x.is_cpu and x.dtype in KERNEL_DTYPES and x.numel() > 0
 
 
 PLANAR_MIN_SPATIAL = 64
 """A contiguous input with fewer spatial values per (sample, channel) runs on the row loops,
 one row per sample, as (N, C * S): rows of 16 values are too short for the vector units."""
 
+_PLAN_CACHE_SIZE = 512
 
-class _Layout:
-    """How a (N, C, *) tensor is seen by the loops: planar (N, C, S), or rows (M, C * k) whose
-    column j holds channel j // k: channels-last (M = N * S, k = 1) or (M = N, k = S)."""
 
-    __slots__ = ("channels", "k", "n", "parallel", "planar", "rows_per_sample", "shape", "size")
+class _Plan:
+    """How one input geometry runs on the loops, worked out once per (shape, strides, dtype,
+    virtual batch size, thread count) and cached: the per-call path then only makes NumPy
+    views, allocates the output and calls the loop (a few microseconds, see the README).
 
-    def __init__(self, x: Tensor) -> None:
-        self.shape = x.shape
+    The loops see a (N, C, *) tensor as planar (N, C, S), or as rows (M, C * k) whose column j
+    holds channel j // k: channels-last (M = N * S, k = 1) or (M = N, k = S). A plan is made
+    for a contiguous or a dense channels-last tensor only (:func:`_readable`).
+    """
+
+    __slots__ = (
+        "backward", "blocks", "channels", "counts", "eval", "forward", "groups", "k", "n",
+        "parallel", "perm", "planar", "quiet", "row_blocks", "rows_per_sample", "size",
+        "strides", "threads", "v", "view_shape",
+    )  # fmt: skip
+
+    def __init__(self, x: Tensor, v: int, threads: int) -> None:
+        loops = _loops()
+        self.strides = x.stride()
         self.n, self.channels = x.shape[0], x.shape[1]
         self.size = x.numel() // (self.n * self.channels)
-        channels_last = self.size > 1 and not x.is_contiguous() and _rows_dense(x)
+        channels_last = not x.is_contiguous()
         self.planar = self.size >= PLANAR_MIN_SPATIAL and not channels_last
         self.k = 1 if channels_last else self.size
         self.rows_per_sample = self.size if channels_last else 1
-        self.parallel = (
-            x.numel() >= PARALLEL_MIN_NUMEL and not _forked_child and torch.get_num_threads() > 1
-        )
+        self.perm = (0, *range(2, x.dim()), 1) if channels_last else None
+        if self.planar:
+            self.view_shape: tuple[int, ...] = (self.n, self.channels, self.size)
+        elif channels_last:
+            self.view_shape = (self.n * self.size, self.channels)
+        else:
+            self.view_shape = (self.n, self.channels * self.size)
+        import numba
+
+        self.threads = min(threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+        self.parallel = x.numel() >= PARALLEL_MIN_NUMEL and not _forked_child and self.threads > 1
+        self.v = v
+        self.groups = -(-self.n // v)
+        self.counts = tuple(min(v, self.n - start) * self.size for start in range(0, self.n, v))
+        self.blocks, self.row_blocks = self._blocks()
+        serial = "" if self.parallel else "_serial"
+        shape = "planar" if self.planar else "rows"
+        self.forward = getattr(loops, f"forward_{shape}{serial}")
+        self.backward = getattr(loops, f"backward_{shape}{serial}")
+        from bnlab.functional.kernels import eval_loops
+
+        self.eval = getattr(eval_loops, f"eval_{shape}{serial}")
+        self.quiet = _noise_args(ops.NormSpec(1.0), self.channels, x.dtype)
+        """The noise arguments of a layer without noise."""
+
+    def _blocks(self) -> tuple[int, int]:
+        """(reduction blocks per group, row blocks for the elementwise passes)."""
+        if not self.parallel:
+            return 1, 1
+        threads = self.threads
+        if self.planar:
+            tasks = self.groups * self.channels
+            blocks = 1 if tasks >= 4 * threads else math.ceil(4 * threads / tasks)
+            return max(1, min(blocks, self.v)), min(4 * threads, self.n * self.channels)
+        rows = self.n * self.rows_per_sample
+        blocks = max(1, min(math.ceil(2 * threads / self.groups), self.v * self.rows_per_sample))
+        return blocks, max(1, min(4 * threads, rows))
 
     def array(self, t: Tensor) -> np.ndarray:
-        """A NumPy view of t in this layout (a contiguous copy first if t's strides differ)."""
-        t = t.detach()
-        if self.planar:
-            return t.contiguous().view(self.n, self.channels, self.size).numpy()
-        if self.k == self.size:
-            return t.contiguous().view(self.n, self.channels * self.size).numpy()
-        rows = t.movedim(1, -1)
-        if not rows.is_contiguous():
-            rows = rows.contiguous()
-        return rows.view(-1, self.channels).numpy()
+        """The NumPy view of t, which has this plan's strides (so the reshape never copies)."""
+        a = t.numpy(force=True)  # CPU, no conjugate: a view without detach's Python call
+        if self.perm is not None:
+            a = a.transpose(self.perm)
+        return a.reshape(self.view_shape)
 
-    def empty(self, like: Tensor) -> tuple[Tensor, np.ndarray]:
-        """A new tensor shaped like ``like`` in this layout, and its NumPy view."""
-        if self.planar or self.k == self.size:
-            out = torch.empty(self.shape, dtype=like.dtype)
-        else:
-            out = torch.empty_like(like.movedim(1, -1), memory_format=torch.contiguous_format)
-            out = out.movedim(-1, 1)
-        return out, self.array(out)
+    def like(self, t: Tensor, x: Tensor) -> Tensor:
+        """t with x's strides (t itself when they match already)."""
+        return t if t.stride() == self.strides else torch.empty_like(x).copy_(t)
+
+    def enter(self) -> None:
+        """Set numba's thread count for this (calling) thread before a parallel loop."""
+        if self.parallel:
+            import numba
+
+            if numba.get_num_threads() != self.threads:
+                numba.set_num_threads(self.threads)
 
 
-def _rows_dense(x: Tensor) -> bool:
-    return x.dim() > 2 and x.movedim(1, -1).is_contiguous()
+_plans: dict[tuple[Any, ...], _Plan] = {}
 
 
-def _blocks(layout: _Layout, groups: int, group_len: int) -> tuple[int, int]:
-    """(reduction blocks per group, row blocks for elementwise row passes)."""
-    if not layout.parallel:
-        return 1, 1
-    threads = _threads()
-    if threads == 1:
-        layout.parallel = False
-        return 1, 1
-    if layout.planar:
-        tasks = groups * layout.channels
-        blocks = 1 if tasks >= 4 * threads else math.ceil(4 * threads / tasks)
-        return max(1, min(blocks, group_len)), min(4 * threads, layout.n * layout.channels)
-    rows = layout.n * layout.rows_per_sample
-    blocks = max(1, min(math.ceil(2 * threads / groups), group_len * layout.rows_per_sample))
-    return blocks, max(1, min(4 * threads, rows))
+def _readable(x: Tensor) -> Tensor:
+    """x, or a contiguous copy when it is neither contiguous nor dense channels-last."""
+    if x.is_contiguous():
+        return x
+    dims = x.dim()
+    if dims == 4:
+        dense_rows = x.is_contiguous(memory_format=torch.channels_last)
+    elif dims == 5:
+        dense_rows = x.is_contiguous(memory_format=torch.channels_last_3d)
+    else:
+        dense_rows = dims > 2 and x.movedim(1, -1).is_contiguous()
+    return x if dense_rows else x.contiguous()
+
+
+def _plan(x: Tensor, v: int) -> _Plan:
+    """The cached plan of a readable x (:func:`_readable`) with virtual batch size v."""
+    threads = torch.get_num_threads()
+    key = (x.shape, x.stride(), x.dtype, v, threads, _forked_child)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= _PLAN_CACHE_SIZE:
+            _plans.clear()
+        plan = _plans[key] = _Plan(x, v, threads)
+    return plan
+
+
+_FILLED: dict[tuple[int, float, torch.dtype], np.ndarray] = {}
 
 
 def _param(t: Tensor | None, channels: int, fill: float, dtype: torch.dtype) -> np.ndarray:
     if t is None:
-        return np.full(channels, fill, dtype=np.float32 if dtype == torch.float32 else np.float64)
-    return t.detach().to(dtype).numpy()
+        key = (channels, fill, dtype)
+        filled = _FILLED.get(key)
+        if filled is None:
+            np_dtype = np.float32 if dtype == torch.float32 else np.float64
+            filled = _FILLED[key] = np.full(channels, fill, dtype=np_dtype)
+            filled.flags.writeable = False
+        return filled
+    return (t if t.dtype == dtype else t.detach().to(dtype)).numpy(force=True)
 
 
 _NO_NOISE_F32 = np.empty(0, dtype=np.float32)
@@ -164,6 +214,7 @@ _NO_NOISE_F64 = np.empty(0, dtype=np.float64)
 _NO_KEY = np.zeros(2, dtype=np.uint64)
 _NO_RUNNING = np.empty((0, 0))
 _NO_LIMITS = np.zeros(2)
+_NO_NOISE_PARAMS = np.empty((3, 0))
 
 
 def _noise_args(
@@ -172,7 +223,7 @@ def _noise_args(
     draw = spec.noise
     if draw is None:
         empty = _NO_NOISE_F32 if dtype == torch.float32 else _NO_NOISE_F64
-        return np.empty((3, 0)), empty, _NO_KEY
+        return _NO_NOISE_PARAMS, empty, _NO_KEY
     params = np.empty((3, channels))
     params[0] = draw.mu.detach().double().numpy()
     params[1] = draw.sigma.detach().double().numpy()
@@ -189,15 +240,12 @@ def _renorm_args(spec: ops.NormSpec) -> tuple[np.ndarray, np.ndarray]:
     return running, np.array([renorm.r_max, renorm.d_max], dtype=np.float64)
 
 
-def _group_len(spec: ops.NormSpec, n: int) -> int:
-    v = spec.virtual_batch_size
-    return n if v is None else min(v, n)
-
-
 class FusedTrainNorm(torch.autograd.Function):
-    """Training-mode normalization on the fused kernels: ``(y, mean, spread)`` where mean and
-    spread are (G, C) float64 statistics per group (virtual batch) and channel, not
-    differentiable."""
+    """Training-mode normalization on the fused kernels: returns y and appends the (5, G, C)
+    float64 statistics (rows mean, spread, ...; per group (virtual batch) and channel) to
+    ``out_stats``, outside the graph: one differentiable output keeps autograd's per-call cost
+    down. ``x`` is readable (:func:`_readable`) and ``plan`` is its plan; ``track`` holds the
+    running buffers the kernel moves (:func:`_track_args`)."""
 
     @staticmethod
     def forward(
@@ -206,68 +254,60 @@ class FusedTrainNorm(torch.autograd.Function):
         weight: Tensor | None,
         bias: Tensor | None,
         spec: ops.NormSpec,
-        update: ops.RunningUpdate | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        layout = _Layout(x)
-        loops = _loops()
-        v = _group_len(spec, layout.n)
-        groups = -(-layout.n // v)
-        blocks, row_blocks = _blocks(layout, groups, v)
-        xa = layout.array(x)
-        y, ya = layout.empty(x)
-        w = _param(weight, layout.channels, 1.0, x.dtype)
-        b = _param(bias, layout.channels, 0.0, x.dtype)
-        noise, table, key = _noise_args(spec, layout.channels, x.dtype)
+        plan: _Plan,
+        track: tuple[np.ndarray, np.ndarray, float, int],
+        out_stats: list[np.ndarray],
+    ) -> Tensor:
+        xa = plan.array(x)
+        y = torch.empty_like(x)
+        ya = plan.array(y)
+        channels = plan.channels
+        w = _param(weight, channels, 1.0, x.dtype)
+        b = _param(bias, channels, 0.0, x.dtype)
+        noise = plan.quiet if spec.noise is None else _noise_args(spec, channels, x.dtype)
         running, limits = _renorm_args(spec)
-        track_mean, track_second, momentum, kind = _track_args(update, x.dtype)
         args = (
-            blocks, row_blocks, spec.p, spec.eps, w, b, running, limits, track_mean,
-            track_second, momentum, kind, noise, table, key, ya, layout.parallel,
+            plan.blocks, plan.row_blocks, spec.p, spec.eps, w, b, running, limits, *track,
+            *noise, ya, plan.parallel,
         )  # fmt: skip
-        if layout.planar:
-            forward = loops.forward_planar if layout.parallel else loops.forward_planar_serial
-            stats = forward(xa, v, *args)
+        plan.enter()
+        if plan.planar:
+            stats = plan.forward(xa, plan.v, *args)
         else:
-            forward = loops.forward_rows if layout.parallel else loops.forward_rows_serial
-            stats = forward(xa, layout.k, v * layout.rows_per_sample, *args)
+            stats = plan.forward(xa, plan.k, plan.v * plan.rows_per_sample, *args)
         ctx.save_for_backward(x, weight, bias)
-        ctx.spec = spec
-        ctx.stats = stats
-        ctx.layout = (layout, v, blocks, row_blocks)
-        mean = torch.from_numpy(stats[0])
-        spread = torch.from_numpy(stats[1])
-        ctx.mark_non_differentiable(mean, spread)
-        return y, mean, spread
+        ctx.state = (spec, plan, stats, noise)
+        ctx.set_materialize_grads(False)
+        out_stats.append(stats)
+        return y
 
     @staticmethod
     def backward(
-        ctx: Any, dy: Tensor, _dmean: Tensor | None, _dspread: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        ctx: Any, dy: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
+        if dy is None:
+            return None, None, None, None, None, None, None
         x, weight, bias = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return (*_torch_op_backward(ctx, x, weight, bias, dy), None, None)
-        layout, v, blocks, row_blocks = ctx.layout
-        loops = _loops()
-        spec = ctx.spec
+            return (*_torch_op_backward(ctx, x, weight, bias, dy), None, None, None, None)
+        spec, plan, stats, noise = ctx.state
         need_dx = bool(ctx.needs_input_grad[0])
-        xa = layout.array(x)
-        dya = layout.array(dy)
-        dx, dxa = layout.empty(x)
-        w = _param(weight, layout.channels, 1.0, x.dtype)
-        noise, table, key = _noise_args(spec, layout.channels, x.dtype)
+        xa = plan.array(x)
+        dya = plan.array(plan.like(dy, x))
+        dx = torch.empty_like(x)
+        dxa = plan.array(dx)
+        w = _param(weight, plan.channels, 1.0, x.dtype)
         args = (
-            blocks, row_blocks, spec.p, ctx.stats, w, noise, table, key, dxa, need_dx,
-            layout.parallel,
+            plan.blocks, plan.row_blocks, spec.p, stats, w, *noise, dxa, need_dx, plan.parallel,
         )  # fmt: skip
-        if layout.planar:
-            backward = loops.backward_planar if layout.parallel else loops.backward_planar_serial
-            dparams = backward(dya, xa, v, *args)
+        plan.enter()
+        if plan.planar:
+            dparams = plan.backward(dya, xa, plan.v, *args)
         else:
-            backward = loops.backward_rows if layout.parallel else loops.backward_rows_serial
-            dparams = backward(dya, xa, layout.k, v * layout.rows_per_sample, *args)
+            dparams = plan.backward(dya, xa, plan.k, plan.v * plan.rows_per_sample, *args)
         dweight = _grad_of(weight, dparams[0])
         dbias = _grad_of(bias, dparams[1])
-        return (dx if need_dx else None), dweight, dbias, None, None
+        return (dx if need_dx else None), dweight, dbias, None, None, None, None
 
 
 def _grad_of(param: Tensor | None, grad: np.ndarray) -> Tensor | None:
@@ -282,26 +322,20 @@ def _track_args(
 ) -> tuple[np.ndarray, np.ndarray, float, int]:
     """The running buffers as NumPy views the forward kernel updates in place, or empty arrays
     (kind 0) when there are none or they are not plain CPU buffers of x's dtype."""
-    mean, second = (None, None) if update is None else (update.mean, update.second)
-    if (
-        update is None
-        or mean is None
-        or second is None
-        or not _plain(mean, dtype)
-        or not _plain(second, dtype)
-    ):
-        empty = _NO_NOISE_F32 if dtype == torch.float32 else _NO_NOISE_F64
-        return empty, empty, 0.0, 0
-    return mean.numpy(), second.numpy(), float(update.momentum), update.kind
+    if update is not None and _plain(update.mean, dtype) and _plain(update.second, dtype):
+        mean, second = update.mean.numpy(), update.second.numpy()  # type: ignore[union-attr]
+        return mean, second, float(update.momentum), update.kind
+    empty = _NO_NOISE_F32 if dtype == torch.float32 else _NO_NOISE_F64
+    return empty, empty, 0.0, 0
 
 
 def _plain(t: Tensor | None, dtype: torch.dtype) -> bool:
     return (
         t is not None
         and t.dtype == dtype
-        and t.device.type == "cpu"
-        and t.is_contiguous()
         and not t.requires_grad
+        and t.is_cpu
+        and t.is_contiguous()
     )
 
 
@@ -315,7 +349,7 @@ def _torch_op_backward(
         t for t, need in zip((x, weight, bias), needs, strict=True) if need and t is not None
     ]
     with torch.enable_grad():
-        y, _ = ops.train(x, weight, bias, ctx.spec)
+        y, _ = ops.train(x, weight, bias, ctx.state[0])
         grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
     dx, dweight, dbias = (next(grads) if need else None for need in needs)
     return dx, dweight, dbias
@@ -330,20 +364,20 @@ def _eval_kernel(
     eps: float,
     is_var: bool,
 ) -> Tensor:
-    layout = _Layout(x)
-    loops = _loops()
-    xa = layout.array(x)
-    y, ya = layout.empty(x)
-    w = _param(weight, layout.channels, 1.0, x.dtype)
-    b = _param(bias, layout.channels, 0.0, x.dtype)
-    m = mean.detach().numpy()
-    s = spread.detach().numpy()
-    _, row_blocks = _blocks(layout, 1, layout.n)
-    args = (m, s, eps, is_var, w, b, ya, row_blocks, layout.parallel)
-    if layout.planar:
-        (loops.eval_planar if layout.parallel else loops.eval_planar_serial)(xa, *args)
+    x = _readable(x)
+    plan = _plan(x, x.shape[0])
+    y = torch.empty_like(x)
+    channels = plan.channels
+    w = _param(weight, channels, 1.0, x.dtype)
+    b = _param(bias, channels, 0.0, x.dtype)
+    m = _param(mean, channels, 0.0, x.dtype)
+    s = _param(spread, channels, 1.0, x.dtype)
+    plan.enter()
+    args = (m, s, eps, is_var, w, b, plan.array(y), plan.row_blocks, plan.parallel)
+    if plan.planar:
+        plan.eval(plan.array(x), *args)
     else:
-        (loops.eval_rows if layout.parallel else loops.eval_rows_serial)(xa, layout.k, *args)
+        plan.eval(plan.array(x), plan.k, *args)
     return y
 
 
@@ -396,12 +430,16 @@ def train_normalize(
 ) -> tuple[Tensor, ops.GroupStats, bool]:
     """Training-mode normalization on the kernels: ``(y, stats, updated)`` like
     :func:`ops.train`; ``updated`` says whether the kernel moved ``update``'s buffers."""
-    y, mean, spread = FusedTrainNorm.apply(x, weight, bias, spec, update)
-    n, per_sample = x.shape[0], x.numel() // (x.shape[0] * x.shape[1])
-    v = _group_len(spec, n)
-    counts = tuple(min(v, n - start) * per_sample for start in range(0, n, v))
-    updated = update is not None and _plain(update.mean, x.dtype) and _plain(update.second, x.dtype)
-    return y, ops.GroupStats(mean, spread, counts), updated
+    x = _readable(x)
+    n = x.shape[0]
+    v = n if spec.virtual_batch_size is None else min(spec.virtual_batch_size, n)
+    plan = _plan(x, v)
+    track = _track_args(update, x.dtype)
+    out_stats: list[np.ndarray] = []
+    y = FusedTrainNorm.apply(x, weight, bias, spec, plan, track, out_stats)
+    stats = out_stats[0]
+    mean, spread = torch.from_numpy(stats[0]), torch.from_numpy(stats[1])
+    return y, ops.GroupStats(mean, spread, plan.counts), track[3] != 0
 
 
 def eval_normalize(
@@ -414,9 +452,10 @@ def eval_normalize(
     is_var: bool,
 ) -> Tensor:
     """y = weight (x - mean) / s + bias, s = sqrt(spread + eps) (``is_var``) or spread."""
-    mean, spread = mean.to(x.dtype), spread.to(x.dtype)
-    if not torch.is_grad_enabled() or not any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
+    if not torch.is_grad_enabled() or not (
+        x.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
     ):
         return _eval_kernel(x, mean, spread, weight, bias, eps, is_var)
     y: Tensor = FusedEvalNorm.apply(x, mean, spread, weight, bias, eps, is_var)
