@@ -846,59 +846,6 @@ def forward_rows(
     return stats
 
 
-@njit(cache=True)
-def _eval_stats(mean, spread, eps, is_var):
-    """Stats rows for eval: scale = sqrt(spread + eps) (running_var) or spread itself."""
-    c_total = mean.shape[0]
-    stats = np.empty((5, 1, c_total))
-    for c in range(c_total):
-        stats[MEAN, 0, c] = mean[c]
-        s = np.float64(spread[c])
-        stats[SCALE, 0, c] = math.sqrt(s + eps) if is_var else s
-        stats[R, 0, c] = 1.0
-        stats[D, 0, c] = 0.0
-    return stats
-
-
-@njit(cache=True, parallel=_PARALLEL)
-def eval_planar(x, mean, spread, eps, is_var, weight, bias, y, row_blocks, parallel):
-    """y = weight (x - mean) / scale + bias with the running statistics (scale from
-    :func:`_eval_stats`). One read of x, one write of y."""
-    n_total, c_total, _ = x.shape
-    stats = _eval_stats(mean, spread, eps, is_var)
-    coef = np.empty((4, 1, c_total), dtype=x.dtype)
-    _coefficients(stats, weight, bias, coef)
-    empty_noise = np.empty((3, 0))
-    table = np.empty(0, dtype=x.dtype)
-    key = np.empty(2, dtype=np.uint64)  # unused without noise
-    if parallel:
-        for t in prange(row_blocks):
-            _planar_normalize_task(x, t, row_blocks, n_total, coef, empty_noise, table, key, y)
-    else:
-        _planar_normalize_task(x, 0, 1, n_total, coef, empty_noise, table, key, y)
-
-
-@njit(cache=True, parallel=_PARALLEL)
-def eval_rows(x, k, mean, spread, eps, is_var, weight, bias, y, row_blocks, parallel):
-    """Row-layout :func:`eval_planar` (columns as :func:`forward_rows`). One read, one write."""
-    m_total, columns = x.shape
-    stats = _eval_stats(mean, spread, eps, is_var)
-    coef = np.empty((4, 1, columns // k), dtype=x.dtype)
-    _coefficients(stats, weight, bias, coef)
-    coef = _columns(coef, k)
-    empty_noise = np.empty((3, 0), dtype=x.dtype)
-    table = np.empty(0, dtype=x.dtype)
-    key = np.empty(2, dtype=np.uint64)  # unused without noise
-    base = np.empty(0, dtype=np.uint32)
-    if parallel:
-        for t in prange(row_blocks):
-            _rows_normalize_task(
-                x, t, m_total, row_blocks, coef, empty_noise, table, key, base, k, y
-            )
-    else:
-        _rows_normalize_task(x, 0, m_total, 1, coef, empty_noise, table, key, base, k, y)
-
-
 @njit(cache=True, parallel=_PARALLEL)
 def backward_planar(
     dy, x, v, blocks, row_blocks, p, stats, weight, noise, table, key, dx, need_dx, parallel
@@ -1029,7 +976,5 @@ def _serial_twin(dispatcher: Any) -> Any:
 
 forward_planar_serial = _serial_twin(forward_planar)
 forward_rows_serial = _serial_twin(forward_rows)
-eval_planar_serial = _serial_twin(eval_planar)
-eval_rows_serial = _serial_twin(eval_rows)
 backward_planar_serial = _serial_twin(backward_planar)
 backward_rows_serial = _serial_twin(backward_rows)
