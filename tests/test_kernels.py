@@ -389,3 +389,35 @@ def test_first_kernel_use_keeps_torch_thread_count():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "1"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_outputs_are_advised_to_huge_pages_and_stay_correct(channels_last, monkeypatch):
+    """y and dx of 4 MiB and more are advised over their whole 2 MiB pages; smaller ones are
+    not; the numbers do not change."""
+    advised: list[tuple[int, int, int]] = []
+
+    def record(start: int, length: int, advice: int) -> int:
+        advised.append((start, length, advice))
+        return 0
+
+    monkeypatch.setattr(kernels, "_madvise", record)
+    torch.manual_seed(6)
+    x = torch.randn(64, 8, 48, 48) * 2 + 3  # 4.7 MB of float32
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(8) + 0.5, torch.randn(8)
+    ours, torch_op = _both_paths(x, weight, bias, ops.NormSpec(1e-5), torch.randn_like(x))
+    for a, b in zip(ours[:4], torch_op[:4], strict=True):
+        assert rel_err(a, b) <= 1e-5
+    y, dx = ours[0], ours[1]
+    assert y.stride() == x.stride() and dx.stride() == x.stride()
+    assert len(advised) == 2  # y, then dx
+    for (start, length, advice), t in zip(advised, (y, dx), strict=True):
+        first, end = t.data_ptr(), t.data_ptr() + t.numel() * 4
+        assert advice == 14 and start % kernels.HUGE_PAGE == 0 and length % kernels.HUGE_PAGE == 0
+        assert first <= start and start + length <= end and end - (start + length) < 2**21
+    advised.clear()
+    small = torch.randn(64, 8, 8, 8)
+    _both_paths(small, weight, bias, ops.NormSpec(1e-5), torch.randn_like(small))
+    assert advised == []
