@@ -414,6 +414,12 @@ def _parse_list(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ..
 @click.option("--layers", "layer_text", default=",".join(LAYERS), show_default=True)
 @click.option("--formats", "format_text", default=",".join(FORMATS), show_default=True)
 @click.option("--modes", "mode_text", default=",".join(MODES), show_default=True)
+@click.option(
+    "--shapes",
+    "shape_text",
+    default=None,
+    help="Only these of the benchmark's shapes, e.g. 64x16x4x4,128x32x8x8 (default: all).",
+)
 @click.option("--no-compile-time", is_flag=True, help="Skip the fresh-process compile timing.")
 @click.option(
     "--threads",
@@ -433,6 +439,7 @@ def command(
     layer_text: str,
     format_text: str,
     mode_text: str,
+    shape_text: str | None,
     no_compile_time: bool,
     threads: int | None,
     cpu_clock: bool,
@@ -446,8 +453,12 @@ def command(
     layers = _parse_list(layer_text, LAYERS, "layer")
     formats = _parse_list(format_text, FORMATS, "format")
     modes = _parse_list(mode_text, MODES, "mode")
+    shapes = QUICK_SHAPES if quick else SHAPES
+    if shape_text is not None:
+        names = {"x".join(map(str, shape)): shape for shape in SHAPES}
+        shapes = tuple(names[name] for name in _parse_list(shape_text, tuple(names), "shape"))
     result = run_benchmark(
-        shapes=QUICK_SHAPES if quick else SHAPES,
+        shapes=shapes,
         layers=layers,
         formats=formats,
         modes=modes,
