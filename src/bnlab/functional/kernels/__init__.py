@@ -272,8 +272,8 @@ def _noise_args(
         empty = _NO_NOISE_F32 if dtype == torch.float32 else _NO_NOISE_F64
         return _NO_NOISE_PARAMS, empty, _NO_KEY
     params = np.empty((3, channels))
-    params[0] = draw.mu.detach().double().numpy()
-    params[1] = draw.sigma.detach().double().numpy()
+    params[0] = draw.mu.numpy(force=True)  # NumPy widens to float64 on assignment
+    params[1] = draw.sigma.numpy(force=True)
     params[2] = draw.scale_std
     table = noise_mod.normal_quantiles(dtype).numpy()
     return params, table, np.array(draw.key, dtype=np.uint64)
