@@ -72,12 +72,32 @@ def draw(
 ) -> NoiseDraw:
     """Draw one step's noise from ``generator`` (the global RNG when None)."""
     u = torch.rand(2, channels, device=device, dtype=dtype, generator=generator)
-    mu = (2 * u[0] - 1) * spec.mean_range
-    sigma = spec.std_low + u[1] * (spec.std_high - spec.std_low)
+    # One op for both rows (runs every step): mu = -r + 2r u, sigma = lo + (hi - lo) u.
+    low, width = _affine_rows(spec, device, dtype)
+    mu, sigma = torch.addcmul(low, u, width).unbind(0)
     k0, k1 = torch.randint(
         0, 2**32, (2,), device=device, dtype=torch.int64, generator=generator
     ).tolist()
     return NoiseDraw(mu, sigma, spec.scale_std, (int(k0), int(k1)))
+
+
+_affine_cache: dict[tuple[NoiseSpec, torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
+def _affine_rows(
+    spec: NoiseSpec, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(2, 1) offsets and widths mapping U(0, 1) to mu's and sigma's ranges."""
+    key = (spec, torch.device(device), dtype)
+    rows = _affine_cache.get(key)
+    if rows is None:
+        low = [-spec.mean_range, spec.std_low]
+        width = [2 * spec.mean_range, spec.std_high - spec.std_low]
+        rows = _affine_cache[key] = (
+            torch.tensor(low, device=device, dtype=dtype).view(2, 1),
+            torch.tensor(width, device=device, dtype=dtype).view(2, 1),
+        )
+    return rows
 
 
 def normal_quantiles(dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
