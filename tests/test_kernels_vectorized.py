@@ -45,7 +45,7 @@ def test_hash_columns_match_torch_hash_of_the_logical_counters():
     base = loops._column_base(columns, k, rows)
     row = rows - 5
     h = np.empty(columns, dtype=np.uint32)
-    loops._hash_columns(base, 0, columns, row * k, np.array(KEY, dtype=np.uint64), h)
+    loops._hash_columns(base, row * k, np.array(KEY, dtype=np.uint64), h)
     j = np.arange(columns)
     counters = (j // k) * (rows * k) + row * k + j % k  # c * N * S + n * S + s
     np.testing.assert_array_equal(h.astype(np.int64), _hash_reference(counters))

@@ -56,7 +56,12 @@ _S15 = np.uint32(15)
 _S16 = np.uint32(16)
 _LOW16 = np.uint32(0xFFFF)
 # Noise values hashed per batch into a scratch vector: the hash loop vectorizes, the table
-# lookups that follow cannot (LLVM emits no gathers for this CPU, and they measured slower).
+# lookups that follow cannot (random reads of a 256 KiB table: about 0.5 ns each, the cost
+# that dominates the noise). The row layout's lookups, and the backward's, write z and z' to
+# scratch vectors so that the arithmetic loop after them vectorizes; each such loop indexes its
+# arrays by its own counter from 0 (slices, or whole rows): an index such as c0 + i, which LLVM
+# cannot prove non-negative, keeps numba's negative-index wraparound and turns each load into
+# a gather. The planar normalize keeps its lookups in the loop (split, it measured slower).
 _RUN = 256
 
 # Rows of the (5, G, C) float64 statistics array the forward returns and the backward reads.
@@ -94,12 +99,21 @@ def _hash_run(start, count, key, h):
 
 
 @njit(cache=True, inline="always")
-def _hash_columns(base, j0, count, offset, key, h):
-    """h[i] = hash of counter base[j0 + i] + offset for i < count (a row of the row layout)."""
+def _hash_columns(base, offset, key, h):
+    """h[j] = hash of counter base[j] + offset (a row of the row layout)."""
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     shift = np.uint32(offset)
+    for j in range(h.shape[0]):
+        h[j] = _hash32(np.uint32(base[j] + shift), k0, k1)
+
+
+@njit(cache=True, inline="always")
+def _look_up(h, count, table, z, z_scale):
+    """z[i], z_scale[i] = the table entries of h[i]'s high and low 16 bits for i < count
+    (scalar loads)."""
     for i in range(count):
-        h[i] = _hash32(np.uint32(base[j0 + i] + shift), k0, k1)
+        z[i] = table[h[i] >> _S16]
+        z_scale[i] = table[h[i] & _LOW16]
 
 
 @njit(cache=True, inline="always")
@@ -327,7 +341,9 @@ def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, base
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
     noisy = table.shape[0] != 0
-    h = np.empty(_RUN if noisy else 0, dtype=np.uint32)
+    run = c_total if noisy else 0  # a whole row per batch: every loop indexes from 0
+    h = np.empty(run, dtype=np.uint32)
+    z, z_scale = np.empty(run, dtype=x.dtype), np.empty(run, dtype=x.dtype)
     mu, sigma, scale_std = noise[0], noise[1], noise[2]
     one = x.dtype.type(1)
     for r in range(r0, r1):
@@ -337,14 +353,11 @@ def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, base
             for c in range(c_total):
                 y[r, c] = ((x[r, c] - mh[c]) - ml[c]) * a[c] + b[c]
             continue
-        for c0 in range(0, c_total, _RUN):
-            run = min(_RUN, c_total - c0)
-            _hash_columns(base, c0, run, r * k, key, h)
-            for i in range(run):
-                c = c0 + i
-                z, z_scale = table[h[i] >> _S16], table[h[i] & _LOW16]
-                bn = ((x[r, c] - mh[c]) - ml[c]) * a[c] + b[c]
-                y[r, c] = bn * (one + scale_std[c] * z_scale) + (mu[c] + sigma[c] * z)
+        _hash_columns(base, r * k, key, h)
+        _look_up(h, c_total, table, z, z_scale)
+        for c in range(c_total):
+            bn = ((x[r, c] - mh[c]) - ml[c]) * a[c] + b[c]
+            y[r, c] = bn * (one + scale_std[c] * z_scale[c]) + (mu[c] + sigma[c] * z[c])
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,29 +370,30 @@ def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, base
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _noisy_gradient_run(dy, start, scale_std, table, key, h, gy):
+def _noisy_gradient_run(dy, start, scale_std, table, key, h, z_scale, gy):
     """gy[s] = dy[s] * (1 + scale_std z'_s) (input dtype) for a planar row of counters start + s."""
     size = dy.shape[0]
     scale, one = gy.dtype.type(scale_std), gy.dtype.type(1)
     for s0 in range(0, size, _RUN):
         run = min(_RUN, size - s0)
         _hash_run(start + s0, run, key, h)
+        for i in range(run):  # scalar loads
+            z_scale[i] = table[h[i] & _LOW16]
+        dy_run, gy_run = dy[s0 : s0 + run], gy[s0 : s0 + run]
         for i in range(run):
-            gy[s0 + i] = dy[s0 + i] * (one + scale * table[h[i] & _LOW16])
+            gy_run[i] = dy_run[i] * (one + scale * z_scale[i])
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _noisy_gradient_columns(dy, base, offset, scale_std, table, key, h, gy):
-    """Row-layout :func:`_noisy_gradient_run`: column c's counter is base[c] + offset and
-    ``scale_std`` is per column."""
-    columns = dy.shape[0]
+def _noisy_gradient_columns(dy, base, offset, scale_std, table, key, h, z_scale, gy):
+    """Row-layout :func:`_noisy_gradient_run` on a whole row (h, z_scale: one entry per
+    column): column c's counter is base[c] + offset and ``scale_std`` is per column."""
     one = gy.dtype.type(1)
-    for c0 in range(0, columns, _RUN):
-        run = min(_RUN, columns - c0)
-        _hash_columns(base, c0, run, offset, key, h)
-        for i in range(run):
-            c = c0 + i
-            gy[c] = dy[c] * (one + scale_std[c] * table[h[i] & _LOW16])
+    _hash_columns(base, offset, key, h)
+    for c in range(h.shape[0]):  # scalar loads
+        z_scale[c] = table[h[c] & _LOW16]
+    for c in range(h.shape[0]):
+        gy[c] = dy[c] * (one + scale_std[c] * z_scale[c])
 
 
 @njit(cache=True, fastmath=_REDUCE)
@@ -396,13 +410,14 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, table, key, stor
     s_sign = 0.0
     noisy = table.shape[0] != 0
     h = np.empty(_RUN if noisy else 0, dtype=np.uint32)
+    z_scale = np.empty(_RUN if noisy else 0, dtype=dy.dtype)
     scratch = np.empty(size if noisy and not store else 0, dtype=dy.dtype)
     for n in range(n0, n1):
         grad = dy[n, c]
         if noisy:
             grad = dx[n, c] if store else scratch
             start = (c * n_total + n) * size
-            _noisy_gradient_run(dy[n, c], start, noise[2, c], table, key, h, grad)
+            _noisy_gradient_run(dy[n, c], start, noise[2, c], table, key, h, z_scale, grad)
         x_row = x[n, c]
         for s in range(size):
             gy = np.float64(grad[s])
@@ -428,7 +443,8 @@ def _rows_grad_sums_task(
     m = mean[g]
     s_gy, s_gx, s_sign = part[0, t], part[1, t], part[2, t]
     noisy = table.shape[0] != 0
-    h = np.empty(_RUN if noisy else 0, dtype=np.uint32)
+    h = np.empty(c_total if noisy else 0, dtype=np.uint32)
+    z_scale = np.empty(c_total if noisy else 0, dtype=dy.dtype)
     scratch = np.empty(c_total if noisy and not store else 0, dtype=dy.dtype)
     track = p != 1.0 and p != 2.0
     top_t, first_t = (top[t], first[t]) if track else (top[0], first[0])
@@ -436,7 +452,7 @@ def _rows_grad_sums_task(
         grad = dy[r]
         if noisy:
             grad = dx[r] if store else scratch
-            _noisy_gradient_columns(dy[r], base, r * k, noise[2], table, key, h, grad)
+            _noisy_gradient_columns(dy[r], base, r * k, noise[2], table, key, h, z_scale, grad)
         x_row = x[r]
         if p == 1.0:
             for c in range(c_total):
