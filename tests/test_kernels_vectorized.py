@@ -146,3 +146,58 @@ def test_rows_linf_arg_max_takes_the_first_tied_value(shape, channels_last, firs
     dx_ref, dw_ref, db_ref = R.lp_batch_norm_backward(dy.numpy(), cache)
     assert rel_err(dx, dx_ref) <= 1e-10
     assert rel_err(dw, dw_ref) <= 1e-10 and rel_err(db, db_ref) <= 1e-10
+
+
+@pytest.fixture
+def two_threads():
+    """torch (and so the kernels) on two threads for the test; the suite runs on one."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba's pool has one thread on this machine")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [
+        ((60, 2300), False),  # rows, k = 1: 288 channels per block, past a batch of 256
+        ((100, 40, 3, 3), True),  # channels-last rows, 9 rows per sample
+        ((100, 70, 2, 3), False),  # rows (N, C * S), k = 6 columns per channel
+    ],
+)
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf])
+def test_row_layout_with_many_groups_in_parallel_matches_torch_op_path(
+    shape, channels_last, p, two_threads
+):
+    """Ghost batches of 8 samples (the last one shorter): the per-(group, channel) merge,
+    finish, coefficients and running update run over blocks of channels on the pool; one
+    channel sits at mean 1e4 so that the re-centring matters."""
+    torch.manual_seed(11)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    x[:, 1] += 1e4
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    channels = shape[1]
+    plan = kernels._plan(kernels._readable(x), 8)
+    assert plan.parallel and plan.threads == 2 and not plan.planar and plan.groups > 4
+    spec = ops.NormSpec(1e-5, p, virtual_batch_size=8)
+    weight, bias = torch.rand(channels, dtype=x.dtype) + 0.5, torch.randn(channels, dtype=x.dtype)
+    dy = torch.randn_like(x)
+    buffers = []
+    results = []
+    for kernels_on in (True, False):
+        xs = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+        mean, second = torch.zeros(channels, dtype=x.dtype), torch.ones(channels, dtype=x.dtype)
+        update = ops.RunningUpdate(mean, second, 0.1, ops.VARIANCE if p == 2.0 else ops.SCALE)
+        with F.use_kernels(kernels_on):
+            y, _ = F.normalize_train(xs, w, b, spec, None, update)
+        results.append((y, *torch.autograd.grad(y, (xs, w, b), dy)))
+        buffers.append((mean, second))
+    for a, b in zip(results[0], results[1], strict=True):
+        assert rel_err(a, b) <= TOL[torch.float64]
+    for a, b in zip(buffers[0], buffers[1], strict=True):
+        assert rel_err(a, b) <= TOL[torch.float64]

@@ -184,7 +184,16 @@ def _rows_sums_task(x, t, v_rows, blocks, p, part):
     g, b = t // blocks, t % blocks
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
     shift = x[g * v_rows]
-    s1, s2, lo, hi = part[0, t], part[1, t], part[2, t], part[3, t]
+    extremes = p != 1.0 and p != 2.0  # part has rows lo, hi only then
+    s1, s2 = part[0, t], part[1, t]
+    lo, hi = (part[2, t], part[3, t]) if extremes else (s1, s2)
+    for c in range(c_total):
+        s1[c] = 0.0
+        s2[c] = 0.0
+    if extremes:
+        for c in range(c_total):
+            lo[c] = math.inf
+            hi[c] = -math.inf
     if p == 2.0:
         for r in range(r0, r1):
             for c in range(c_total):
@@ -211,9 +220,133 @@ def _rows_absdev_task(x, t, v_rows, blocks, mean, part):
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
     m = mean[g]
     acc = part[1, t]
+    for c in range(c_total):
+        acc[c] = 0.0
     for r in range(r0, r1):
         for c in range(c_total):
             acc[c] += abs(np.float64(x[r, c]) - m[c])
+
+
+@njit(cache=True, inline="always")
+def _rows_merge_unit(shift, part, p, scratch):
+    """Scratch rows first, s1, s2, lo, hi of a batch of channels with one column each from
+    part (rows, blocks, batch): the blocks' sums in order, as the column merge adds them."""
+    width = shift.shape[0]
+    first, s1, s2, lo, hi = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    for i in range(width):
+        first[i] = np.float64(shift[i])
+        s1[i], s2[i], lo[i], hi[i] = 0.0, 0.0, math.inf, -math.inf
+    for b in range(part.shape[1]):
+        a1, a2 = part[0, b], part[1, b]
+        for i in range(width):
+            s1[i] += a1[i]
+        for i in range(width):
+            s2[i] += a2[i]
+        if p != 1.0 and p != 2.0:
+            a_lo, a_hi = part[2, b], part[3, b]
+            for i in range(width):
+                lo[i] = min(lo[i], a_lo[i])
+            for i in range(width):
+                hi[i] = max(hi[i], a_hi[i])
+
+
+@njit(cache=True, inline="always")
+def _rows_merge_channel(shift, part, g, blocks, c, k, n, first, p, means_only):
+    """(s1, s2, lo, hi) of channel c's k columns re-centred on ``first`` (see
+    :func:`_rows_stats_task`); p = 1 after the absolute deviations: s2 is their plain sum."""
+    s1, s2, lo, hi = 0.0, 0.0, math.inf, -math.inf
+    for j in range(c * k, (c + 1) * k):
+        j1, j2, j_lo, j_hi = 0.0, 0.0, math.inf, -math.inf
+        for b in range(blocks):
+            j1 += part[0, g * blocks + b, j]
+            j2 += part[1, g * blocks + b, j]
+            if p != 1.0 and p != 2.0:
+                j_lo = min(j_lo, part[2, g * blocks + b, j])
+                j_hi = max(j_hi, part[3, g * blocks + b, j])
+        delta = np.float64(shift[j]) - first
+        s1 += j1 + n * delta
+        s2 += j2 + 2.0 * delta * j1 + n * delta * delta
+        lo = min(lo, j_lo + delta)
+        hi = max(hi, j_hi + delta)
+    if p == 1.0 and not means_only:  # part[1]: absolute deviations, not shifted
+        s2 = 0.0
+        for b in range(blocks):
+            for j in range(c * k, (c + 1) * k):
+                s2 += part[1, g * blocks + b, j]
+    return s1, s2, lo, hi
+
+
+_CHUNK = 256
+"""Channels per batch of the row layout's per-(group, channel) finish (:func:`_rows_stats_task`)."""
+
+
+@njit(cache=True, error_model="numpy")
+def _rows_stats_task(
+    t, col_mean, stats, coef, x, cblocks, v_rows, k, blocks, rows, count, p, eps, part, running,
+    limits, weight, bias, track_mean, track_second, momentum, track_kind,
+):  # fmt: skip
+    """Channels of block t of ``cblocks``, every group: merge the per-(task, column) partials
+    into per-channel sums re-centred on the channel's first column's shift (sum (x - K) =
+    S1 + n delta, sum (x - K)^2 = S2 + 2 delta S1 + n delta^2, delta = K_column - K), then the
+    stats, the per-column coefficients and the running buffers. ``col_mean`` not empty (p = 1,
+    before the absolute deviations): only the means, into stats MEAN and col_mean per column.
+
+    Rows of stats, coef and part lie a multiple of 4 KiB apart (C = 4096: 32 KiB per group):
+    a loop that touches many of them at once thrashes the L1 sets (and 4k-aliases loads with
+    stores), measured 13 ns per (group, channel). So a batch of channels goes through scratch
+    rows, and each output row is written by a loop of its own."""
+    channels = x.shape[1] // k
+    c0, c1 = _block(0, channels, t, cblocks)
+    means_only = col_mean.shape[0] != 0
+    scratch = np.empty((5, _CHUNK + 8))  # padded: scratch rows are not 4 KiB apart
+    first, s1, s2, lo, hi = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    for g in range(rows.shape[0]):
+        n = rows[g]
+        m = count[g]
+        shift = x[g * v_rows]
+        for ca in range(c0, c1, _CHUNK):
+            cb = min(c1, ca + _CHUNK)
+            width = cb - ca
+            if k == 1:  # delta = 0: the block sums add up, row by row (loops that vectorize)
+                _rows_merge_unit(
+                    shift[ca:cb], part[:, g * blocks : (g + 1) * blocks, ca:cb], p, scratch
+                )
+            else:
+                for i in range(width):
+                    c = ca + i
+                    first[i] = np.float64(shift[c * k])
+                    s1[i], s2[i], lo[i], hi[i] = _rows_merge_channel(
+                        shift, part, g, blocks, c, k, n, first[i], p, means_only
+                    )
+            if means_only:
+                mean_row = stats[MEAN, g, ca:cb]
+                for i in range(width):
+                    mean_row[i] = first[i] + s1[i] / m
+                for i in range(width):
+                    for j in range((ca + i) * k, (ca + i + 1) * k):
+                        col_mean[g, j] = mean_row[i]
+                continue
+            out = stats[:, g, ca:cb]
+            if p == 2.0 and running.shape[0] != 2:  # BatchNorm: a loop that vectorizes
+                for i in range(width):
+                    mean_shifted = s1[i] / m
+                    var = max(s2[i] / m - mean_shifted * mean_shifted, 0.0)
+                    out[MEAN, i] = first[i] + mean_shifted
+                    out[SPREAD, i] = mean_shifted if math.isnan(mean_shifted) else var
+                for i in range(width):
+                    out[SCALE, i] = math.sqrt(out[SPREAD, i] + eps)
+                    out[R, i] = 1.0
+                    out[D, i] = 0.0
+            else:
+                for i in range(width):
+                    c = ca + i
+                    values = _finish_one(
+                        s1[i], s2[i], lo[i], hi[i], first[i], m, p, eps, running, limits, c
+                    )
+                    out[MEAN, i], out[SPREAD, i], out[SCALE, i], out[R, i], out[D, i] = values
+            _store_coefficient_rows(out, ca, cb, weight, bias, k, coef[:, g])
+    if not means_only:
+        _update_running(stats, count, track_mean, track_second, momentum, track_kind, c0, c1)
 
 
 @njit(cache=True)
@@ -221,57 +354,60 @@ def _finish_stats(part, shift, count, p, eps, running, limits, stats):
     """(4, G, C) sums -> stats rows MEAN, SPREAD, SCALE, R, D."""
     groups, channels = shift.shape
     for g in range(groups):
-        m = count[g]
         for c in range(channels):
-            k = shift[g, c]
-            mean_shifted = part[0, g, c] / m
-            stats[MEAN, g, c] = k + mean_shifted
-            stats[R, g, c] = 1.0
-            stats[D, g, c] = 0.0
-            if p == 2.0:
-                var = max(part[1, g, c] / m - mean_shifted * mean_shifted, 0.0)
-                if math.isnan(mean_shifted):
-                    var = mean_shifted
-                stats[SPREAD, g, c] = var
-                stats[SCALE, g, c] = math.sqrt(var + eps)
-            elif p == 1.0:
-                spread = part[1, g, c] / m
-                stats[SPREAD, g, c] = spread
-                stats[SCALE, g, c] = spread + eps
-            else:
-                up = part[3, g, c] - mean_shifted
-                down = mean_shifted - part[2, g, c]
-                spread = max(up, down)
-                if math.isnan(mean_shifted):
-                    spread = mean_shifted
-                stats[SPREAD, g, c] = spread
-                stats[SCALE, g, c] = spread + eps
-            if running.shape[0] == 2:
-                sigma = math.sqrt(running[1, c] + eps)
-                r = min(max(stats[SCALE, g, c] / sigma, 1.0 / limits[0]), limits[0])
-                d = min(max((stats[MEAN, g, c] - running[0, c]) / sigma, -limits[1]), limits[1])
-                stats[R, g, c] = r
-                stats[D, g, c] = d
+            s1, s2, lo, hi = part[0, g, c], part[1, g, c], part[2, g, c], part[3, g, c]
+            values = _finish_one(s1, s2, lo, hi, shift[g, c], count[g], p, eps, running, limits, c)
+            stats[MEAN, g, c], stats[SPREAD, g, c], stats[SCALE, g, c] = values[:3]
+            stats[R, g, c], stats[D, g, c] = values[3], values[4]
+
+
+@njit(cache=True, inline="always")
+def _finish_one(s1, s2, lo, hi, k, m, p, eps, running, limits, c):
+    """(mean, spread, scale, r, d) of channel c from its sums shifted by k over m values."""
+    mean_shifted = s1 / m
+    mean = k + mean_shifted
+    if p == 2.0:
+        spread = max(s2 / m - mean_shifted * mean_shifted, 0.0)
+        if math.isnan(mean_shifted):
+            spread = mean_shifted
+        scale = math.sqrt(spread + eps)
+    elif p == 1.0:
+        spread = s2 / m
+        scale = spread + eps
+    else:
+        spread = max(hi - mean_shifted, mean_shifted - lo)
+        if math.isnan(mean_shifted):
+            spread = mean_shifted
+        scale = spread + eps
+    r, d = 1.0, 0.0
+    if running.shape[0] == 2:
+        sigma = math.sqrt(running[1, c] + eps)
+        r = min(max(scale / sigma, 1.0 / limits[0]), limits[0])
+        d = min(max((mean - running[0, c]) / sigma, -limits[1]), limits[1])
+    return mean, spread, scale, r, d
 
 
 @njit(cache=True)
-def _update_running(stats, count, track_mean, track_second, momentum, kind):
-    """running <- lerp(running, batch value, momentum) in place, as ``Tensor.lerp_``: the mean,
-    and the unbiased variance (``kind`` 1; averaged over groups) or the divisor s (``kind`` 2)."""
+def _update_running(stats, count, track_mean, track_second, momentum, kind, c0, c1):
+    """running <- lerp(running, batch value, momentum) in place, as ``Tensor.lerp_``, for
+    channels c0 <= c < c1: the mean, and the unbiased variance (``kind`` 1; averaged over
+    groups) or the divisor s (``kind`` 2)."""
     if kind == 0:
         return
-    groups, channels = stats.shape[1], stats.shape[2]
-    for c in range(channels):
-        mean = 0.0
-        second = 0.0
-        for g in range(groups):
-            mean += stats[MEAN, g, c]
+    groups = stats.shape[1]
+    sums = np.zeros((2, c1 - c0))  # g outer: stats[:, g, c] and [:, g + 1, c] are 4k-aliased
+    mean, second = sums[0], sums[1]
+    for g in range(groups):
+        factor = count[g] / (count[g] - 1.0)
+        for c in range(c0, c1):
+            mean[c - c0] += stats[MEAN, g, c]
             if kind == 1:
-                second += stats[SPREAD, g, c] * (count[g] / (count[g] - 1.0))
+                second[c - c0] += stats[SPREAD, g, c] * factor
             else:
-                second += stats[SCALE, g, c]
-        track_mean[c] = _lerp(track_mean[c], mean / groups, momentum)
-        track_second[c] = _lerp(track_second[c], second / groups, momentum)
+                second[c - c0] += stats[SCALE, g, c]
+    for c in range(c0, c1):
+        track_mean[c] = _lerp(track_mean[c], mean[c - c0] / groups, momentum)
+        track_second[c] = _lerp(track_second[c], second[c - c0] / groups, momentum)
 
 
 @njit(cache=True, inline="always")
@@ -286,15 +422,37 @@ def _lerp(old, end, weight):
 @njit(cache=True)
 def _coefficients(stats, weight, bias, coef):
     """y = ((x - mean_hi) - mean_lo) * a + b with a = w r / s, b = w d + bias."""
-    groups, channels = coef.shape[1], coef.shape[2]
-    for g in range(groups):
-        for c in range(channels):
-            mean = stats[MEAN, g, c]
-            coef[_MEAN_HI, g, c] = mean
-            coef[_MEAN_LO, g, c] = mean - np.float64(coef[_MEAN_HI, g, c])
-            a = np.float64(weight[c]) * stats[R, g, c] / stats[SCALE, g, c]
-            coef[_A, g, c] = a
-            coef[_B, g, c] = np.float64(weight[c]) * stats[D, g, c] + np.float64(bias[c])
+    for g in range(coef.shape[1]):
+        _store_coefficient_rows(stats[:, g], 0, coef.shape[2], weight, bias, 1, coef[:, g])
+
+
+@njit(cache=True, inline="always")
+def _store_coefficient_rows(stats, c0, c1, weight, bias, k, coef):
+    """:func:`_coefficients` of channels c0 <= c < c1 (stats (5, c1 - c0) rows, from column 0)
+    into coef (4, C * k) columns c k to (c + 1) k, one row per loop (indexed from 0)."""
+    dtype = coef.dtype.type
+    width = c1 - c0
+    mean, scale, r, d = stats[MEAN], stats[SCALE], stats[R], stats[D]
+    w, bias_c = weight[c0:c1], bias[c0:c1]
+    if k == 1:
+        hi_row, lo_row = coef[_MEAN_HI, c0:c1], coef[_MEAN_LO, c0:c1]
+        a_row, b_row = coef[_A, c0:c1], coef[_B, c0:c1]
+        for i in range(width):
+            hi_row[i] = dtype(mean[i])
+        for i in range(width):
+            lo_row[i] = dtype(mean[i] - np.float64(hi_row[i]))
+        for i in range(width):
+            a_row[i] = dtype(np.float64(w[i]) * r[i] / scale[i])
+        for i in range(width):
+            b_row[i] = dtype(np.float64(w[i]) * d[i] + np.float64(bias_c[i]))
+        return
+    for i in range(width):
+        hi = dtype(mean[i])
+        lo = dtype(mean[i] - np.float64(hi))
+        a = dtype(np.float64(w[i]) * r[i] / scale[i])
+        b = dtype(np.float64(w[i]) * d[i] + np.float64(bias_c[i]))
+        for j in range((c0 + i) * k, (c0 + i + 1) * k):
+            coef[_MEAN_HI, j], coef[_MEAN_LO, j], coef[_A, j], coef[_B, j] = hi, lo, a, b
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +594,7 @@ def _rows_grad_sums_task(
     dy, x, t, v_rows, blocks, p, mean, noise, table, key, base, k, store, part, top, first, dx
 ):
     """Per-column partial sums of block t; p = inf: ``top``/``first`` get each column's
-    largest |x - mean| and the first row holding it (merged by :func:`_rows_argmax`)."""
+    largest |x - mean| and the first row holding it (merged by :func:`_rows_argmax_channel`)."""
     m_total, c_total = x.shape
     g, b = t // blocks, t % blocks
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
@@ -448,6 +606,14 @@ def _rows_grad_sums_task(
     scratch = np.empty(c_total if noisy and not store else 0, dtype=dy.dtype)
     track = p != 1.0 and p != 2.0
     top_t, first_t = (top[t], first[t]) if track else (top[0], first[0])
+    for c in range(c_total):
+        s_gy[c] = 0.0
+        s_gx[c] = 0.0
+        s_sign[c] = 0.0
+    if track:
+        for c in range(c_total):
+            top_t[c] = -1.0
+            first_t[c] = -1
     for r in range(r0, r1):
         grad = dy[r]
         if noisy:
@@ -477,36 +643,53 @@ def _rows_grad_sums_task(
 @njit(cache=True)
 def _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams):
     """dx = A gy + B phi(x - mean) + C per (group, channel); phi = x - mean (p = 2), its sign
-    (p = 1); p = inf adds -A (S_gx / s) sign_k at the arg-max k. Also d weight, d bias."""
+    (p = 1); p = inf adds -A (S_gx / s) sign_k at the arg-max k (into sums[2]). Also d weight,
+    d bias."""
     groups, channels = coef.shape[1], coef.shape[2]
     totals = np.zeros((2, channels))
     for g in range(groups):
-        m = count[g]
         for c in range(channels):
-            s = stats[SCALE, g, c]
-            r = stats[R, g, c]
-            s_gy, s_gx = sums[0, g, c], sums[1, g, c]
-            a = np.float64(weight[c]) * r / s
-            mean = stats[MEAN, g, c]
-            coef[0, g, c] = mean
-            coef[1, g, c] = mean - np.float64(coef[0, g, c])
-            coef[2, g, c] = a
-            if p == 2.0:
-                coef[3, g, c] = -a * s_gx / (s * s * m)
-                coef[4, g, c] = -a * s_gy / m
-            elif p == 1.0:
-                coef[3, g, c] = -a * s_gx / (s * m)
-                coef[4, g, c] = -a * s_gy / m + a * (s_gx / s) * sums[2, g, c] / (m * m)
-            else:
-                k_sign = argmax_sign[g, c]
-                coef[3, g, c] = 0.0
-                coef[4, g, c] = -a * s_gy / m + a * (s_gx / s) * k_sign / m
-                sums[2, g, c] = -a * (s_gx / s) * k_sign
-            totals[0, c] += r * s_gx / s + stats[D, g, c] * s_gy
+            s_gy, s_gx, s_sign = sums[0, g, c], sums[1, g, c], sums[2, g, c]
+            sums[2, g, c], total = _store_grad_coefficients(
+                s_gy, s_gx, s_sign, argmax_sign[g, c], stats, count[g], p, weight, g, c, c,
+                c + 1, coef,
+            )  # fmt: skip
+            totals[0, c] += total
             totals[1, c] += s_gy
     for c in range(channels):
         dparams[0, c] = totals[0, c]
         dparams[1, c] = totals[1, c]
+
+
+@njit(cache=True, inline="always")
+def _store_grad_coefficients(s_gy, s_gx, s_sign, k_sign, stats, m, p, weight, g, c, j0, j1, coef):
+    """:func:`_grad_coefficients` of (group g, channel c) into columns j0 <= j < j1 of coef;
+    returns (the arg-max addend for p = inf, else s_sign; the group's d weight term)."""
+    s = stats[SCALE, g, c]
+    r = stats[R, g, c]
+    a = np.float64(weight[c]) * r / s
+    mean = stats[MEAN, g, c]
+    addend = s_sign
+    if p == 2.0:
+        b = -a * s_gx / (s * s * m)
+        offset = -a * s_gy / m
+    elif p == 1.0:
+        b = -a * s_gx / (s * m)
+        offset = -a * s_gy / m + a * (s_gx / s) * s_sign / (m * m)
+    else:
+        b = 0.0
+        offset = -a * s_gy / m + a * (s_gx / s) * k_sign / m
+        addend = -a * (s_gx / s) * k_sign
+    hi = coef.dtype.type(mean)
+    lo = coef.dtype.type(mean - np.float64(hi))
+    a_t, b_t, offset_t = coef.dtype.type(a), coef.dtype.type(b), coef.dtype.type(offset)
+    for j in range(j0, j1):
+        coef[0, g, j] = hi
+        coef[1, g, j] = lo
+        coef[2, g, j] = a_t
+        coef[3, g, j] = b_t
+        coef[4, g, j] = offset_t
+    return addend, r * s_gx / s + stats[D, g, c] * s_gy
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
@@ -577,33 +760,83 @@ def _planar_argmax_task(x, gc, v, mean, argmax_at, argmax_sign):
                 argmax_sign[g, c] = (xc > 0.0) - (xc < 0.0)
 
 
-@njit(cache=True)
-def _rows_argmax(x, k, blocks, col_mean, top, first, argmax_at, argmax_sign):
-    """Row-layout :func:`_planar_argmax_task` from the per-(task, column) maxima of
-    :func:`_rows_grad_sums_task`: the channel's first largest |x - mean| in its logical order,
-    row-major over (row, column), is the largest ``top`` with the smallest flat index."""
-    tasks, columns = top.shape
-    best = _filled(-1.0, argmax_at.shape)
-    for t in range(tasks):
-        g = t // blocks
-        for j in range(columns):
-            r = first[t, j]
+@njit(cache=True, error_model="numpy")
+def _rows_grad_task(
+    x, t, cblocks, k, blocks, count, p, part, top, first, col_mean, stats, weight, coef,
+    argmax_at, addend, totals, dparams,
+):  # fmt: skip
+    """Channels of block t of ``cblocks``, every group: the per-channel sums from the
+    per-(task, column) partials (in task, then column order), the arg-max for p = inf, the dx
+    coefficients per column (:func:`_store_grad_coefficients`) and d weight, d bias."""
+    columns = x.shape[1]
+    c0, c1 = _block(0, columns // k, t, cblocks)
+    track = p != 1.0 and p != 2.0
+    for c in range(c0, c1):
+        totals[0, c] = 0.0
+        totals[1, c] = 0.0
+    sums = np.empty((3, _CHUNK + 8))  # padded: its rows are not 4 KiB apart
+    for g in range(count.shape[0]):
+        for ca in range(c0, c1, _CHUNK):
+            cb = min(c1, ca + _CHUNK)
+            width = cb - ca
+            for i in range(3):
+                row = sums[i]
+                for c in range(width):
+                    row[c] = 0.0
+            for b in range(blocks):
+                for i in range(3):
+                    row, partial = sums[i], part[i, g * blocks + b]
+                    if k == 1:
+                        partial = partial[ca:cb]
+                        for c in range(width):
+                            row[c] += partial[c]
+                    else:
+                        for c in range(width):
+                            for j in range((ca + c) * k, (ca + c + 1) * k):
+                                row[c] += partial[j]
+            for c in range(ca, cb):
+                k_sign = 0.0
+                if track:
+                    k_sign = _rows_argmax_channel(
+                        x, g, c, k, blocks, col_mean, top, first, argmax_at
+                    )
+                s_gy = sums[0, c - ca]
+                extra, total = _store_grad_coefficients(
+                    s_gy, sums[1, c - ca], sums[2, c - ca], k_sign, stats, count[g], p, weight, g,
+                    c, c * k, (c + 1) * k, coef,
+                )  # fmt: skip
+                if track:
+                    addend[g, c] = extra
+                totals[0, c] += total
+                totals[1, c] += s_gy
+    for c in range(c0, c1):
+        dparams[0, c] = totals[0, c]
+        dparams[1, c] = totals[1, c]
+
+
+@njit(cache=True, inline="always")
+def _rows_argmax_channel(x, g, c, k, blocks, col_mean, top, first, argmax_at):
+    """The first largest |x - mean| of (group g, channel c) in its logical order, row-major over
+    (row, column), from the per-(task, column) maxima of :func:`_rows_grad_sums_task`: the
+    largest ``top`` with the smallest flat index. Stores the flat index, returns the sign."""
+    columns = x.shape[1]
+    best = -1.0
+    at_best = -1
+    k_sign = 0.0
+    for b in range(blocks):
+        for j in range(c * k, (c + 1) * k):
+            r = first[g * blocks + b, j]
             if r < 0:
                 continue
-            c = j // k
             at = r * columns + j
-            value = top[t, j]
-            if value > best[g, c] or (value == best[g, c] and at < argmax_at[g, c]):
-                best[g, c] = value
-                argmax_at[g, c] = at
+            value = top[g * blocks + b, j]
+            if value > best or (value == best and at < at_best):
+                best = value
+                at_best = at
                 xc = np.float64(x[r, j]) - col_mean[g, j]
-                argmax_sign[g, c] = (xc > 0.0) - (xc < 0.0)
-
-
-# --------------------------------------------------------------------------------------------
-# Drivers: the entry points called from Python, one per layout and direction. Buffers are
-# allocated and filled through the serial helpers below: numba would turn np.zeros or a slice
-# assignment written here into a parallel region of its own.
+                k_sign = (xc > 0.0) - (xc < 0.0)
+    argmax_at[g, c] = at_best
+    return k_sign
 
 
 @njit(cache=True)
@@ -702,7 +935,7 @@ def forward_planar(
             sums[1, gc // c_total, gc % c_total] += part[1, t]
     stats = np.empty((5, groups, c_total))
     _finish_stats(sums, shift, count, p, eps, running, limits, stats)
-    _update_running(stats, count, track_mean, track_second, momentum, track_kind)
+    _update_running(stats, count, track_mean, track_second, momentum, track_kind, 0, c_total)
     coef = np.empty((4, groups, c_total), dtype=x.dtype)
     _coefficients(stats, weight, bias, coef)
     if parallel:
@@ -747,31 +980,6 @@ def _noise_columns(noise, k, like):
     return out
 
 
-@njit(cache=True)
-def _merge_columns(sums, shift, rows, k):
-    """Per-column shifted sums (4, G, C * k) -> per channel (4, G, C), re-centred on the
-    channel's first column's shift: sum (x - K) = S1 + n delta, sum (x - K)^2 = S2 + 2 delta S1
-    + n delta^2 with delta = K_column - K."""
-    _, groups, columns = sums.shape
-    channels = columns // k
-    out = np.empty((4, groups, channels))
-    shift_c = np.empty((groups, channels))
-    for g in range(groups):
-        n = rows[g]
-        for c in range(channels):
-            first = shift[g, c * k]
-            s1, s2, lo, hi = 0.0, 0.0, math.inf, -math.inf
-            for j in range(c * k, (c + 1) * k):
-                delta = shift[g, j] - first
-                s1 += sums[0, g, j] + n * delta
-                s2 += sums[1, g, j] + 2.0 * delta * sums[0, g, j] + n * delta * delta
-                lo = min(lo, sums[2, g, j] + delta)
-                hi = max(hi, sums[3, g, j] + delta)
-            out[0, g, c], out[1, g, c], out[2, g, c], out[3, g, c] = s1, s2, lo, hi
-            shift_c[g, c] = first
-    return out, shift_c
-
-
 @njit(cache=True, parallel=_PARALLEL)
 def forward_rows(
     x,
@@ -800,58 +1008,44 @@ def forward_rows(
     ``v_rows`` rows. Returns the (5, G, C) stats. Memory passes as :func:`forward_planar`.
     """
     m_total, columns = x.shape
+    channels = columns // k
     rows = _group_counts(m_total, v_rows, 1)
-    count = rows * k
+    count = _group_counts(m_total, v_rows, k)
     groups = rows.shape[0]
     tasks = groups * blocks
-    part = _filled(0.0, (4, tasks, columns))
-    _fill(part[2], math.inf)
-    _fill(part[3], -math.inf)
+    cblocks = min(channels, row_blocks)  # the merge and finish, per block of channels
+    part = np.empty((2 if p == 1.0 or p == 2.0 else 4, tasks, columns))
     if parallel:
         for t in prange(tasks):
             _rows_sums_task(x, t, v_rows, blocks, p, part)
     else:
         for t in range(tasks):
             _rows_sums_task(x, t, v_rows, blocks, p, part)
-    col_sums = _filled(0.0, (4, groups, columns))
-    _fill(col_sums[2], math.inf)
-    _fill(col_sums[3], -math.inf)
-    col_shift = np.empty((groups, columns))
-    for g in range(groups):
-        for j in range(columns):
-            col_shift[g, j] = x[g * v_rows, j]
-    for t in range(tasks):
-        g = t // blocks
-        for j in range(columns):
-            col_sums[0, g, j] += part[0, t, j]
-            col_sums[1, g, j] += part[1, t, j]
-            col_sums[2, g, j] = min(col_sums[2, g, j], part[2, t, j])
-            col_sums[3, g, j] = max(col_sums[3, g, j], part[3, t, j])
-    sums, shift = _merge_columns(col_sums, col_shift, rows, k)
-    channels = columns // k
+    stats = np.empty((5, groups, channels))
+    coef = np.empty((4, groups, columns), dtype=x.dtype)
+    finish = (
+        x, cblocks, v_rows, k, blocks, rows, count, p, eps, part, running, limits, weight, bias,
+        track_mean, track_second, momentum, track_kind,
+    )  # fmt: skip
     if p == 1.0:
-        mean = np.empty((1, groups, channels))
-        for g in range(groups):
-            for c in range(channels):
-                mean[0, g, c] = shift[g, c] + sums[0, g, c] / count[g]
-        _fill(part[1], 0.0)
-        col_mean = _columns(mean, k)[0]
+        col_mean = np.empty((groups, columns))
         if parallel:
+            for t in prange(cblocks):
+                _rows_stats_task(t, col_mean, stats, coef, *finish)
             for t in prange(tasks):
                 _rows_absdev_task(x, t, v_rows, blocks, col_mean, part)
         else:
+            for t in range(cblocks):
+                _rows_stats_task(t, col_mean, stats, coef, *finish)
             for t in range(tasks):
                 _rows_absdev_task(x, t, v_rows, blocks, col_mean, part)
-        _fill(sums[1], 0.0)
-        for t in range(tasks):
-            for j in range(columns):
-                sums[1, t // blocks, j // k] += part[1, t, j]
-    stats = np.empty((5, groups, channels))
-    _finish_stats(sums, shift, count, p, eps, running, limits, stats)
-    _update_running(stats, count, track_mean, track_second, momentum, track_kind)
-    coef = np.empty((4, groups, channels), dtype=x.dtype)
-    _coefficients(stats, weight, bias, coef)
-    coef = _columns(coef, k)
+    no_mean = np.empty((0, 0))
+    if parallel:
+        for t in prange(cblocks):
+            _rows_stats_task(t, no_mean, stats, coef, *finish)
+    else:
+        for t in range(cblocks):
+            _rows_stats_task(t, no_mean, stats, coef, *finish)
     col_noise = _noise_columns(noise, k, x)
     base = _column_base(columns, k, m_total)
     if parallel:
@@ -927,16 +1121,16 @@ def backward_rows(
     (or gy from dx) and x, write dx."""
     m_total, columns = x.shape
     channels = columns // k
-    rows = _group_counts(m_total, v_rows, 1)
-    count = rows * k
-    groups = rows.shape[0]
+    count = _group_counts(m_total, v_rows, k)
+    groups = count.shape[0]
     tasks = groups * blocks
-    part = _filled(0.0, (3, tasks, columns))
+    cblocks = min(channels, row_blocks)  # the merge and coefficients, per block of channels
+    part = np.empty((3, tasks, columns))
     track = p != 1.0 and p != 2.0
     tracked = (tasks, columns) if track else (1, 0)
-    top = _filled(-1.0, tracked)
-    first = _no_index(tracked[0], tracked[1])
-    col_mean = _columns(stats[MEAN : MEAN + 1], k)[0]
+    top = np.empty(tracked)
+    first = np.empty(tracked, dtype=np.int64)
+    col_mean = stats[MEAN] if k == 1 else _columns(stats[MEAN : MEAN + 1], k)[0]
     col_noise = _noise_columns(noise, k, x)
     base = _column_base(columns, k, m_total)
     store = need_dx and table.shape[0] != 0
@@ -952,19 +1146,24 @@ def backward_rows(
                 dy, x, t, v_rows, blocks, p, col_mean, col_noise, table, key, base, k, store,
                 part, top, first, dx,
             )  # fmt: skip
-    sums = _filled(0.0, (3, groups, channels))
-    for t in range(tasks):
-        for i in range(3):
-            for j in range(columns):
-                sums[i, t // blocks, j // k] += part[i, t, j]
-    argmax_sign = _filled(0.0, (groups, channels))
-    argmax_at = _no_index(groups, channels)
-    if track:
-        _rows_argmax(x, k, blocks, col_mean, top, first, argmax_at, argmax_sign)
-    coef = np.empty((5, groups, channels), dtype=x.dtype)
+    argmax = (groups, channels) if track else (0, 0)
+    argmax_at = np.empty(argmax, dtype=np.int64)
+    addend = np.empty(argmax)
+    coef = np.empty((5, groups, columns), dtype=x.dtype)
+    totals = np.empty((2, channels))
     dparams = np.empty((2, channels), dtype=weight.dtype)
-    _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams)
-    coef = _columns(coef, k)
+    if parallel:
+        for t in prange(cblocks):
+            _rows_grad_task(
+                x, t, cblocks, k, blocks, count, p, part, top, first, col_mean, stats, weight,
+                coef, argmax_at, addend, totals, dparams,
+            )  # fmt: skip
+    else:
+        for t in range(cblocks):
+            _rows_grad_task(
+                x, t, cblocks, k, blocks, count, p, part, top, first, col_mean, stats, weight,
+                coef, argmax_at, addend, totals, dparams,
+            )  # fmt: skip
     if need_dx:
         if parallel:
             for t in prange(row_blocks):
@@ -972,10 +1171,10 @@ def backward_rows(
         else:
             _rows_dx_task(dy, x, 0, v_rows, 1, p, coef, store, dx)
         flat = dx.reshape(-1)
-        for g in range(groups):
-            for c in range(channels):
+        for g in range(argmax[0]):
+            for c in range(argmax[1]):
                 if argmax_at[g, c] >= 0:
-                    flat[argmax_at[g, c]] += sums[2, g, c]
+                    flat[argmax_at[g, c]] += addend[g, c]
     return dparams
 
 
