@@ -282,13 +282,13 @@ _CHUNK = 256
 
 @njit(cache=True, error_model="numpy")
 def _rows_stats_task(
-    t, g0, g1, col_mean, stats, coef, x, cblocks, v_rows, k, blocks, rows, count, p, eps, part,
-    running, limits, weight, bias, track_mean, track_second, momentum, track_kind,
+    t, col_mean, stats, coef, x, cblocks, v_rows, k, blocks, rows, count, p, eps, part, running,
+    limits, weight, bias, track_mean, track_second, momentum, track_kind,
 ):  # fmt: skip
-    """Channels of block t of ``cblocks``, groups g0 <= g < g1: merge the per-(task, column)
-    partials into per-channel sums re-centred on the channel's first column's shift (sum (x - K) =
+    """Channels of block t of ``cblocks``, every group: merge the per-(task, column) partials
+    into per-channel sums re-centred on the channel's first column's shift (sum (x - K) =
     S1 + n delta, sum (x - K)^2 = S2 + 2 delta S1 + n delta^2, delta = K_column - K), then the
-    stats and the per-column coefficients. ``col_mean`` not empty (p = 1,
+    stats, the per-column coefficients and the running buffers. ``col_mean`` not empty (p = 1,
     before the absolute deviations): only the means, into stats MEAN and col_mean per column.
 
     Rows of stats, coef and part lie a multiple of 4 KiB apart (C = 4096: 32 KiB per group):
@@ -300,7 +300,7 @@ def _rows_stats_task(
     means_only = col_mean.shape[0] != 0
     scratch = np.empty((5, _CHUNK + 8))  # padded: scratch rows are not 4 KiB apart
     first, s1, s2, lo, hi = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
-    for g in range(g0, g1):
+    for g in range(rows.shape[0]):
         n = rows[g]
         m = count[g]
         shift = x[g * v_rows]
@@ -345,27 +345,8 @@ def _rows_stats_task(
                     )
                     out[MEAN, i], out[SPREAD, i], out[SCALE, i], out[R, i], out[D, i] = values
             _store_coefficient_rows(out, ca, cb, weight, bias, k, coef[:, g])
-
-
-@njit(cache=True)
-def _rows_running_task(
-    t, stats, x, cblocks, v_rows, k, blocks, rows, count, p, eps, part, running, limits, weight,
-    bias, track_mean, track_second, momentum, track_kind,
-):  # fmt: skip
-    """The running buffers' update of the channels of block t of ``cblocks``."""
-    c0, c1 = _block(0, x.shape[1] // k, t, cblocks)
-    _update_running(stats, count, track_mean, track_second, momentum, track_kind, c0, c1)
-
-
-@njit(cache=True)
-def _rows_group_task(g, no_mean, stats, coef, finish, noise, table, key, base, y):
-    """Group g whole (one block per group, p = 2 or inf): its sums, its stats and coefficients,
-    then its rows normalized while they are still in cache."""
-    x, v_rows, k, p = finish[0], finish[2], finish[3], finish[7]
-    _rows_sums_task(x, g, v_rows, 1, p, finish[9])
-    _rows_stats_task(0, g, g + 1, no_mean, stats, coef, x, 1, *finish[2:])
-    r1 = min(x.shape[0], (g + 1) * v_rows)
-    _rows_normalize_rows(x, g * v_rows, r1, v_rows, coef, noise, table, key, base, k, y)
+    if not means_only:
+        _update_running(stats, count, track_mean, track_second, momentum, track_kind, c0, c1)
 
 
 @njit(cache=True)
@@ -515,14 +496,8 @@ def _planar_normalize_row(x, n, c, v, coef, noise, table, key, h, y):
 @njit(cache=True, fastmath=_ELEMENTWISE)
 def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, table, key, base, k, y):
     """Rows of block t; ``noise`` (3, C * k) per column in the input dtype."""
-    r0, r1 = _block(0, x.shape[0], t, row_blocks)
-    _rows_normalize_rows(x, r0, r1, v_rows, coef, noise, table, key, base, k, y)
-
-
-@njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _rows_normalize_rows(x, r0, r1, v_rows, coef, noise, table, key, base, k, y):
-    """Rows r0 <= r < r1 of :func:`_rows_normalize_task`."""
-    c_total = x.shape[1]
+    m_total, c_total = x.shape
+    r0, r1 = _block(0, m_total, t, row_blocks)
     noisy = table.shape[0] != 0
     run = c_total if noisy else 0  # a whole row per batch: every loop indexes from 0
     h = np.empty(run, dtype=np.uint32)
@@ -1030,9 +1005,7 @@ def forward_rows(
 ):
     """Training forward on rows (M, C * k): column j holds channel j // k (k = 1 for
     channels-last, k = S for a contiguous input with a small feature map); groups are
-    ``v_rows`` rows. Returns the (5, G, C) stats. Memory passes as :func:`forward_planar`;
-    with one block per group (many groups) a task runs its group from the sums to the output,
-    so the normalize reads the group's rows again while they are still in cache.
+    ``v_rows`` rows. Returns the (5, G, C) stats. Memory passes as :func:`forward_planar`.
     """
     m_total, columns = x.shape
     channels = columns // k
@@ -1042,61 +1015,44 @@ def forward_rows(
     tasks = groups * blocks
     cblocks = min(channels, row_blocks)  # the merge and finish, per block of channels
     part = np.empty((2 if p == 1.0 or p == 2.0 else 4, tasks, columns))
+    if parallel:
+        for t in prange(tasks):
+            _rows_sums_task(x, t, v_rows, blocks, p, part)
+    else:
+        for t in range(tasks):
+            _rows_sums_task(x, t, v_rows, blocks, p, part)
     stats = np.empty((5, groups, channels))
     coef = np.empty((4, groups, columns), dtype=x.dtype)
     finish = (
         x, cblocks, v_rows, k, blocks, rows, count, p, eps, part, running, limits, weight, bias,
         track_mean, track_second, momentum, track_kind,
     )  # fmt: skip
+    if p == 1.0:
+        col_mean = np.empty((groups, columns))
+        if parallel:
+            for t in prange(cblocks):
+                _rows_stats_task(t, col_mean, stats, coef, *finish)
+            for t in prange(tasks):
+                _rows_absdev_task(x, t, v_rows, blocks, col_mean, part)
+        else:
+            for t in range(cblocks):
+                _rows_stats_task(t, col_mean, stats, coef, *finish)
+            for t in range(tasks):
+                _rows_absdev_task(x, t, v_rows, blocks, col_mean, part)
+    no_mean = np.empty((0, 0))
+    if parallel:
+        for t in prange(cblocks):
+            _rows_stats_task(t, no_mean, stats, coef, *finish)
+    else:
+        for t in range(cblocks):
+            _rows_stats_task(t, no_mean, stats, coef, *finish)
     col_noise = _noise_columns(noise, k, x)
     base = _column_base(columns, k, m_total)
-    no_mean = np.empty((0, 0))
-    if blocks == 1 and p != 1.0:  # a task per group, from its sums to its output rows
-        if parallel:
-            for g in prange(groups):
-                _rows_group_task(g, no_mean, stats, coef, finish, col_noise, table, key, base, y)
-        else:
-            for g in range(groups):
-                _rows_group_task(g, no_mean, stats, coef, finish, col_noise, table, key, base, y)
+    if parallel:
+        for t in prange(row_blocks):
+            _rows_normalize_task(x, t, v_rows, row_blocks, coef, col_noise, table, key, base, k, y)
     else:
-        if parallel:
-            for t in prange(tasks):
-                _rows_sums_task(x, t, v_rows, blocks, p, part)
-        else:
-            for t in range(tasks):
-                _rows_sums_task(x, t, v_rows, blocks, p, part)
-        if p == 1.0:
-            col_mean = np.empty((groups, columns))
-            if parallel:
-                for t in prange(cblocks):
-                    _rows_stats_task(t, 0, groups, col_mean, stats, coef, *finish)
-                for t in prange(tasks):
-                    _rows_absdev_task(x, t, v_rows, blocks, col_mean, part)
-            else:
-                for t in range(cblocks):
-                    _rows_stats_task(t, 0, groups, col_mean, stats, coef, *finish)
-                for t in range(tasks):
-                    _rows_absdev_task(x, t, v_rows, blocks, col_mean, part)
-        if parallel:
-            for t in prange(cblocks):
-                _rows_stats_task(t, 0, groups, no_mean, stats, coef, *finish)
-        else:
-            for t in range(cblocks):
-                _rows_stats_task(t, 0, groups, no_mean, stats, coef, *finish)
-        if parallel:
-            for t in prange(row_blocks):
-                _rows_normalize_task(
-                    x, t, v_rows, row_blocks, coef, col_noise, table, key, base, k, y
-                )
-        else:
-            _rows_normalize_task(x, 0, v_rows, 1, coef, col_noise, table, key, base, k, y)
-    if track_kind != 0:
-        if parallel:
-            for t in prange(cblocks):
-                _rows_running_task(t, stats, *finish)
-        else:
-            for t in range(cblocks):
-                _rows_running_task(t, stats, *finish)
+        _rows_normalize_task(x, 0, v_rows, 1, coef, col_noise, table, key, base, k, y)
     return stats
 
 
