@@ -249,19 +249,6 @@ def test_constant_channel_is_finite_and_nan_stays_in_its_channel(channels_last, 
     assert torch.equal(dx_nan[:, 1:], dx[:, 1:])
 
 
-@pytest.fixture
-def two_threads():
-    """torch (and so the kernels) on two threads for the test; the suite runs on one."""
-    import numba
-
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("numba's pool has one thread on this machine")
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _assert_parallel(x: torch.Tensor) -> None:
     plan = kernels._plan(kernels._readable(x), x.shape[0])
     assert plan.parallel and plan.threads == 2

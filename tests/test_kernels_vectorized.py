@@ -148,19 +148,6 @@ def test_rows_linf_arg_max_takes_the_first_tied_value(shape, channels_last, firs
     assert rel_err(dw, dw_ref) <= 1e-10 and rel_err(db, db_ref) <= 1e-10
 
 
-@pytest.fixture
-def two_threads():
-    """torch (and so the kernels) on two threads for the test; the suite runs on one."""
-    import numba
-
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("numba's pool has one thread on this machine")
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize(
     "shape, channels_last",
     [
