@@ -107,10 +107,6 @@ def normalize_train(
     xc = x.float() if low else x
     updated = False
     if group is None and _on_kernels(xc):
-        n = xc.shape[0]
-        v = n if spec.virtual_batch_size is None else min(n, spec.virtual_batch_size)
-        last = n - (n - 1) // v * v
-        ops.check_batch_size(min(v, last) * (xc.numel() // (n * xc.shape[1])), xc)
         y, stats, updated = kernels.train_normalize(xc, weight, bias, spec, update)
     else:
         y, stats = ops.train(xc, weight, bias, spec, group)

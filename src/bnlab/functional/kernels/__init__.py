@@ -82,6 +82,7 @@ PLANAR_MIN_SPATIAL = 64
 one row per sample, as (N, C * S): rows of 16 values are too short for the vector units."""
 
 _PLAN_CACHE_SIZE = 512
+_plans: dict[tuple[Any, ...], _Plan] = {}
 
 
 class _Plan:
@@ -210,9 +211,6 @@ def _output(x: Tensor) -> Tensor:
             if end > start:
                 madvise(start, end - start, _MADV_HUGEPAGE)
     return out
-
-
-_plans: dict[tuple[Any, ...], _Plan] = {}
 
 
 def _readable(x: Tensor) -> Tensor:
@@ -476,11 +474,13 @@ def train_normalize(
     update: ops.RunningUpdate | None = None,
 ) -> tuple[Tensor, ops.GroupStats, bool]:
     """Training-mode normalization on the kernels: ``(y, stats, updated)`` like
-    :func:`ops.train`; ``updated`` says whether the kernel moved ``update``'s buffers."""
+    :func:`ops.train`; ``updated`` says whether the kernel moved ``update``'s buffers. Raises
+    ValueError when a (virtual) batch has one value per channel."""
     x = _readable(x)
     n = x.shape[0]
     v = n if spec.virtual_batch_size is None else min(spec.virtual_batch_size, n)
     plan = _plan(x, v)
+    ops.check_batch_size(min(plan.counts), x)  # the smallest group: the last virtual batch
     track = _track_args(update, x.dtype)
     out_stats: list[np.ndarray] = []
     y = FusedTrainNorm.apply(x, weight, bias, spec, plan, track, out_stats)
