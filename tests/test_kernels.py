@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import subprocess
 import sys
+import textwrap
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -15,11 +18,30 @@ from hypothesis import strategies as st
 import bnlab.functional as F
 from bnlab.functional import kernels, noise, ops
 from bnlab.functional import reference as R
+from bnlab.functional.kernels import native
 from helpers import TOL, rel_err
 
 pytestmark = pytest.mark.skipif(not kernels.numba_available(), reason="numba not installed")
 
 VARIANTS = ["bn", "l1", "linf", "ghost", "renorm", "noisy"]
+GLUES = ["native", "function"]
+"""How the kernels are called: the C++ autograd Function (noise and renorm always take the
+other), or the Python autograd.Function (where the C++ glue cannot be built)."""
+PYTHON_NODE = "FusedTrainNormBackward"
+
+
+def _glue(name: str):
+    return native.disabled() if name == "function" else nullcontext()
+
+
+def _expected_node(glue: str, spec: ops.NormSpec) -> str:
+    if glue == "native" and spec.noise is None and spec.renorm is None and native.active():
+        return native.NODE_NAME
+    return PYTHON_NODE
+
+
+def _node(y: torch.Tensor) -> str:
+    return y.grad_fn.name() if y.grad_fn.name() == native.NODE_NAME else type(y.grad_fn).__name__
 
 
 def _spec(
@@ -48,20 +70,20 @@ def _spec(
     return ops.NormSpec(eps)
 
 
-def _both_paths(x, weight, bias, spec, dy):
-    """(y, dx, dweight, dbias, stats) on the kernel path and on the torch-op path."""
+def _both_paths(x, weight, bias, spec, dy, glue="native"):
+    """(y, dx, dweight, dbias, stats) on the kernel path (called through ``glue``) and on the
+    torch-op path."""
     results = []
     for enabled in (True, False):
         xs = x.detach().clone().requires_grad_()
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             xs = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
         w, b = weight.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
-        with F.use_kernels(enabled):
+        with F.use_kernels(enabled), _glue(glue):
             y, stats = F.normalize_train(xs, w, b, spec)
-        expected = "FusedTrainNormBackward" if enabled else None
-        if expected:
-            assert type(y.grad_fn).__name__ == expected
-        dx, dw, db = torch.autograd.grad(y, (xs, w, b), dy)
+            if enabled:
+                assert _node(y) == _expected_node(glue, spec)
+            dx, dw, db = torch.autograd.grad(y, (xs, w, b), dy)
         results.append((y, dx, dw, db, stats))
     return results
 
@@ -110,6 +132,7 @@ def cases(draw):
         "dtype": draw(st.sampled_from([torch.float32, torch.float64])),
         "channels_last": rank in (2, 3) and draw(st.booleans()),
         "seed": draw(st.integers(0, 2**16)),
+        "glue": draw(st.sampled_from(GLUES)),
     }
 
 
@@ -135,7 +158,7 @@ def test_kernel_path_matches_reference_and_torch_op_path(case):
     spec = _spec(case["variant"], x.shape[1], x.dtype, case["seed"])
     tol = TOL[x.dtype]
     (y, dx, dw, db, stats), (y_t, dx_t, dw_t, db_t, stats_t) = _both_paths(
-        x, weight, bias, spec, dy
+        x, weight, bias, spec, dy, case["glue"]
     )
     assert y.shape == x.shape and y.stride() == x.stride()
     for ours, theirs in ((y, y_t), (dx, dx_t), (dw, dw_t), (db, db_t)):
@@ -160,7 +183,7 @@ def test_eval_kernel_matches_reference_and_torch_op_path(case):
     mean, var = torch.randn(c, dtype=x.dtype), torch.rand(c, dtype=x.dtype) + 0.1
     outs = []
     for enabled in (True, False):
-        with F.use_kernels(enabled):
+        with F.use_kernels(enabled), _glue(case["glue"]):
             outs.append(F.batch_norm(x, mean, var, weight, bias, training=False, eps=1e-3))
     ref = R.batch_norm_inference(
         x.double().numpy(), mean.double().numpy(), var.double().numpy(), gamma, beta, 1e-3
@@ -181,9 +204,10 @@ def test_eval_kernel_backward_matches_torch_op_path():
         )
 
 
+@pytest.mark.parametrize("glue", GLUES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gradcheck_and_gradgradcheck_through_the_kernel_path(variant, channels_last):
+def test_gradcheck_and_gradgradcheck_through_the_kernel_path(variant, channels_last, glue):
     torch.manual_seed(0)
     x = torch.randn(6, 3, 2, 3, dtype=torch.float64) * 2 + 1
     if channels_last:
@@ -196,8 +220,8 @@ def test_gradcheck_and_gradgradcheck_through_the_kernel_path(variant, channels_l
     def f(x, w, b):
         return F.normalize_train(x, w, b, spec)[0]
 
-    with F.use_kernels(True):
-        assert type(f(x, w, b).grad_fn).__name__ == "FusedTrainNormBackward"
+    with F.use_kernels(True), _glue(glue):
+        assert _node(f(x, w, b)) == _expected_node(glue, spec)
         assert torch.autograd.gradcheck(f, (x, w, b))
         assert torch.autograd.gradgradcheck(f, (x, w, b))
 
@@ -254,9 +278,12 @@ def _assert_parallel(x: torch.Tensor) -> None:
     assert plan.parallel and plan.threads == 2
 
 
+@pytest.mark.parametrize("glue", GLUES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("variant", ["bn", "l1", "linf", "ghost", "noisy"])
-def test_parallel_passes_with_few_channels_match_torch_op_path(channels_last, variant, two_threads):
+def test_parallel_passes_with_few_channels_match_torch_op_path(
+    channels_last, variant, glue, two_threads
+):
     """Large enough for the thread pool, with 2 channels: the batch is split into blocks."""
     torch.manual_seed(3)
     x = torch.randn(40, 2, 24, 20) * 3 + 5
@@ -265,15 +292,16 @@ def test_parallel_passes_with_few_channels_match_torch_op_path(channels_last, va
     _assert_parallel(x)
     spec = _spec(variant, 2, torch.float32)
     weight, bias = torch.rand(2) + 0.5, torch.randn(2)
-    ours, torch_op = _both_paths(x, weight, bias, spec, torch.randn_like(x))
+    ours, torch_op = _both_paths(x, weight, bias, spec, torch.randn_like(x), glue)
     for a, b in zip(ours[:4], torch_op[:4], strict=True):
         assert rel_err(a, b) <= 1e-4  # sums over 38400 float32 values per channel
 
 
+@pytest.mark.parametrize("glue", GLUES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["planar", "rows", "channels_last"])
 def test_eval_kernel_on_the_thread_pool_with_a_large_mean_matches_the_reference(
-    layout, dtype, two_threads
+    layout, dtype, glue, two_threads
 ):
     """Large enough for the parallel eval loops; channel 0 sits at mean 1e4 (running_mean too),
     one channel is constant, and the running statistics are float64 buffers."""
@@ -289,7 +317,7 @@ def test_eval_kernel_on_the_thread_pool_with_a_large_mean_matches_the_reference(
     mean = torch.tensor([1e4, 0.1, -0.2, 0.0], dtype=torch.float64)
     var = torch.tensor([1.0, 4.0, 0.0, 0.25], dtype=torch.float64)
     weight, bias = torch.rand(4, dtype=dtype) + 0.5, torch.randn(4, dtype=dtype)
-    with F.use_kernels(True):
+    with F.use_kernels(True), _glue(glue):
         y = F.batch_norm(x, mean, var, weight, bias, training=False, eps=1e-3)
     ref = R.batch_norm_inference(
         x.double().numpy(), mean.numpy(), var.numpy(), weight.double().numpy(),
@@ -332,26 +360,38 @@ def test_noise_quantiles_are_standard_normal():
     assert abs(torch.corrcoef(torch.stack([z.flatten(), z_scale.flatten()]))[0, 1]) < 0.01
 
 
-def test_backward_saves_only_input_parameters_and_per_channel_statistics():
+@pytest.mark.parametrize("glue", GLUES)
+def test_backward_saves_only_input_parameters_and_per_channel_statistics(glue):
+    """Saved for backward: x itself, weight and bias (no x_hat copy); the (5, G, C) statistics
+    are kept outside autograd's saved tensors on both glues."""
     x = torch.randn(8, 4, 5, 5, requires_grad=True)
     w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
-    with F.use_kernels(True):
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with (
+        F.use_kernels(True),
+        _glue(glue),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
         y, _ = F.normalize_train(x, w, b, ops.NormSpec(1e-5))
-    saved = y.grad_fn.saved_tensors
+    assert _node(y) == _expected_node(glue, ops.NormSpec(1e-5))
     assert len(saved) == 3 and saved[0].data_ptr() == x.data_ptr()
     assert sum(t.numel() for t in saved) == x.numel() + 8
 
 
 def test_use_kernels_switches_the_path():
     x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    kernel_nodes = (PYTHON_NODE, native.NODE_NAME)
     with F.use_kernels(False):
-        assert type(F.normalize_train(x, None, None, ops.NormSpec(1e-5))[0].grad_fn).__name__ != (
-            "FusedTrainNormBackward"
-        )
+        assert _node(F.normalize_train(x, None, None, ops.NormSpec(1e-5))[0]) not in kernel_nodes
     with F.use_kernels(True):
         assert F.kernels_enabled()
         y, _ = F.normalize_train(x, None, None, ops.NormSpec(1e-5))
-        assert type(y.grad_fn).__name__ == "FusedTrainNormBackward"
+        assert _node(y) in kernel_nodes
 
 
 def test_ghost_batch_of_one_value_per_channel_raises():
@@ -378,10 +418,30 @@ def test_first_kernel_use_keeps_torch_thread_count():
     assert out.stdout.strip() == "1"
 
 
+def _huge_page_advised(t: torch.Tensor) -> bool:
+    """Whether t's whole 2 MiB pages lie in mappings advised MADV_HUGEPAGE ("hg" in VmFlags)."""
+    first = -(-t.data_ptr() // kernels.HUGE_PAGE) * kernels.HUGE_PAGE
+    last = (t.data_ptr() + t.numel() * t.element_size()) // kernels.HUGE_PAGE * kernels.HUGE_PAGE
+    advised, start, end = [], 0, 0
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(a, 16) for a in head.split("-"))
+            elif head == "VmFlags:" and "hg" in line.split()[1:]:
+                advised.append((start, end))
+    covered = first
+    for start, end in sorted(advised):
+        if start <= covered < end:
+            covered = end
+    return last > first and covered >= last
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_large_outputs_are_advised_to_huge_pages_and_stay_correct(channels_last, monkeypatch):
     """y and dx of 4 MiB and more are advised over their whole 2 MiB pages; smaller ones are
-    not; the numbers do not change."""
+    not; the numbers do not change. The Python glue's calls are recorded; the native glue's
+    advice is read back from /proc/self/smaps."""
     advised: list[tuple[int, int, int]] = []
 
     def record(start: int, length: int, advice: int) -> int:
@@ -394,7 +454,9 @@ def test_large_outputs_are_advised_to_huge_pages_and_stay_correct(channels_last,
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     weight, bias = torch.rand(8) + 0.5, torch.randn(8)
-    ours, torch_op = _both_paths(x, weight, bias, ops.NormSpec(1e-5), torch.randn_like(x))
+    ours, torch_op = _both_paths(
+        x, weight, bias, ops.NormSpec(1e-5), torch.randn_like(x), "function"
+    )
     for a, b in zip(ours[:4], torch_op[:4], strict=True):
         assert rel_err(a, b) <= 1e-5
     y, dx = ours[0], ours[1]
@@ -406,5 +468,32 @@ def test_large_outputs_are_advised_to_huge_pages_and_stay_correct(channels_last,
         assert first <= start and start + length <= end and end - (start + length) < 2**21
     advised.clear()
     small = torch.randn(64, 8, 8, 8)
-    _both_paths(small, weight, bias, ops.NormSpec(1e-5), torch.randn_like(small))
+    _both_paths(small, weight, bias, ops.NormSpec(1e-5), torch.randn_like(small), "function")
     assert advised == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_native_glue_advises_large_outputs_to_huge_pages():
+    """Read back from /proc/self/smaps in a fresh process, where no earlier output can have
+    left advice on the addresses: torch's own tensor of the same size (the control) is not
+    advised, the native glue's y and dx are."""
+    if native.active() is None:
+        pytest.skip("native glue not built")
+    imports = "import torch, bnlab.nn as bnn\nfrom bnlab.functional import kernels\n"
+    code = (
+        imports
+        + inspect.getsource(_huge_page_advised)
+        + textwrap.dedent(
+            """
+        from bnlab.functional.kernels import native
+        x = torch.randn(64, 8, 48, 48, requires_grad=True)
+        control = torch.randn(64, 8, 48, 48)
+        y = bnn.BatchNorm2d(8)(x)
+        (dx,) = torch.autograd.grad(y, x, torch.randn_like(y))
+        print(y.grad_fn.name() == native.NODE_NAME, _huge_page_advised(control),
+              _huge_page_advised(y), _huge_page_advised(dx))
+        """
+        )
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "True", "True"]

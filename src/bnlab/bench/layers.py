@@ -13,8 +13,9 @@ enough calls for about ``min_sample_s`` seconds. Modes:
 Bandwidth: bytes that must move are 2 tensors for a forward (read x, write y) and 5 for forward
 and backward (also read dy and x, write dx); the floor is those bytes at this machine's copy
 bandwidth (``Tensor.copy_`` of a 256 MiB buffer, measured in the same run). The first-call
-compile time of the kernels is measured in a fresh process with an empty numba cache, and again
-in a second process that loads the cache.
+compile time of the kernels is measured in a fresh process with an empty numba cache and an empty
+torch extension directory (so the native glue is built too), and again in a second process that
+loads both.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
+from bnlab.functional.kernels import native
 
 __all__ = ["LayerTiming", "command", "copy_bandwidth", "format_table", "run_benchmark"]
 
@@ -227,6 +229,7 @@ def _machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "numba_threads": numba.get_num_threads(),
         "numba_threading_layer": _threading_layer(),
+        "native_glue": native.status()[1],
         "python": platform.python_version(),
     }
 
@@ -256,10 +259,11 @@ print(time.perf_counter() - start)
 
 def compile_times() -> dict[str, float]:
     """Seconds for a fresh process to run BatchNorm2d train forward+backward and eval in float32
-    (NCHW and channels-last): with an empty numba cache (compiling), then with that cache."""
+    (NCHW and channels-last): with an empty numba cache and no built native glue (compiling
+    both), then with those caches."""
     result = {}
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, "TORCH_EXTENSIONS_DIR": cache}
         for name in ("first_process_s", "cached_process_s"):
             out = subprocess.run(
                 [sys.executable, "-c", _COMPILE_SCRIPT],
@@ -384,7 +388,8 @@ def format_table(result: LayerBenchmark) -> str:
     if result.compile_s:
         c = result.compile_s
         lines.append(
-            f"first call in a fresh process (empty numba cache): {c['first_process_s']:.1f} s; "
+            f"first call in a fresh process (empty numba cache, glue not built): "
+            f"{c['first_process_s']:.1f} s; "
             f"with the cache: {c['cached_process_s']:.1f} s"
         )
     for key, value in summary(result.timings).items():

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from bnlab.functional import noise as noise_mod
 from bnlab.functional import ops
+from bnlab.functional.kernels import native
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
 PARALLEL_MIN_NUMEL = 1 << 15
@@ -96,9 +97,9 @@ class _Plan:
     """
 
     __slots__ = (
-        "backward", "blocks", "channels", "counts", "eval", "forward", "groups", "k", "n",
-        "parallel", "perm", "planar", "quiet", "row_blocks", "rows_per_sample", "size",
-        "strides", "threads", "v", "view_shape",
+        "backward", "blocks", "channels", "counts", "dtype", "eval", "forward", "groups", "k",
+        "n", "native_eval", "native_train", "parallel", "perm", "planar", "quiet", "row_blocks",
+        "rows_per_sample", "size", "strides", "threads", "v", "view_shape",
     )  # fmt: skip
 
     def __init__(self, x: Tensor, v: int, threads: int) -> None:
@@ -134,6 +135,40 @@ class _Plan:
         self.eval = getattr(eval_loops, f"eval_{shape}{serial}")
         self.quiet = _noise_args(ops.NormSpec(1.0), self.channels, x.dtype)
         """The noise arguments of a layer without noise."""
+        self.dtype = "float32" if x.dtype == torch.float32 else "float64"
+        self.native_train: tuple[int, ...] | None = None
+        self.native_eval: tuple[int, ...] | None = None
+
+    def _native_geometry(self) -> tuple[int, int, int, int, int, int, int, int]:
+        """(n0, n1, n2, groups, channels, v, blocks, row_blocks) as the entries take them."""
+        if self.planar:
+            n0, n1, n2 = self.view_shape
+            v = self.v
+        else:
+            n0, n1 = self.view_shape
+            n2, v = self.k, self.v * self.rows_per_sample
+        return n0, n1, n2, self.groups, self.channels, v, self.blocks, self.row_blocks
+
+    def train_ints(self) -> tuple[int, ...]:
+        """The native glue's plan for training (geometry and entry addresses), made once."""
+        if self.native_train is None:
+            from bnlab.functional.kernels import entries
+
+            layout = "planar" if self.planar else "rows"
+            forward = entries.address(f"forward_{layout}", self.parallel, self.dtype)
+            backward = entries.address(f"backward_{layout}", self.parallel, self.dtype)
+            self.native_train = (*self._native_geometry(), forward, backward)
+        return self.native_train
+
+    def eval_ints(self) -> tuple[int, ...]:
+        """The native glue's plan for eval, made once."""
+        if self.native_eval is None:
+            from bnlab.functional.kernels import entries
+
+            layout = "planar" if self.planar else "rows"
+            address = entries.address(f"eval_{layout}", self.parallel, self.dtype)
+            self.native_eval = (*self._native_geometry(), address, 0, 0, 0)
+        return self.native_eval
 
     def _blocks(self) -> tuple[int, int]:
         """(reduction blocks per group, row blocks for the elementwise passes)."""
@@ -334,7 +369,9 @@ class FusedTrainNorm(torch.autograd.Function):
             return None, None, None, None, None, None, None
         x, weight, bias = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return (*_torch_op_backward(ctx, x, weight, bias, dy), None, None, None, None)
+            needs = tuple(ctx.needs_input_grad[:3])
+            grads = torch_op_backward(needs, ctx.state[0], x, weight, bias, dy)
+            return (*grads, None, None, None, None)
         spec, plan, stats, noise = ctx.state
         need_dx = bool(ctx.needs_input_grad[0])
         xa = plan.array(x)
@@ -374,6 +411,25 @@ def _track_args(
     return empty, empty, 0.0, 0
 
 
+def _track_tensors(
+    update: ops.RunningUpdate | None, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor | None, float, int]:
+    """:func:`_track_args` for the native glue: the buffers themselves, or None (kind 0)."""
+    if update is not None and _plain(update.mean, dtype) and _plain(update.second, dtype):
+        return update.mean, update.second, float(update.momentum), update.kind
+    return None, None, 0.0, 0
+
+
+def _native_fits(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether the native glue runs this call: built, and parameters in x's dtype."""
+    dtype = x.dtype
+    return (
+        (weight is None or weight.dtype == dtype)
+        and (bias is None or bias.dtype == dtype)
+        and native.active() is not None
+    )
+
+
 def _plain(t: Tensor | None, dtype: torch.dtype) -> bool:
     return (
         t is not None
@@ -384,17 +440,22 @@ def _plain(t: Tensor | None, dtype: torch.dtype) -> bool:
     )
 
 
-def _torch_op_backward(
-    ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, dy: Tensor
+def torch_op_backward(
+    needs: tuple[bool, ...],
+    spec: ops.NormSpec,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dy: Tensor,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """The backward as a differentiable graph: re-run the torch-op forward and differentiate it,
-    so a backward with create_graph=True supports double backward."""
-    needs = ctx.needs_input_grad[:3]
+    so a backward with create_graph=True supports double backward. ``needs``: which of (x,
+    weight, bias) want a gradient."""
     wanted: list[Tensor] = [
         t for t, need in zip((x, weight, bias), needs, strict=True) if need and t is not None
     ]
     with torch.enable_grad():
-        y, _ = ops.train(x, weight, bias, ctx.state[0])
+        y, _ = ops.train(x, weight, bias, spec)
         grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True))
     dx, dweight, dbias = (next(grads) if need else None for need in needs)
     return dx, dweight, dbias
@@ -411,6 +472,9 @@ def _eval_kernel(
 ) -> Tensor:
     x = _readable(x)
     plan = _plan(x, x.shape[0])
+    if _native_fits(x, weight, bias):
+        plan.enter()
+        return native.eval_forward(x, mean, spread, weight, bias, plan.eval_ints(), eps, is_var)
     y = _output(x)
     channels = plan.channels
     w = _param(weight, channels, 1.0, x.dtype)
@@ -481,6 +545,13 @@ def train_normalize(
     v = n if spec.virtual_batch_size is None else min(spec.virtual_batch_size, n)
     plan = _plan(x, v)
     ops.check_batch_size(min(plan.counts), x)  # the smallest group: the last virtual batch
+    if spec.noise is None and spec.renorm is None and _native_fits(x, weight, bias):
+        mean_buf, second_buf, momentum, kind = _track_tensors(update, x.dtype)
+        ints = (*plan.train_ints(), kind, spec.virtual_batch_size or 0)
+        plan.enter()
+        reals = (spec.p, spec.eps, momentum)
+        y, mean, spread = native.train(x, weight, bias, mean_buf, second_buf, ints, reals)
+        return y, ops.GroupStats(mean, spread, plan.counts), kind != 0
     track = _track_args(update, x.dtype)
     out_stats: list[np.ndarray] = []
     y = FusedTrainNorm.apply(x, weight, bias, spec, plan, track, out_stats)

@@ -1,0 +1,142 @@
+"""The native glue: the fused kernels behind a C++ autograd Function (``native.cpp``).
+
+A Python ``autograd.Function`` costs about 15 us per forward and 25-30 us per backward on this
+project's 2-core CPU before any loop runs, which is most of a small layer's time (the README's
+benchmark section). The glue is a small torch C++ extension, built with torch's JIT extension
+builder on first use (a C++ compiler and ninja are needed; about 30 s, then cached in torch's
+extension directory) that calls the numba entry points (:mod:`.entries`) by address: same
+loops, same numbers, without the Python per call.
+
+It serves plain training normalization (BatchNorm, lp, ghost batches; not noise or renorm,
+which keep the Python Function) and eval without gradients. Set ``BNLAB_NATIVE=0`` to turn it
+off; when it cannot be built, a warning says why and the Python Function path runs instead.
+A backward with ``create_graph=True`` calls back into the torch-op formulas, as the Python
+Function does.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from bnlab.functional import ops
+
+SOURCE = Path(__file__).with_name("native.cpp")
+NODE_NAME = "torch::autograd::CppNode<bnlab::TrainNorm>"
+"""``grad_fn.name()`` of an output of the glue."""
+
+_module: Any = None
+_state: bool | None = None
+"""None: not tried yet; True: built and loaded; False: off or failed (see :func:`status`)."""
+_why = ""
+_off = False
+"""Set by :func:`disabled`: the Python Function path runs even where the glue is built."""
+
+
+def enabled() -> bool:
+    """Whether the glue may be used (``BNLAB_NATIVE`` is not 0)."""
+    return os.environ.get("BNLAB_NATIVE", "1") != "0"
+
+
+def load() -> Any:
+    """The built extension module, or None when it is turned off or cannot be built (then a
+    warning says why, once per process)."""
+    global _module, _state, _why
+    if _state is None:
+        if not enabled():
+            _state, _why = False, "turned off by BNLAB_NATIVE=0"
+            return None
+        try:
+            from torch.utils import cpp_extension
+
+            module = cpp_extension.load(
+                name="bnlab_native",
+                sources=[str(SOURCE)],
+                extra_cflags=["-O2"],
+                verbose=False,
+            )
+            module.set_double_backward(_double_backward)
+        except Exception as error:  # a missing compiler or ninja, or a failed build
+            _state, _why = False, f"{type(error).__name__}: {error}"
+            warnings.warn(
+                "bnlab: the native kernel glue could not be built, so the kernels run behind "
+                f"a Python autograd.Function (slower per call). Reason: {_why}",
+                stacklevel=3,
+            )
+            return None
+        _module, _state, _why = module, True, "built"
+    return _module
+
+
+def active() -> Any:
+    """The module to call now, or None (turned off, failed, or within :func:`disabled`)."""
+    return None if _off else load()
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block the kernels run behind the Python autograd.Function (as where the glue
+    cannot be built); for tests and comparisons. Not thread-local."""
+    global _off
+    saved, _off = _off, True
+    try:
+        yield
+    finally:
+        _off = saved
+
+
+def status() -> tuple[bool, str]:
+    """(whether the glue is loaded, why not / "built"); builds it if not tried yet."""
+    load()
+    return bool(_state), _why
+
+
+def _double_backward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dy: Tensor,
+    p: float,
+    eps: float,
+    virtual_batch_size: int | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    from bnlab.functional.kernels import torch_op_backward
+
+    spec = ops.NormSpec(eps, p, virtual_batch_size=virtual_batch_size)
+    return torch_op_backward(needs, spec, x, weight, bias, dy)
+
+
+def train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    track_mean: Tensor | None,
+    track_second: Tensor | None,
+    ints: tuple[int, ...],
+    reals: tuple[float, float, float],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, spread) through the C++ Function, the statistics (G, C) float64; see
+    native.cpp for ``ints`` and ``reals``."""
+    y, mean, spread = _module.train(x, weight, bias, track_mean, track_second, ints, reals)
+    return y, mean, spread
+
+
+def eval_forward(
+    x: Tensor,
+    mean: Tensor,
+    spread: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    ints: tuple[int, ...],
+    eps: float,
+    is_var: bool,
+) -> Tensor:
+    y: Tensor = _module.eval(x, mean, spread, weight, bias, ints, eps, is_var)
+    return y

@@ -1,0 +1,146 @@
+"""The native (C++) glue of the kernels: built where a compiler is, same numbers as the Python
+Function and torch.nn, and a clean fallback where it is off or cannot be built."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bnlab.functional as F
+import bnlab.nn as bnn
+from bnlab.functional import kernels, ops
+from bnlab.functional.kernels import native
+from helpers import rel_err
+
+pytestmark = pytest.mark.skipif(not kernels.numba_available(), reason="numba not installed")
+
+
+def _has_toolchain() -> bool:
+    return (
+        shutil.which("ninja") is not None and shutil.which(os.environ.get("CXX", "c++")) is not None
+    )
+
+
+@pytest.mark.skipif(not _has_toolchain(), reason="no C++ compiler or ninja here")
+def test_glue_is_built_where_a_compiler_and_ninja_exist():
+    built, why = native.status()
+    assert built, why
+    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    y = bnn.BatchNorm2d(3)(x)
+    assert y.grad_fn.name() == native.NODE_NAME
+
+
+def test_bnlab_native_0_runs_the_python_function():
+    code = (
+        "import torch, bnlab.nn as bnn; from bnlab.functional.kernels import native; "
+        "y = bnn.BatchNorm2d(3)(torch.randn(8, 3, 4, 4, requires_grad=True)); "
+        "print(type(y.grad_fn).__name__, native.status())"
+    )
+    env = dict(os.environ, BNLAB_NATIVE="0")
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, env=env,
+        check=True,
+    )  # fmt: skip
+    assert out.stdout.split()[0] == "FusedTrainNormBackward"
+    assert "turned off by BNLAB_NATIVE=0" in out.stdout
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**kwargs):
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(native, "_state", None)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    with pytest.warns(UserWarning, match="could not be built.*no C\\+\\+ compiler"):
+        y, _ = F.normalize_train(x, None, None, ops.NormSpec(1e-5))
+    assert type(y.grad_fn).__name__ == "FusedTrainNormBackward"
+    assert native.status() == (False, "OSError: no C++ compiler found")
+    y2, _ = F.normalize_train(x, None, None, ops.NormSpec(1e-5))  # no second warning
+    assert torch.equal(y, y2)
+
+
+needs_glue = pytest.mark.skipif(
+    not _has_toolchain() or native.active() is None, reason="native glue not built"
+)
+
+
+def _modules(channels: int, **kwargs):
+    torch.manual_seed(0)
+    ours, theirs = bnn.BatchNorm2d(channels, **kwargs), torch.nn.BatchNorm2d(channels, **kwargs)
+    if ours.affine:
+        with torch.no_grad():
+            for m in (ours, theirs):
+                m.weight.copy_(torch.linspace(0.5, 2.0, channels))
+                m.bias.copy_(torch.linspace(-1.0, 1.0, channels))
+    return ours, theirs
+
+
+@needs_glue
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}],
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_module_steps_match_torch_nn(kwargs, channels_last):
+    """Three training steps and an eval step: outputs, all gradients, running buffers."""
+    ours, theirs = _modules(5, dtype=torch.float64, **kwargs)
+    for step in range(3):
+        x = torch.randn(6, 5, 3, 4, dtype=torch.float64) * 4 + step
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs = []
+        for m in (ours, theirs):
+            xs = x.clone().requires_grad_()
+            y = m(xs)
+            params = [xs, *m.parameters()]
+            outs.append((y, *torch.autograd.grad((y * y.detach().cos()).sum(), params)))
+        assert outs[0][0].grad_fn.name() == native.NODE_NAME
+        for a, b in zip(*outs, strict=True):
+            assert rel_err(a, b) <= 1e-10
+        for name, buffer in theirs.named_buffers():
+            assert torch.allclose(getattr(ours, name), buffer, rtol=1e-12, atol=1e-14), name
+    ours.eval(), theirs.eval()
+    x = torch.randn(6, 5, 3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(ours(x), theirs(x)) <= 1e-10
+
+
+@needs_glue
+def test_gradient_with_other_strides_and_partial_needs():
+    """dy in another layout than x (copied to x's), and gradients wanted for some inputs only."""
+    x = torch.randn(8, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    dy = torch.randn(8, 4, 5, 5)  # NCHW
+    results = []
+    for enabled in (True, False):
+        with F.use_kernels(enabled):
+            xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+            y, _ = F.normalize_train(xs, ws, bs, ops.NormSpec(1e-5))
+            full = torch.autograd.grad(y, (xs, ws, bs), dy, retain_graph=True)
+            only_w = torch.autograd.grad(y, (ws,), dy, retain_graph=True)
+            only_b = torch.autograd.grad(y, (bs,), dy)
+            results.append((y, *full, *only_w, *only_b))
+        if enabled:
+            assert y.grad_fn.name() == native.NODE_NAME
+    for a, b_ in zip(*results, strict=True):
+        assert rel_err(a, b_) <= 1e-5
+
+
+@needs_glue
+def test_parameters_in_another_dtype_take_the_python_function():
+    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with F.use_kernels(True):
+        y, _ = F.normalize_train(x, w, None, ops.NormSpec(1e-5))
+    assert type(y.grad_fn).__name__ == "FusedTrainNormBackward"
+    (dw,) = torch.autograd.grad(y.sum() + (y * y).sum(), (w,))
+    assert dw.dtype == torch.float64
