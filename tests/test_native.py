@@ -144,3 +144,34 @@ def test_parameters_in_another_dtype_take_the_python_function():
     assert type(y.grad_fn).__name__ == "FusedTrainNormBackward"
     (dw,) = torch.autograd.grad(y.sum() + (y * y).sum(), (w,))
     assert dw.dtype == torch.float64
+
+
+@needs_glue
+def test_node_releases_its_saved_tensors_after_backward():
+    """Like torch's own nodes: a second backward without retain_graph is an error, and with
+    retain_graph both backwards give the same gradient."""
+    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    y = bnn.BatchNorm2d(3)(x)
+    assert y.grad_fn.name() == native.NODE_NAME
+    (first,) = torch.autograd.grad((y * y).sum(), x, retain_graph=True)
+    (second,) = torch.autograd.grad((y * y).sum(), x)
+    assert torch.equal(first, second)
+    z = bnn.BatchNorm2d(3)(x)
+    z.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        z.sum().backward()
+
+
+@needs_glue
+def test_which_modules_take_the_glue():
+    """BatchNorm, lp (each p) and ghost batches run on the glue; noise and renorm on the
+    Python Function (their extra arguments are not in the glue's entries)."""
+    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    native_layers = [
+        bnn.BatchNorm2d(3), bnn.GhostBatchNorm2d(3, virtual_batch_size=4),
+        *(bnn.LpBatchNorm2d(3, p=p) for p in (1, 2, float("inf"))),
+    ]  # fmt: skip
+    for layer in native_layers:
+        assert layer(x).grad_fn.name() == native.NODE_NAME, layer
+    for layer in (bnn.NoisyBatchNorm2d(3), bnn.BatchRenorm2d(3)):
+        assert type(layer(x).grad_fn).__name__ == "FusedTrainNormBackward", layer

@@ -98,8 +98,8 @@ class _Plan:
 
     __slots__ = (
         "backward", "blocks", "channels", "counts", "dtype", "eval", "forward", "groups", "k",
-        "n", "native_eval", "native_train", "parallel", "perm", "planar", "quiet", "row_blocks",
-        "rows_per_sample", "size", "strides", "threads", "v", "view_shape",
+        "min_count", "n", "native_eval", "native_train", "parallel", "perm", "planar", "quiet",
+        "row_blocks", "rows_per_sample", "size", "strides", "threads", "v", "view_shape",
     )  # fmt: skip
 
     def __init__(self, x: Tensor, v: int, threads: int) -> None:
@@ -125,6 +125,7 @@ class _Plan:
         self.v = v
         self.groups = -(-self.n // v)
         self.counts = tuple(min(v, self.n - start) * self.size for start in range(0, self.n, v))
+        self.min_count = min(self.counts)  # the smallest group: the last virtual batch
         self.blocks, self.row_blocks = self._blocks()
         serial = "" if self.parallel else "_serial"
         shape = "planar" if self.planar else "rows"
@@ -530,6 +531,48 @@ class FusedEvalNorm(torch.autograd.Function):
         return dx, None, None, dweight, dbias, None, None
 
 
+def train_native(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_second: Tensor | None,
+    momentum: float,
+    kind: int,
+    eps: float,
+    p: float,
+    virtual_batch_size: int | None,
+) -> Tensor | None:
+    """The shortest path from a module to the loops, for BatchNorm, lp and ghost training
+    without noise, renorm or a process group: y, with the running buffers moved in the loop
+    (``kind`` as :class:`ops.RunningUpdate`); or None where this path does not apply (no
+    glue, parameters or buffers not plain tensors of x's dtype): the caller then goes through
+    :func:`train_normalize`. The caller has checked that x may use the kernels
+    (``bnlab.functional._on_kernels``)."""
+    module = native.active()
+    dtype = x.dtype
+    if (
+        module is None
+        or (weight is not None and weight.dtype != dtype)
+        or (bias is not None and bias.dtype != dtype)
+    ):
+        return None
+    if running_mean is None and running_second is None:
+        kind = 0
+    elif not (_plain(running_mean, dtype) and _plain(running_second, dtype)):
+        return None
+    x = _readable(x)
+    n = x.shape[0]
+    plan = _plan(x, n if virtual_batch_size is None else min(virtual_batch_size, n))
+    ops.check_batch_size(plan.min_count, x)
+    ints = (*plan.train_ints(), kind, virtual_batch_size or 0)
+    plan.enter()
+    y: Tensor = module.train(
+        x, weight, bias, running_mean, running_second, ints, (p, eps, momentum), False
+    )
+    return y
+
+
 def train_normalize(
     x: Tensor,
     weight: Tensor | None,
@@ -544,7 +587,7 @@ def train_normalize(
     n = x.shape[0]
     v = n if spec.virtual_batch_size is None else min(spec.virtual_batch_size, n)
     plan = _plan(x, v)
-    ops.check_batch_size(min(plan.counts), x)  # the smallest group: the last virtual batch
+    ops.check_batch_size(plan.min_count, x)
     if spec.noise is None and spec.renorm is None and _native_fits(x, weight, bias):
         mean_buf, second_buf, momentum, kind = _track_tensors(update, x.dtype)
         ints = (*plan.train_ints(), kind, spec.virtual_batch_size or 0)

@@ -1,4 +1,4 @@
-// The native glue of the fused kernels: a C++ autograd Function that calls the numba entry
+// The native glue of the fused kernels: a C++ autograd node that calls the numba entry
 // points (entries.py) by address, so a training step pays no Python between the module and the
 // loop beyond the dispatch in bnlab.functional (see native.py, which builds this file on first
 // use). The numbers are the loops': this file only allocates outputs, passes pointers and
@@ -7,6 +7,7 @@
 // ints (one vector per call): n0, n1, n2, groups, channels, v, blocks, row_blocks,
 //   forward address, backward address, running kind, virtual batch size (0: none).
 // reals: p, eps, momentum.
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
 #include <sys/mman.h>
@@ -17,7 +18,6 @@
 namespace bnlab {
 
 using torch::Tensor;
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using ForwardFn = void (*)(void*, void*, void*, void*, void*, void*, double*, int64_t, int64_t,
@@ -63,57 +63,46 @@ Tensor defined_or_empty(const std::optional<Tensor>& t) { return t.has_value() ?
 
 py::object optional(const Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
 
-struct TrainNorm : public torch::autograd::Function<TrainNorm> {
-  // weight, bias and the running buffers are optional: an absent one is no autograd input, so
-  // it has no edge (needs_input_grad counts edges, see backward).
-  static variable_list forward(AutogradContext* ctx, Tensor x, std::optional<Tensor> weight_in,
-                               std::optional<Tensor> bias_in,
-                               std::optional<Tensor> track_mean_in,
-                               std::optional<Tensor> track_second_in,
-                               const std::vector<int64_t>& ints, const std::vector<double>& reals) {
-    const int64_t channels = ints[CHANNELS];
-    Tensor weight = defined_or_empty(weight_in);
-    Tensor bias = defined_or_empty(bias_in);
-    Tensor track_mean = defined_or_empty(track_mean_in);
-    Tensor track_second = defined_or_empty(track_second_in);
-    Tensor y = output_like(x);
-    Tensor stats = at::empty({5, ints[GROUPS], channels}, x.options().dtype(at::kDouble));
-    Tensor w = or_filled(weight, channels, 1.0, x);
-    Tensor b = or_filled(bias, channels, 0.0, x);
-    auto run = reinterpret_cast<ForwardFn>(ints[FORWARD]);
-    run(x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), ptr(track_mean),
-        ptr(track_second), stats.data_ptr<double>(), ints[N0], ints[N1], ints[N2], ints[V],
-        ints[BLOCKS], ints[ROW_BLOCKS], reals[P], reals[EPS], reals[MOMENTUM], ints[KIND]);
-    ctx->save_for_backward({x, weight, bias});
-    ctx->saved_data["stats"] = stats;
-    ctx->saved_data["ints"] = ints;
-    ctx->saved_data["reals"] = reals;
-    ctx->mark_non_differentiable({stats});
-    ctx->set_materialize_grads(false);
-    return {y, stats};
+// The backward node of a training normalization: a plain autograd Node (no custom Function
+// machinery, its state in members), like the nodes torch generates for its own operators.
+struct TrainNormBackward : public torch::autograd::Node {
+  using Node::Node;
+
+  torch::autograd::SavedVariable x_, weight_, bias_;
+  Tensor stats_;
+  std::vector<int64_t> ints_;
+  std::vector<double> reals_;
+  bool has_weight_ = false;
+  bool has_bias_ = false;
+
+  std::string name() const override { return "bnlab::TrainNormBackward"; }
+
+  void release_variables() override {
+    x_.reset_data();
+    weight_.reset_data();
+    bias_.reset_data();
+    stats_.reset();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  variable_list apply(variable_list&& grads) override {
+    variable_list result(3);
     const Tensor& dy_in = grads[0];
-    variable_list result(7);
     if (!dy_in.defined()) {
       return result;
     }
-    auto saved = ctx->get_saved_variables();
-    const Tensor& x = saved[0];
-    const Tensor& weight = saved[1];
-    const Tensor& bias = saved[2];
-    auto ints = ctx->saved_data["ints"].toIntVector();
-    auto reals = ctx->saved_data["reals"].toDoubleVector();
-    bool need_dx = ctx->needs_input_grad(0);
-    bool need_w = weight.defined() && ctx->needs_input_grad(1);
-    bool need_b = bias.defined() && ctx->needs_input_grad(weight.defined() ? 2 : 1);
+    Tensor x = x_.unpack();
+    Tensor weight = has_weight_ ? weight_.unpack() : Tensor();
+    Tensor bias = has_bias_ ? bias_.unpack() : Tensor();
+    bool need_dx = task_should_compute_output(0);
+    bool need_w = has_weight_ && task_should_compute_output(1);
+    bool need_b = has_bias_ && task_should_compute_output(2);
     if (at::GradMode::is_enabled()) {
       // create_graph=True: a differentiable backward through the torch-op formulas.
       py::gil_scoped_acquire gil;
       py::tuple grads_out = (*double_backward)(
-          x, optional(weight), optional(bias), dy_in, reals[P], reals[EPS],
-          ints[VBS] > 0 ? py::cast(ints[VBS]) : py::none(), py::make_tuple(need_dx, need_w, need_b));
+          x, optional(weight), optional(bias), dy_in, reals_[P], reals_[EPS],
+          ints_[VBS] > 0 ? py::cast(ints_[VBS]) : py::none(),
+          py::make_tuple(need_dx, need_w, need_b));
       for (int i = 0; i < 3; ++i) {
         if (!grads_out[i].is_none()) {
           result[i] = grads_out[i].cast<Tensor>();
@@ -123,35 +112,62 @@ struct TrainNorm : public torch::autograd::Function<TrainNorm> {
     }
     Tensor dy = dy_in.strides() == x.strides() ? dy_in : at::empty_like(x).copy_(dy_in);
     Tensor dx = need_dx ? output_like(x) : at::empty_like(x);
-    Tensor w = or_filled(weight, ints[CHANNELS], 1.0, x);
-    Tensor dparams = at::empty({2, ints[CHANNELS]}, x.options());
-    Tensor stats = ctx->saved_data["stats"].toTensor();
-    auto run = reinterpret_cast<BackwardFn>(ints[BACKWARD]);
-    run(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), stats.data_ptr<double>(), w.data_ptr(),
-        dparams.data_ptr(), ints[N0], ints[N1], ints[N2], ints[V], ints[BLOCKS],
-        ints[ROW_BLOCKS], reals[P], need_dx ? 1 : 0);
+    Tensor w = or_filled(weight, ints_[CHANNELS], 1.0, x);
+    Tensor dparams = at::empty({2, ints_[CHANNELS]}, x.options());
+    auto run = reinterpret_cast<BackwardFn>(ints_[BACKWARD]);
+    run(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), stats_.data_ptr<double>(), w.data_ptr(),
+        dparams.data_ptr(), ints_[N0], ints_[N1], ints_[N2], ints_[V], ints_[BLOCKS],
+        ints_[ROW_BLOCKS], reals_[P], need_dx ? 1 : 0);
     if (need_dx) {
       result[0] = dx;
     }
-    if (need_w || need_b) {
-      auto rows = dparams.unbind(0);
-      result[1] = need_w ? rows[0] : Tensor();
-      result[2] = need_b ? rows[1] : Tensor();
+    if (need_w) {
+      result[1] = dparams.select(0, 0);
+    }
+    if (need_b) {
+      result[2] = dparams.select(0, 1);
     }
     return result;
   }
 };
 
-// (y, mean (G, C), spread (G, C)): the statistics as float64 views of the (5, G, C) array.
-std::vector<Tensor> train(const Tensor& x, const std::optional<Tensor>& weight,
-                          const std::optional<Tensor>& bias,
-                          const std::optional<Tensor>& track_mean,
-                          const std::optional<Tensor>& track_second,
-                          const std::vector<int64_t>& ints, const std::vector<double>& reals) {
+// Training normalization: y, or (y, mean (G, C), spread (G, C)) with ``with_stats`` (float64
+// views of the loop's (5, G, C) statistics). When a gradient is wanted, y's grad_fn is a
+// TrainNormBackward that saves x, weight, bias (autograd's saved tensors) and the statistics.
+py::object train(const Tensor& x, const std::optional<Tensor>& weight_in,
+                 const std::optional<Tensor>& bias_in, const std::optional<Tensor>& track_mean,
+                 const std::optional<Tensor>& track_second, const std::vector<int64_t>& ints,
+                 const std::vector<double>& reals, bool with_stats) {
   TORCH_CHECK(ints.size() == NINTS && reals.size() == NREALS, "bnlab native train: bad plan");
-  auto out = TrainNorm::apply(x, weight, bias, track_mean, track_second, ints, reals);
-  auto stats = out[1].unbind(0);
-  return {out[0], stats[0], stats[1]};
+  const int64_t channels = ints[CHANNELS];
+  Tensor weight = defined_or_empty(weight_in);
+  Tensor bias = defined_or_empty(bias_in);
+  Tensor y = output_like(x);
+  Tensor stats = at::empty({5, ints[GROUPS], channels}, x.options().dtype(at::kDouble));
+  Tensor w = or_filled(weight, channels, 1.0, x);
+  Tensor b = or_filled(bias, channels, 0.0, x);
+  auto run = reinterpret_cast<ForwardFn>(ints[FORWARD]);
+  run(x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(),
+      ptr(defined_or_empty(track_mean)), ptr(defined_or_empty(track_second)),
+      stats.data_ptr<double>(), ints[N0], ints[N1], ints[N2], ints[V], ints[BLOCKS],
+      ints[ROW_BLOCKS], reals[P], reals[EPS], reals[MOMENTUM], ints[KIND]);
+  if (torch::autograd::compute_requires_grad(x, weight, bias)) {
+    auto node = c10::make_intrusive<TrainNormBackward>(
+        torch::autograd::collect_next_edges(x, weight, bias));
+    node->x_ = torch::autograd::SavedVariable(x, false);
+    node->has_weight_ = weight.defined();
+    node->has_bias_ = bias.defined();
+    node->weight_ = torch::autograd::SavedVariable(weight, false);
+    node->bias_ = torch::autograd::SavedVariable(bias, false);
+    node->stats_ = stats;
+    node->ints_ = ints;
+    node->reals_ = reals;
+    torch::autograd::set_history(y, node);
+  }
+  if (!with_stats) {
+    return py::cast(y);
+  }
+  return py::make_tuple(y, stats.select(0, 0), stats.select(0, 1));
 }
 
 // Eval normalization without autograd (the caller checked that nothing needs a gradient).

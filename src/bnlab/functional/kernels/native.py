@@ -1,11 +1,12 @@
-"""The native glue: the fused kernels behind a C++ autograd Function (``native.cpp``).
+"""The native glue: the fused kernels behind a C++ autograd node (``native.cpp``).
 
 A Python ``autograd.Function`` costs about 15 us per forward and 25-30 us per backward on this
 project's 2-core CPU before any loop runs, which is most of a small layer's time (the README's
 benchmark section). The glue is a small torch C++ extension, built with torch's JIT extension
 builder on first use (a C++ compiler and ninja are needed; about 30 s, then cached in torch's
-extension directory) that calls the numba entry points (:mod:`.entries`) by address: same
-loops, same numbers, without the Python per call.
+extension directory). It calls the numba entry points (:mod:`.entries`) by address and wires a
+plain C++ autograd node for the backward: same loops, same numbers, without the Python per
+call.
 
 It serves plain training normalization (BatchNorm, lp, ghost batches; not noise or renorm,
 which keep the Python Function) and eval without gradients. Set ``BNLAB_NATIVE=0`` to turn it
@@ -28,7 +29,7 @@ from torch import Tensor
 from bnlab.functional import ops
 
 SOURCE = Path(__file__).with_name("native.cpp")
-NODE_NAME = "torch::autograd::CppNode<bnlab::TrainNorm>"
+NODE_NAME = "bnlab::TrainNormBackward"
 """``grad_fn.name()`` of an output of the glue."""
 
 _module: Any = None
@@ -122,9 +123,9 @@ def train(
     ints: tuple[int, ...],
     reals: tuple[float, float, float],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, spread) through the C++ Function, the statistics (G, C) float64; see
+    """(y, mean, spread) through the C++ glue, the statistics (G, C) float64; see
     native.cpp for ``ints`` and ``reals``."""
-    y, mean, spread = _module.train(x, weight, bias, track_mean, track_second, ints, reals)
+    y, mean, spread = _module.train(x, weight, bias, track_mean, track_second, ints, reals, True)
     return y, mean, spread
 
 
