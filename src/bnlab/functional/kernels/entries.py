@@ -6,9 +6,9 @@ compute the same numbers. Only plain normalization comes here (no noise, no reno
 and renorm arguments are the empty arrays the drivers take for "none".
 
 An entry is compiled on first use for one (driver, parallel, dtype) and cached on disk like the
-loops. numba checks a cached entry against this file only, not against the loops it calls:
-after editing :mod:`.loops`, delete this package's ``__pycache__/entries*`` files (a fresh
-install or clone has none).
+loops. numba checks a cached function against its own source file only, not against the loops
+it calls, so each entry's name carries a hash of :mod:`.loops` and :mod:`.eval_loops`: edited
+loops get entries of their own instead of stale cached ones.
 
 Arguments, in order (``P``: pointer to the input dtype, ``D``: pointer to float64):
 
@@ -23,8 +23,11 @@ Arguments, in order (``P``: pointer to the input dtype, ``D``: pointer to float6
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import types as pytypes
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -136,6 +139,15 @@ _compiled: dict[tuple[str, bool, str], Any] = {}
 """The compiled entries, kept alive: an address is valid while its entry is."""
 
 
+@functools.cache
+def _loops_version() -> str:
+    """A hash of the loops' sources (see the module docstring)."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    for module in (loops, eval_loops):
+        digest.update(Path(module.__file__ or "").read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _twin(name: str, parallel: bool) -> Callable[..., None]:
     """The template of ``name`` bound to its driver (serial or parallel build)."""
     template, module = _TEMPLATES[name]
@@ -143,7 +155,7 @@ def _twin(name: str, parallel: bool) -> Callable[..., None]:
     env = dict(template.__globals__)
     env["_DRIVER"] = getattr(module, name + suffix)
     env["_PARALLEL"] = parallel
-    qualname = f"{name}{suffix}_entry"
+    qualname = f"{name}{suffix}_entry_{_loops_version()}"
     twin = pytypes.FunctionType(template.__code__, env, qualname, template.__defaults__)
     twin.__qualname__ = qualname
     return twin

@@ -175,7 +175,11 @@ Tensor eval(const Tensor& x, const Tensor& mean, const Tensor& spread,
             const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
             const std::vector<int64_t>& ints, double eps, bool is_var) {
   const int64_t channels = ints[CHANNELS];
-  auto as_x = [&](const Tensor& t) { return t.to(x.scalar_type()).contiguous(); };
+  auto as_x = [&](const Tensor& t) {
+    return t.scalar_type() == x.scalar_type() && t.is_contiguous()
+               ? t
+               : t.to(x.scalar_type()).contiguous();
+  };
   Tensor y = output_like(x);
   Tensor m = as_x(mean);
   Tensor s = as_x(spread);
