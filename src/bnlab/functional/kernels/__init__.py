@@ -5,11 +5,14 @@ compiled on first use and cached on disk (numba ``cache=True``), so a second pro
 without compiling. The dispatcher in :mod:`bnlab.functional` is the only caller.
 
 What runs here: CPU float32/float64 tensors, dense in NCHW-style or channels-last layout (any
-other strides are made contiguous first). :class:`FusedTrainNorm` serves BatchNorm and every
-variant (lp statistics, ghost batches, renorm, noise) with one statistics pass, one normalize
-pass, and a fused two-pass backward; it saves x, the parameters and per-channel statistics,
-never x_hat. A backward run with ``create_graph=True`` (double backward, e.g. Hessian-vector
-products) recomputes through the torch-op formulas instead, so higher derivatives are exact.
+other strides are made contiguous first). The same loops serve BatchNorm and every variant (lp
+statistics, ghost batches, renorm, noise) with one statistics pass, one normalize pass, and a
+fused two-pass backward; the backward saves x, the parameters and per-channel statistics, never
+x_hat. Two glues call them: the native one (:mod:`.native`, a C++ autograd node; BatchNorm, lp
+and ghost through :func:`train_native`, and eval) and :class:`FusedTrainNorm`, a Python
+autograd.Function (noise, renorm, and everything where the native glue is off or not built). A
+backward run with ``create_graph=True`` (double backward, e.g. Hessian-vector products)
+recomputes through the torch-op formulas on both, so higher derivatives are exact.
 """
 
 from __future__ import annotations
