@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +23,13 @@ pytestmark = pytest.mark.skipif(not kernels.numba_available(), reason="numba not
 
 
 def _has_toolchain() -> bool:
-    return (
-        shutil.which("ninja") is not None and shutil.which(os.environ.get("CXX", "c++")) is not None
-    )
+    """A C++ compiler, ninja and Python's headers: what torch's extension builder needs."""
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    return shutil.which("ninja") is not None and compiler is not None and headers.exists()
 
 
-@pytest.mark.skipif(not _has_toolchain(), reason="no C++ compiler or ninja here")
+@pytest.mark.skipif(not _has_toolchain(), reason="no C++ compiler, ninja or Python headers")
 def test_glue_is_built_where_a_compiler_and_ninja_exist():
     built, why = native.status()
     assert built, why
