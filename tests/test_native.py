@@ -178,3 +178,13 @@ def test_which_modules_take_the_glue():
         assert layer(x).grad_fn.name() == native.NODE_NAME, layer
     for layer in (bnn.NoisyBatchNorm2d(3), bnn.BatchRenorm2d(3)):
         assert type(layer(x).grad_fn).__name__ == "FusedTrainNormBackward", layer
+
+
+@needs_glue
+def test_parameters_off_the_cpu_are_refused_by_name():
+    x = torch.randn(8, 3, 4, 4)
+    weight = torch.ones(3, device="meta")
+    with pytest.raises(
+        RuntimeError, match="expected weight on the CPU like the input, got it on meta"
+    ):
+        F.batch_norm(x, None, None, weight, None, training=True)

@@ -61,7 +61,13 @@ void* ptr(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 Tensor defined_or_empty(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
-py::object optional(const Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
+py::object tensor_or_none(const Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
+
+// The loops read raw CPU pointers: a parameter elsewhere is a user error, said in torch's words.
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(!t.defined() || t.device().is_cpu(), "bnlab: expected ", name,
+              " on the CPU like the input, got it on ", t.device());
+}
 
 // The backward node of a training normalization: a plain autograd Node (no custom Function
 // machinery, its state in members), like the nodes torch generates for its own operators.
@@ -100,7 +106,7 @@ struct TrainNormBackward : public torch::autograd::Node {
       // create_graph=True: a differentiable backward through the torch-op formulas.
       py::gil_scoped_acquire gil;
       py::tuple grads_out = (*double_backward)(
-          x, optional(weight), optional(bias), dy_in, reals_[P], reals_[EPS],
+          x, tensor_or_none(weight), tensor_or_none(bias), dy_in, reals_[P], reals_[EPS],
           ints_[VBS] > 0 ? py::cast(ints_[VBS]) : py::none(),
           py::make_tuple(need_dx, need_w, need_b));
       for (int i = 0; i < 3; ++i) {
@@ -142,6 +148,8 @@ py::object train(const Tensor& x, const std::optional<Tensor>& weight_in,
   const int64_t channels = ints[CHANNELS];
   Tensor weight = defined_or_empty(weight_in);
   Tensor bias = defined_or_empty(bias_in);
+  check_cpu(weight, "weight");
+  check_cpu(bias, "bias");
   Tensor y = output_like(x);
   Tensor stats = at::empty({5, ints[GROUPS], channels}, x.options().dtype(at::kDouble));
   Tensor w = or_filled(weight, channels, 1.0, x);
@@ -176,9 +184,9 @@ Tensor eval(const Tensor& x, const Tensor& mean, const Tensor& spread,
             const std::vector<int64_t>& ints, double eps, bool is_var) {
   const int64_t channels = ints[CHANNELS];
   auto as_x = [&](const Tensor& t) {
-    return t.scalar_type() == x.scalar_type() && t.is_contiguous()
+    return t.scalar_type() == x.scalar_type() && t.device() == x.device() && t.is_contiguous()
                ? t
-               : t.to(x.scalar_type()).contiguous();
+               : t.to(x.options()).contiguous();
   };
   Tensor y = output_like(x);
   Tensor m = as_x(mean);
