@@ -270,16 +270,16 @@ def ghost_batch_norm(
         return _eval_with_running(
             "ghost_batch_norm", input, running_mean, running_var, weight, bias, eps, True
         )
-    spec = ops.NormSpec(eps, 2.0, virtual_batch_size=virtual_batch_size)
     group = resolve_group(process_group, sync_stats)
+    if group is None and _on_kernels(input):
+        y = kernels.train_native(
+            input, weight, bias, running_mean, running_var, momentum, ops.VARIANCE, eps, 2.0,
+            virtual_batch_size,
+        )  # fmt: skip
+        if y is not None:
+            return y
+    spec = ops.NormSpec(eps, 2.0, virtual_batch_size=virtual_batch_size)
     if group is None:
-        if _on_kernels(input):
-            y = kernels.train_native(
-                input, weight, bias, running_mean, running_var, momentum, ops.VARIANCE, eps, 2.0,
-                virtual_batch_size,
-            )  # fmt: skip
-            if y is not None:
-                return y
         update = _running(running_mean, running_var, momentum, ops.VARIANCE)
         return normalize_train(input, weight, bias, spec, None, update)[0]
     # Chunk statistics are local; the running buffers average the chunks of all ranks.

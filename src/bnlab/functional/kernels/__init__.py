@@ -153,8 +153,9 @@ class _Plan:
             n2, v = self.k, self.v * self.rows_per_sample
         return n0, n1, n2, self.groups, self.channels, v, self.blocks, self.row_blocks
 
-    def train_ints(self) -> tuple[int, ...]:
-        """The native glue's plan for training (geometry and entry addresses), made once."""
+    def train_ints(self, kind: int, virtual_batch_size: int | None) -> tuple[int, ...]:
+        """The native glue's ``ints`` for training: geometry and entry addresses (made once),
+        then the running-buffer kind and the virtual batch size (0: none)."""
         if self.native_train is None:
             from bnlab.functional.kernels import entries
 
@@ -162,7 +163,7 @@ class _Plan:
             forward = entries.address(f"forward_{layout}", self.parallel, self.dtype)
             backward = entries.address(f"backward_{layout}", self.parallel, self.dtype)
             self.native_train = (*self._native_geometry(), forward, backward)
-        return self.native_train
+        return (*self.native_train, kind, virtual_batch_size or 0)
 
     def eval_ints(self) -> tuple[int, ...]:
         """The native glue's plan for eval, made once."""
@@ -408,9 +409,9 @@ def _track_args(
 ) -> tuple[np.ndarray, np.ndarray, float, int]:
     """The running buffers as NumPy views the forward kernel updates in place, or empty arrays
     (kind 0) when there are none or they are not plain CPU buffers of x's dtype."""
-    if update is not None and _plain(update.mean, dtype) and _plain(update.second, dtype):
-        mean, second = update.mean.numpy(), update.second.numpy()  # type: ignore[union-attr]
-        return mean, second, float(update.momentum), update.kind
+    mean, second, momentum, kind = _track_tensors(update, dtype)
+    if mean is not None and second is not None:
+        return mean.numpy(), second.numpy(), momentum, kind
     empty = _NO_NOISE_F32 if dtype == torch.float32 else _NO_NOISE_F64
     return empty, empty, 0.0, 0
 
@@ -424,14 +425,23 @@ def _track_tensors(
     return None, None, 0.0, 0
 
 
-def _native_fits(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    """Whether the native glue runs this call: built, and parameters in x's dtype."""
+def _native_module(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Any:
+    """The native glue's module when it runs this call (built, parameters in x's dtype), else
+    None."""
     dtype = x.dtype
-    return (
-        (weight is None or weight.dtype == dtype)
-        and (bias is None or bias.dtype == dtype)
-        and native.active() is not None
-    )
+    if (weight is not None and weight.dtype != dtype) or (bias is not None and bias.dtype != dtype):
+        return None
+    return native.active()
+
+
+def _planned(x: Tensor, virtual_batch_size: int | None) -> tuple[Tensor, _Plan]:
+    """x made readable and its plan for training; raises ValueError when a (virtual) batch has
+    one value per channel."""
+    x = _readable(x)
+    n = x.shape[0]
+    plan = _plan(x, n if virtual_batch_size is None else min(virtual_batch_size, n))
+    ops.check_batch_size(plan.min_count, x)
+    return x, plan
 
 
 def _plain(t: Tensor | None, dtype: torch.dtype) -> bool:
@@ -476,7 +486,7 @@ def _eval_kernel(
 ) -> Tensor:
     x = _readable(x)
     plan = _plan(x, x.shape[0])
-    if _native_fits(x, weight, bias):
+    if _native_module(x, weight, bias) is not None:
         plan.enter()
         return native.eval_forward(x, mean, spread, weight, bias, plan.eval_ints(), eps, is_var)
     y = _output(x)
@@ -552,27 +562,19 @@ def train_native(
     glue, parameters or buffers not plain tensors of x's dtype): the caller then goes through
     :func:`train_normalize`. The caller has checked that x may use the kernels
     (``bnlab.functional._on_kernels``)."""
-    module = native.active()
-    dtype = x.dtype
-    if (
-        module is None
-        or (weight is not None and weight.dtype != dtype)
-        or (bias is not None and bias.dtype != dtype)
-    ):
+    module = _native_module(x, weight, bias)
+    if module is None:
         return None
     if running_mean is None and running_second is None:
         kind = 0
-    elif not (_plain(running_mean, dtype) and _plain(running_second, dtype)):
+    elif not (_plain(running_mean, x.dtype) and _plain(running_second, x.dtype)):
         return None
-    x = _readable(x)
-    n = x.shape[0]
-    plan = _plan(x, n if virtual_batch_size is None else min(virtual_batch_size, n))
-    ops.check_batch_size(plan.min_count, x)
-    ints = (*plan.train_ints(), kind, virtual_batch_size or 0)
+    x, plan = _planned(x, virtual_batch_size)
     plan.enter()
+    ints = plan.train_ints(kind, virtual_batch_size)
     y: Tensor = module.train(
         x, weight, bias, running_mean, running_second, ints, (p, eps, momentum), False
-    )
+    )  # y alone: the module path needs no statistics
     return y
 
 
@@ -586,14 +588,10 @@ def train_normalize(
     """Training-mode normalization on the kernels: ``(y, stats, updated)`` like
     :func:`ops.train`; ``updated`` says whether the kernel moved ``update``'s buffers. Raises
     ValueError when a (virtual) batch has one value per channel."""
-    x = _readable(x)
-    n = x.shape[0]
-    v = n if spec.virtual_batch_size is None else min(spec.virtual_batch_size, n)
-    plan = _plan(x, v)
-    ops.check_batch_size(plan.min_count, x)
-    if spec.noise is None and spec.renorm is None and _native_fits(x, weight, bias):
+    x, plan = _planned(x, spec.virtual_batch_size)
+    if spec.noise is None and spec.renorm is None and _native_module(x, weight, bias) is not None:
         mean_buf, second_buf, momentum, kind = _track_tensors(update, x.dtype)
-        ints = (*plan.train_ints(), kind, spec.virtual_batch_size or 0)
+        ints = plan.train_ints(kind, spec.virtual_batch_size)
         plan.enter()
         reals = (spec.p, spec.eps, momentum)
         y, mean, spread = native.train(x, weight, bias, mean_buf, second_buf, ints, reals)
