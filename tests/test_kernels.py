@@ -25,8 +25,8 @@ pytestmark = pytest.mark.skipif(not kernels.numba_available(), reason="numba not
 
 VARIANTS = ["bn", "l1", "linf", "ghost", "renorm", "noisy"]
 GLUES = ["native", "function"]
-"""How the kernels are called: the C++ autograd Function (noise and renorm always take the
-other), or the Python autograd.Function (where the C++ glue cannot be built)."""
+"""How the kernels are called: the C++ autograd node (renorm always takes the other), or the
+Python autograd.Function (where the C++ glue cannot be built)."""
 PYTHON_NODE = "FusedTrainNormBackward"
 
 
@@ -35,7 +35,7 @@ def _glue(name: str):
 
 
 def _expected_node(glue: str, spec: ops.NormSpec) -> str:
-    if glue == "native" and spec.noise is None and spec.renorm is None and native.active():
+    if glue == "native" and spec.renorm is None and native.active():
         return native.NODE_NAME
     return PYTHON_NODE
 
@@ -65,7 +65,7 @@ def _spec(
         running = ops.Renorm(mean, var * 4 + 0.05, r_max=1.5, d_max=0.5)
         return ops.NormSpec(eps, renorm=running)
     if variant == "noisy":
-        draw = noise.draw(F.NoiseSpec(), c, torch.device("cpu"), dtype, torch.Generator())
+        draw = noise.draw(F.NoiseSpec(), torch.device("cpu"), torch.Generator().manual_seed(seed))
         return ops.NormSpec(eps, noise=draw)
     return ops.NormSpec(eps)
 
@@ -331,7 +331,7 @@ def test_noise_is_the_same_on_both_paths_and_for_any_thread_count():
     import numba
 
     x = torch.randn(16, 3, 30, 30)
-    draw = noise.draw(F.NoiseSpec(), 3, x.device, x.dtype, torch.Generator().manual_seed(4))
+    draw = noise.draw(F.NoiseSpec(), x.device, torch.Generator().manual_seed(4))
     spec = ops.NormSpec(1e-5, noise=draw)
     with F.use_kernels(False):
         y_torch, _ = F.normalize_train(x, None, None, spec)
@@ -350,14 +350,69 @@ def test_noise_is_the_same_on_both_paths_and_for_any_thread_count():
     assert (outputs[0] - clean).abs().mean() > 0.5
 
 
-def test_noise_quantiles_are_standard_normal():
-    z, z_scale = noise.standard_normals(
-        torch.Size((64, 8, 32, 32)), noise.draw(F.NoiseSpec(), 8, torch.device("cpu"),
-        torch.float64, torch.Generator().manual_seed(0)), torch.float64,
-    )  # fmt: skip
+def test_unit_noise_is_zero_mean_unit_variance_uniform_and_uncorrelated():
+    z, z_scale = noise.unit_noise(
+        torch.Size((64, 8, 32, 32)),
+        noise.draw(F.NoiseSpec(), torch.device("cpu"), torch.Generator().manual_seed(0)),
+        torch.float64,
+    )
+    bound = math.sqrt(3.0)
     for v in (z, z_scale):
-        assert abs(v.mean().item()) < 0.01 and abs(v.std().item() - 1) < 0.01
+        flat = v.flatten()
+        assert abs(flat.mean().item()) < 0.01 and abs(flat.std().item() - 1) < 0.01
+        assert flat.abs().max().item() < bound
+        # Uniform: 32 equal bins of (-sqrt(3), sqrt(3)) each hold 1/32 of the values
+        # (524288 values: a bin's standard deviation is about 0.0008 of the total).
+        counts = torch.histc(flat, bins=32, min=-bound, max=bound) / flat.numel()
+        assert (counts - 1 / 32).abs().max().item() < 0.004
+        # Neighbours (consecutive counters) are uncorrelated.
+        assert abs(torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1]) < 0.01
     assert abs(torch.corrcoef(torch.stack([z.flatten(), z_scale.flatten()]))[0, 1]) < 0.01
+
+
+def test_noise_levels_are_symmetric_and_evenly_spaced():
+    k = torch.arange(noise.LEVELS)
+    values = noise.levels(k, torch.float64)
+    assert torch.equal(values, -values.flip(0))
+    steps = values.diff()
+    assert torch.allclose(steps, torch.full_like(steps, 2 * noise.UNIT_SCALE), rtol=1e-9)
+    assert math.isclose(values.pow(2).mean().item(), 1.0, rel_tol=1e-9)
+
+
+def test_hash_is_lowbias32_keyed():
+    """noise.hash32 (int64 tensor arithmetic) against lowbias32 written on Python integers."""
+
+    def lowbias32(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    key = (0x12345678, 0x7EDCBA98)
+    counters = [0, 1, 2, 0xFFFF, 2**31 + 5, 2**32 - 1, 2**32 + 3]
+    ours = noise.hash32(torch.tensor(counters), key).tolist()
+    expected = [(lowbias32((c & 0xFFFFFFFF) ^ key[0]) + key[1]) & 0xFFFFFFFF for c in counters]
+    assert ours == expected
+    assert lowbias32(1) != 1 and len(set(ours)) == len(ours)
+
+
+@pytest.mark.parametrize("channels", [1, 7, 300])
+def test_channel_noise_parameters_are_the_same_bits_on_both_paths_and_in_range(channels):
+    from bnlab.functional.kernels import loops
+
+    spec = F.NoiseSpec(mean_range=0.7, std_low=0.2, std_high=2.5, scale_std=0.1)
+    draw = noise.draw(spec, torch.device("cpu"), torch.Generator().manual_seed(channels))
+    mu, sigma = draw.channel_params(channels)
+    conf = np.array([0.7, 0.2, 2.5, 0.1])
+    params = loops._noise_params(conf, np.array(draw.key, dtype=np.uint64), channels)
+    assert torch.equal(torch.from_numpy(params[0]), mu)
+    assert torch.equal(torch.from_numpy(params[1]), sigma)
+    assert (params[2] == 0.1).all()
+    assert mu.abs().max() < 0.7 and sigma.min() > 0.2 and sigma.max() < 2.5
+    if channels > 1:
+        assert mu.unique().numel() == channels and sigma.unique().numel() == channels
+    assert loops._noise_params(np.empty(0), np.zeros(2, np.uint64), channels).shape == (3, 0)
 
 
 @pytest.mark.parametrize("glue", GLUES)

@@ -51,10 +51,12 @@ def test_hash_columns_match_torch_hash_of_the_logical_counters():
     np.testing.assert_array_equal(h.astype(np.int64), _hash_reference(counters))
 
 
-def _noisy_spec(channels: int, dtype: torch.dtype, seed: int = 0) -> ops.NormSpec:
+def _noisy_spec(
+    channels: int, dtype: torch.dtype, seed: int = 0, virtual_batch_size: int | None = None
+) -> ops.NormSpec:
     gen = torch.Generator().manual_seed(seed)
-    draw = noise.draw(F.NoiseSpec(), channels, torch.device("cpu"), dtype, gen)
-    return ops.NormSpec(1e-5, noise=draw)
+    draw = noise.draw(F.NoiseSpec(), torch.device("cpu"), gen)
+    return ops.NormSpec(1e-5, noise=draw, virtual_batch_size=virtual_batch_size)
 
 
 def _train(x, weight, bias, spec, dy, kernels_on, need_dx=True):
@@ -67,15 +69,23 @@ def _train(x, weight, bias, spec, dy, kernels_on, need_dx=True):
 
 
 @pytest.mark.parametrize(
-    "shape, channels_last",
+    "shape, channels_last, virtual_batch_size",
     [
-        ((3, 2, 23, 25), False),  # planar rows of 575 values: two full batches of 256 and a tail
-        ((2, 300, 3, 3), True),  # rows of 300 channels: one full batch of 256 and a tail
-        ((4, 70, 2, 2), False),  # rows (N, C * S) of 280 columns, 4 per channel
+        ((3, 2, 23, 25), False, None),  # planar rows of 575 values: two batches of 256, a tail
+        ((2, 300, 3, 3), True, None),  # rows of 300 channels: one row per tile
+        ((4, 70, 2, 2), False, None),  # rows (N, C * S) of 280 columns, 4 per channel
+        ((5, 24, 7, 4), True, None),  # 140 rows of 24 channels: tiles of 21 rows, a partial one
+        ((9, 5, 3, 3), False, None),  # 9 rows of 45 columns: one partial tile of 11 rows
+        ((7, 24, 5, 5), True, 3),  # ghost groups of 75 rows: group ends inside tiles
+        ((7, 3, 9, 9), False, 2),  # planar ghost groups
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_noisy_kernels_match_torch_op_path_past_a_hash_batch(shape, channels_last, dtype):
+def test_noisy_kernels_match_torch_op_path_past_a_hash_batch(
+    shape, channels_last, virtual_batch_size, dtype
+):
+    """Noise on the kernels (hashed in batches of 256 on planar rows, on tiles of whole rows
+    in the row layout) against the torch-op path, outputs and gradients."""
     torch.manual_seed(0)
     x = (torch.randn(shape, dtype=dtype) * 2 + 3).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
@@ -83,7 +93,7 @@ def test_noisy_kernels_match_torch_op_path_past_a_hash_batch(shape, channels_las
     c = shape[1]
     weight, bias = torch.rand(c, dtype=dtype) + 0.5, torch.randn(c, dtype=dtype)
     dy = torch.randn(shape, dtype=dtype)
-    spec = _noisy_spec(c, dtype)
+    spec = _noisy_spec(c, dtype, virtual_batch_size=virtual_batch_size)
     ours = _train(x, weight, bias, spec, dy, True)
     torch_op = _train(x, weight, bias, spec, dy, False)
     for a, b in zip(ours, torch_op, strict=True):
@@ -92,7 +102,7 @@ def test_noisy_kernels_match_torch_op_path_past_a_hash_batch(shape, channels_las
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_noisy_parameter_gradients_without_dx_match_those_with_dx(channels_last):
-    """Without dx the sums pass keeps the noisy gradient in scratch, not in dx."""
+    """Without dx the sums pass does not keep the noisy gradient (no dx to keep it in)."""
     torch.manual_seed(1)
     x = torch.randn(8, 4, 9, 9, dtype=torch.float64)
     if channels_last:

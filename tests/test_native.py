@@ -167,17 +167,17 @@ def test_node_releases_its_saved_tensors_after_backward():
 
 @needs_glue
 def test_which_modules_take_the_glue():
-    """BatchNorm, lp (each p) and ghost batches run on the glue; noise and renorm on the
-    Python Function (their extra arguments are not in the glue's entries)."""
+    """BatchNorm, lp (each p), ghost batches and noise run on the glue; renorm on the Python
+    Function (its running-statistics correction is not in the glue's entries)."""
     x = torch.randn(8, 3, 4, 4, requires_grad=True)
     native_layers = [
         bnn.BatchNorm2d(3), bnn.GhostBatchNorm2d(3, virtual_batch_size=4),
-        *(bnn.LpBatchNorm2d(3, p=p) for p in (1, 2, float("inf"))),
+        *(bnn.LpBatchNorm2d(3, p=p) for p in (1, 2, float("inf"))), bnn.NoisyBatchNorm2d(3),
     ]  # fmt: skip
     for layer in native_layers:
         assert layer(x).grad_fn.name() == native.NODE_NAME, layer
-    for layer in (bnn.NoisyBatchNorm2d(3), bnn.BatchRenorm2d(3)):
-        assert type(layer(x).grad_fn).__name__ == "FusedTrainNormBackward", layer
+    layer = bnn.BatchRenorm2d(3)
+    assert type(layer(x).grad_fn).__name__ == "FusedTrainNormBackward", layer
 
 
 @needs_glue

@@ -192,10 +192,11 @@ def batch_norm(
             "batch_norm", input, running_mean, running_var, weight, bias, eps, True
         )
     group = resolve_group(process_group, sync_stats)
-    if group is None and noise is None and _on_kernels(input):
+    if group is None and _on_kernels(input):
         y = kernels.train_native(
-            input, weight, bias, running_mean, running_var, momentum, ops.VARIANCE, eps, 2.0, None
-        )
+            input, weight, bias, running_mean, running_var, momentum, ops.VARIANCE, eps, 2.0, None,
+            noise,
+        )  # fmt: skip
         if y is not None:
             return y
     spec = ops.NormSpec(eps, 2.0, noise=noise)
@@ -341,7 +342,7 @@ def batch_renorm(
 
 def draw_noise(x: Tensor, spec: NoiseSpec, generator: torch.Generator | None = None) -> NoiseDraw:
     """One step's noise for x (N, C, *) from ``generator`` (see :class:`NoiseSpec`)."""
-    return _draw(spec, x.shape[1], x.device, ops.compute_dtype(x), generator)
+    return _draw(spec, x.device, generator)
 
 
 def distribution_noise(

@@ -8,9 +8,9 @@ What runs here: CPU float32/float64 tensors, dense in NCHW-style or channels-las
 other strides are made contiguous first). The same loops serve BatchNorm and every variant (lp
 statistics, ghost batches, renorm, noise) with one statistics pass, one normalize pass, and a
 fused two-pass backward; the backward saves x, the parameters and per-channel statistics, never
-x_hat. Two glues call them: the native one (:mod:`.native`, a C++ autograd node; BatchNorm, lp
-and ghost through :func:`train_native`, and eval) and :class:`FusedTrainNorm`, a Python
-autograd.Function (noise, renorm, and everything where the native glue is off or not built). A
+x_hat. Two glues call them: the native one (:mod:`.native`, a C++ autograd node; BatchNorm, lp,
+ghost and noise through :func:`train_native`, and eval) and :class:`FusedTrainNorm`, a Python
+autograd.Function (renorm, and everything where the native glue is off or not built). A
 backward run with ``create_graph=True`` (double backward, e.g. Hessian-vector products)
 recomputes through the torch-op formulas on both, so higher derivatives are exact.
 """
@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bnlab.functional import noise as noise_mod
 from bnlab.functional import ops
 from bnlab.functional.kernels import native
+from bnlab.functional.noise import NoiseDraw
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
 PARALLEL_MIN_NUMEL = 1 << 15
@@ -101,7 +101,7 @@ class _Plan:
 
     __slots__ = (
         "backward", "blocks", "channels", "counts", "dtype", "eval", "forward", "groups", "k",
-        "min_count", "n", "native_eval", "native_train", "parallel", "perm", "planar", "quiet",
+        "min_count", "n", "native_eval", "native_train", "parallel", "perm", "planar",
         "row_blocks", "rows_per_sample", "size", "strides", "threads", "v", "view_shape",
     )  # fmt: skip
 
@@ -137,8 +137,7 @@ class _Plan:
         from bnlab.functional.kernels import eval_loops
 
         self.eval = getattr(eval_loops, f"eval_{shape}{serial}")
-        self.quiet = _noise_args(ops.NormSpec(1.0), self.channels, x.dtype)
-        """The noise arguments of a layer without noise."""
+
         self.dtype = "float32" if x.dtype == torch.float32 else "float64"
         self.native_train: tuple[int, ...] | None = None
         self.native_eval: tuple[int, ...] | None = None
@@ -153,9 +152,12 @@ class _Plan:
             n2, v = self.k, self.v * self.rows_per_sample
         return n0, n1, n2, self.groups, self.channels, v, self.blocks, self.row_blocks
 
-    def train_ints(self, kind: int, virtual_batch_size: int | None) -> tuple[int, ...]:
+    def train_ints(
+        self, kind: int, virtual_batch_size: int | None, noise: NoiseDraw | None
+    ) -> tuple[int, ...]:
         """The native glue's ``ints`` for training: geometry and entry addresses (made once),
-        then the running-buffer kind and the virtual batch size (0: none)."""
+        then the running-buffer kind, the virtual batch size (0: none), the noise configuration's
+        length (0: no noise) and the packed noise key."""
         if self.native_train is None:
             from bnlab.functional.kernels import entries
 
@@ -163,7 +165,9 @@ class _Plan:
             forward = entries.address(f"forward_{layout}", self.parallel, self.dtype)
             backward = entries.address(f"backward_{layout}", self.parallel, self.dtype)
             self.native_train = (*self._native_geometry(), forward, backward)
-        return (*self.native_train, kind, virtual_batch_size or 0)
+        if noise is None:
+            return (*self.native_train, kind, virtual_batch_size or 0, 0, 0)
+        return (*self.native_train, kind, virtual_batch_size or 0, 4, noise.packed_key)
 
     def eval_ints(self) -> tuple[int, ...]:
         """The native glue's plan for eval, made once."""
@@ -296,25 +300,25 @@ def _param(t: Tensor | None, channels: int, fill: float, dtype: torch.dtype) -> 
 
 _NO_NOISE_F32 = np.empty(0, dtype=np.float32)
 _NO_NOISE_F64 = np.empty(0, dtype=np.float64)
-_NO_KEY = np.zeros(2, dtype=np.uint64)
 _NO_RUNNING = np.empty((0, 0))
 _NO_LIMITS = np.zeros(2)
-_NO_NOISE_PARAMS = np.empty((3, 0))
+_QUIET = (np.empty(0), np.zeros(2, dtype=np.uint64))
+"""The noise arguments of a layer without noise: no configuration, any key."""
 
 
-def _noise_args(
-    spec: ops.NormSpec, channels: int, dtype: torch.dtype
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    draw = spec.noise
+def _noise_args(draw: NoiseDraw | None) -> tuple[np.ndarray, np.ndarray]:
+    """(configuration (4,) float64 or empty, key (2,) uint64): what the loops take."""
     if draw is None:
-        empty = _NO_NOISE_F32 if dtype == torch.float32 else _NO_NOISE_F64
-        return _NO_NOISE_PARAMS, empty, _NO_KEY
-    params = np.empty((3, channels))
-    params[0] = draw.mu.numpy(force=True)  # NumPy widens to float64 on assignment
-    params[1] = draw.sigma.numpy(force=True)
-    params[2] = draw.scale_std
-    table = noise_mod.normal_quantiles(dtype).numpy()
-    return params, table, np.array(draw.key, dtype=np.uint64)
+        return _QUIET
+    return np.array(_noise_reals(draw), dtype=np.float64), np.array(draw.key, dtype=np.uint64)
+
+
+def _noise_reals(draw: NoiseDraw | None) -> tuple[float, ...]:
+    """The native glue's reals after (p, eps, momentum): the configuration, or nothing."""
+    if draw is None:
+        return ()
+    n = draw.spec
+    return (n.mean_range, n.std_low, n.std_high, n.scale_std)
 
 
 def _renorm_args(spec: ops.NormSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -349,7 +353,7 @@ class FusedTrainNorm(torch.autograd.Function):
         channels = plan.channels
         w = _param(weight, channels, 1.0, x.dtype)
         b = _param(bias, channels, 0.0, x.dtype)
-        noise = plan.quiet if spec.noise is None else _noise_args(spec, channels, x.dtype)
+        noise = _noise_args(spec.noise)
         running, limits = _renorm_args(spec)
         args = (
             plan.blocks, plan.row_blocks, spec.p, spec.eps, w, b, running, limits, *track,
@@ -555,9 +559,10 @@ def train_native(
     eps: float,
     p: float,
     virtual_batch_size: int | None,
+    noise: NoiseDraw | None = None,
 ) -> Tensor | None:
-    """The shortest path from a module to the loops, for BatchNorm, lp and ghost training
-    without noise, renorm or a process group: y, with the running buffers moved in the loop
+    """The shortest path from a module to the loops, for BatchNorm, lp, ghost and noisy
+    training without renorm or a process group: y, with the running buffers moved in the loop
     (``kind`` as :class:`ops.RunningUpdate`); or None where this path does not apply (no
     glue, parameters or buffers not plain tensors of x's dtype): the caller then goes through
     :func:`train_normalize`. The caller has checked that x may use the kernels
@@ -571,11 +576,10 @@ def train_native(
         return None
     x, plan = _planned(x, virtual_batch_size)
     plan.enter()
-    ints = plan.train_ints(kind, virtual_batch_size)
-    y: Tensor = module.train(
-        x, weight, bias, running_mean, running_second, ints, (p, eps, momentum), False
-    )  # y alone: the module path needs no statistics
-    return y
+    ints = plan.train_ints(kind, virtual_batch_size, noise)
+    reals = (p, eps, momentum, *_noise_reals(noise))
+    y: Tensor = module.train(x, weight, bias, running_mean, running_second, ints, reals, False)
+    return y  # y alone: the module path needs no statistics
 
 
 def train_normalize(
@@ -589,11 +593,11 @@ def train_normalize(
     :func:`ops.train`; ``updated`` says whether the kernel moved ``update``'s buffers. Raises
     ValueError when a (virtual) batch has one value per channel."""
     x, plan = _planned(x, spec.virtual_batch_size)
-    if spec.noise is None and spec.renorm is None and _native_module(x, weight, bias) is not None:
+    if spec.renorm is None and _native_module(x, weight, bias) is not None:
         mean_buf, second_buf, momentum, kind = _track_tensors(update, x.dtype)
-        ints = plan.train_ints(kind, spec.virtual_batch_size)
+        ints = plan.train_ints(kind, spec.virtual_batch_size, spec.noise)
         plan.enter()
-        reals = (spec.p, spec.eps, momentum)
+        reals = (spec.p, spec.eps, momentum, *_noise_reals(spec.noise))
         y, mean, spread = native.train(x, weight, bias, mean_buf, second_buf, ints, reals)
         return y, ops.GroupStats(mean, spread, plan.counts), kind != 0
     track = _track_args(update, x.dtype)

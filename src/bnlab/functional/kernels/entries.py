@@ -2,8 +2,8 @@
 
 Each entry takes raw pointers and sizes, wraps them as arrays (``numba.carray``, no copy) and
 runs the same driver the Python path calls (:mod:`.loops`, :mod:`.eval_loops`), so both paths
-compute the same numbers. Only plain normalization comes here (no noise, no renorm): the noise
-and renorm arguments are the empty arrays the drivers take for "none".
+compute the same numbers. BatchNorm, lp, ghost batches and noise come here (not renorm: its
+arguments are the empty arrays the drivers take for "none").
 
 An entry is compiled on first use for one (driver, parallel, dtype) and cached on disk like the
 loops. numba checks a cached function against its own source file only, not against the loops
@@ -13,11 +13,13 @@ loops get entries of their own instead of stale cached ones.
 Arguments, in order (``P``: pointer to the input dtype, ``D``: pointer to float64):
 
 * forward: x P, y P, weight P, bias P, running mean P, running second P, stats D (5, G, C);
-  n0, n1, n2, v, blocks, row_blocks; p, eps, momentum; kind. Planar: (n0, n1, n2) = (N, C, S),
-  ``v`` samples per group. Rows: (M, C * k, k), ``v`` rows per group. ``kind`` 0: the running
-  pointers are unused (may be null).
+  n0, n1, n2, v, blocks, row_blocks; p, eps, momentum; kind; noise D, noise count, key.
+  Planar: (n0, n1, n2) = (N, C, S), ``v`` samples per group. Rows: (M, C * k, k), ``v`` rows
+  per group. ``kind`` 0: the running pointers are unused (may be null). noise: the
+  configuration (mean_range, std_low, std_high, scale_std), count 4, or count 0 for none; key:
+  the noise key packed in one int64 (low word first).
 * backward: dy P, x P, dx P, stats D, weight P, dparams P (2, C); n0, n1, n2, v, blocks,
-  row_blocks; p; need_dx.
+  row_blocks; p; need_dx; noise D, noise count, key.
 * eval: x P, y P, mean P, spread P, weight P, bias P; n0, n1, n2, row_blocks; eps; is_var.
 """
 
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import carray, cfunc, types
+from numba import carray, cfunc, njit, types
 
 from bnlab.functional.kernels import _loops, eval_loops, loops
 
@@ -41,24 +43,34 @@ _DRIVER: Any = None
 _PARALLEL = False
 
 
+@njit(cache=True)
+def _key(packed):
+    """The noise key as the drivers take it: (low word, high word) uint64."""
+    key = np.empty(2, dtype=np.uint64)
+    key[0] = packed & 0xFFFFFFFF
+    key[1] = packed >> 32
+    return key
+
+
 def _forward_planar(
-    xp, yp, wp, bp, mp, sp, statsp, n0, n1, n2, v, blocks, row_blocks, p, eps, momentum, kind
-):
+    xp, yp, wp, bp, mp, sp, statsp, n0, n1, n2, v, blocks, row_blocks, p, eps, momentum, kind,
+    noisep, nnoise, key,
+):  # fmt: skip
     x = carray(xp, (n0, n1, n2))
     y = carray(yp, (n0, n1, n2))
     tracked = n1 if kind != 0 else 0
     stats = _DRIVER(
         x, v, blocks, row_blocks, p, eps, carray(wp, (n1,)), carray(bp, (n1,)),
         np.empty((0, 0)), np.zeros(2), carray(mp, (tracked,)), carray(sp, (tracked,)),
-        momentum, kind, np.empty((3, 0)), np.empty(0, dtype=x.dtype), np.zeros(2, np.uint64),
-        y, _PARALLEL,
+        momentum, kind, carray(noisep, (nnoise,)), _key(key), y, _PARALLEL,
     )  # fmt: skip
     carray(statsp, stats.shape)[...] = stats
 
 
 def _forward_rows(
-    xp, yp, wp, bp, mp, sp, statsp, n0, n1, n2, v, blocks, row_blocks, p, eps, momentum, kind
-):
+    xp, yp, wp, bp, mp, sp, statsp, n0, n1, n2, v, blocks, row_blocks, p, eps, momentum, kind,
+    noisep, nnoise, key,
+):  # fmt: skip
     x = carray(xp, (n0, n1))
     y = carray(yp, (n0, n1))
     channels = n1 // n2
@@ -66,33 +78,36 @@ def _forward_rows(
     stats = _DRIVER(
         x, n2, v, blocks, row_blocks, p, eps, carray(wp, (channels,)), carray(bp, (channels,)),
         np.empty((0, 0)), np.zeros(2), carray(mp, (tracked,)), carray(sp, (tracked,)),
-        momentum, kind, np.empty((3, 0)), np.empty(0, dtype=x.dtype), np.zeros(2, np.uint64),
-        y, _PARALLEL,
+        momentum, kind, carray(noisep, (nnoise,)), _key(key), y, _PARALLEL,
     )  # fmt: skip
     carray(statsp, stats.shape)[...] = stats
 
 
-def _backward_planar(dyp, xp, dxp, statsp, wp, dpp, n0, n1, n2, v, blocks, row_blocks, p, need):
+def _backward_planar(
+    dyp, xp, dxp, statsp, wp, dpp, n0, n1, n2, v, blocks, row_blocks, p, need, noisep, nnoise,
+    key,
+):  # fmt: skip
     x = carray(xp, (n0, n1, n2))
     groups = (n0 + v - 1) // v
     dparams = _DRIVER(
         carray(dyp, (n0, n1, n2)), x, v, blocks, row_blocks, p,
-        carray(statsp, (5, groups, n1)), carray(wp, (n1,)), np.empty((3, 0)),
-        np.empty(0, dtype=x.dtype), np.zeros(2, np.uint64), carray(dxp, (n0, n1, n2)),
-        need != 0, _PARALLEL,
+        carray(statsp, (5, groups, n1)), carray(wp, (n1,)), carray(noisep, (nnoise,)),
+        _key(key), carray(dxp, (n0, n1, n2)), need != 0, _PARALLEL,
     )  # fmt: skip
     carray(dpp, dparams.shape)[...] = dparams
 
 
-def _backward_rows(dyp, xp, dxp, statsp, wp, dpp, n0, n1, n2, v, blocks, row_blocks, p, need):
+def _backward_rows(
+    dyp, xp, dxp, statsp, wp, dpp, n0, n1, n2, v, blocks, row_blocks, p, need, noisep, nnoise,
+    key,
+):  # fmt: skip
     x = carray(xp, (n0, n1))
     channels = n1 // n2
     groups = (n0 + v - 1) // v
     dparams = _DRIVER(
         carray(dyp, (n0, n1)), x, n2, v, blocks, row_blocks, p,
-        carray(statsp, (5, groups, channels)), carray(wp, (channels,)), np.empty((3, 0)),
-        np.empty(0, dtype=x.dtype), np.zeros(2, np.uint64), carray(dxp, (n0, n1)),
-        need != 0, _PARALLEL,
+        carray(statsp, (5, groups, channels)), carray(wp, (channels,)),
+        carray(noisep, (nnoise,)), _key(key), carray(dxp, (n0, n1)), need != 0, _PARALLEL,
     )  # fmt: skip
     carray(dpp, dparams.shape)[...] = dparams
 
@@ -121,9 +136,9 @@ def _signature(stage: str, dtype: Any) -> Any:
     p = types.CPointer(dtype)
     d = types.CPointer(types.float64)
     if stage == "forward":
-        return types.void(p, p, p, p, p, p, d, _I, _I, _I, _I, _I, _I, _F, _F, _F, _I)
+        return types.void(p, p, p, p, p, p, d, _I, _I, _I, _I, _I, _I, _F, _F, _F, _I, d, _I, _I)
     if stage == "backward":
-        return types.void(p, p, p, d, p, p, _I, _I, _I, _I, _I, _I, _F, _I)
+        return types.void(p, p, p, d, p, p, _I, _I, _I, _I, _I, _I, _F, _I, d, _I, _I)
     return types.void(p, p, p, p, p, p, _I, _I, _I, _I, _F, _I)
 
 

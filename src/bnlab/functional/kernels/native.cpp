@@ -5,8 +5,10 @@
 // wires the backward.
 //
 // ints (one vector per call): n0, n1, n2, groups, channels, v, blocks, row_blocks,
-//   forward address, backward address, running kind, virtual batch size (0: none).
-// reals: p, eps, momentum.
+//   forward address, backward address, running kind, virtual batch size (0: none),
+//   noise count (0: no noise, 4: reals carry the noise configuration), noise key (int64).
+// reals: p, eps, momentum, then the noise configuration mean_range, std_low, std_high,
+//   scale_std (present, and read, only with noise).
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
@@ -21,14 +23,20 @@ using torch::Tensor;
 using torch::autograd::variable_list;
 
 using ForwardFn = void (*)(void*, void*, void*, void*, void*, void*, double*, int64_t, int64_t,
-                           int64_t, int64_t, int64_t, int64_t, double, double, double, int64_t);
+                           int64_t, int64_t, int64_t, int64_t, double, double, double, int64_t,
+                           const double*, int64_t, int64_t);
 using BackwardFn = void (*)(void*, void*, void*, double*, void*, void*, int64_t, int64_t,
-                            int64_t, int64_t, int64_t, int64_t, double, int64_t);
+                            int64_t, int64_t, int64_t, int64_t, double, int64_t, const double*,
+                            int64_t, int64_t);
 using EvalFn = void (*)(void*, void*, void*, void*, void*, void*, int64_t, int64_t, int64_t,
                         int64_t, double, int64_t);
 
-enum Int { N0, N1, N2, GROUPS, CHANNELS, V, BLOCKS, ROW_BLOCKS, FORWARD, BACKWARD, KIND, VBS, NINTS };
-enum Real { P, EPS, MOMENTUM, NREALS };
+enum Int {
+  N0, N1, N2, GROUPS, CHANNELS, V, BLOCKS, ROW_BLOCKS, FORWARD, BACKWARD, KIND, VBS, NOISE, KEY,
+  NINTS
+};
+enum Real { P, EPS, MOMENTUM, NOISE_CONF, NREALS = NOISE_CONF };
+constexpr int64_t kNoiseConf = 4;
 
 // The double-backward path (torch-op formulas, in Python); leaked on purpose: a static
 // py::object would be released after the interpreter has gone.
@@ -105,9 +113,14 @@ struct TrainNormBackward : public torch::autograd::Node {
     if (at::GradMode::is_enabled()) {
       // create_graph=True: a differentiable backward through the torch-op formulas.
       py::gil_scoped_acquire gil;
+      py::object noise = py::none();
+      if (ints_[NOISE] > 0) {
+        noise = py::make_tuple(reals_[NOISE_CONF], reals_[NOISE_CONF + 1],
+                               reals_[NOISE_CONF + 2], reals_[NOISE_CONF + 3], ints_[KEY]);
+      }
       py::tuple grads_out = (*double_backward)(
           x, tensor_or_none(weight), tensor_or_none(bias), dy_in, reals_[P], reals_[EPS],
-          ints_[VBS] > 0 ? py::cast(ints_[VBS]) : py::none(),
+          ints_[VBS] > 0 ? py::cast(ints_[VBS]) : py::none(), noise,
           py::make_tuple(need_dx, need_w, need_b));
       for (int i = 0; i < 3; ++i) {
         if (!grads_out[i].is_none()) {
@@ -123,7 +136,8 @@ struct TrainNormBackward : public torch::autograd::Node {
     auto run = reinterpret_cast<BackwardFn>(ints_[BACKWARD]);
     run(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), stats_.data_ptr<double>(), w.data_ptr(),
         dparams.data_ptr(), ints_[N0], ints_[N1], ints_[N2], ints_[V], ints_[BLOCKS],
-        ints_[ROW_BLOCKS], reals_[P], need_dx ? 1 : 0);
+        ints_[ROW_BLOCKS], reals_[P], need_dx ? 1 : 0, reals_.data() + NOISE_CONF, ints_[NOISE],
+        ints_[KEY]);
     if (need_dx) {
       result[0] = dx;
     }
@@ -144,7 +158,9 @@ py::object train(const Tensor& x, const std::optional<Tensor>& weight_in,
                  const std::optional<Tensor>& bias_in, const std::optional<Tensor>& track_mean,
                  const std::optional<Tensor>& track_second, const std::vector<int64_t>& ints,
                  const std::vector<double>& reals, bool with_stats) {
-  TORCH_CHECK(ints.size() == NINTS && reals.size() == NREALS, "bnlab native train: bad plan");
+  TORCH_CHECK(ints.size() == NINTS && (ints[NOISE] == 0 || ints[NOISE] == kNoiseConf) &&
+                  reals.size() == static_cast<size_t>(NREALS + ints[NOISE]),
+              "bnlab native train: bad plan");
   const int64_t channels = ints[CHANNELS];
   Tensor weight = defined_or_empty(weight_in);
   Tensor bias = defined_or_empty(bias_in);
@@ -158,7 +174,8 @@ py::object train(const Tensor& x, const std::optional<Tensor>& weight_in,
   run(x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(),
       ptr(defined_or_empty(track_mean)), ptr(defined_or_empty(track_second)),
       stats.data_ptr<double>(), ints[N0], ints[N1], ints[N2], ints[V], ints[BLOCKS],
-      ints[ROW_BLOCKS], reals[P], reals[EPS], reals[MOMENTUM], ints[KIND]);
+      ints[ROW_BLOCKS], reals[P], reals[EPS], reals[MOMENTUM], ints[KIND],
+      reals.data() + NOISE_CONF, ints[NOISE], ints[KEY]);
   if (torch::autograd::compute_requires_grad(x, weight, bias)) {
     auto node = c10::make_intrusive<TrainNormBackward>(
         torch::autograd::collect_next_edges(x, weight, bias));

@@ -8,8 +8,8 @@ extension directory). It calls the numba entry points (:mod:`.entries`) by addre
 plain C++ autograd node for the backward: same loops, same numbers, without the Python per
 call.
 
-It serves plain training normalization (BatchNorm, lp, ghost batches; not noise or renorm,
-which keep the Python Function) and eval without gradients. Set ``BNLAB_NATIVE=0`` to turn it
+It serves training normalization (BatchNorm, lp, ghost batches, noise; not renorm, which keeps
+the Python Function) and eval without gradients. Set ``BNLAB_NATIVE=0`` to turn it
 off; when it cannot be built, a warning says why and the Python Function path runs instead.
 A backward with ``create_graph=True`` calls back into the torch-op formulas, as the Python
 Function does.
@@ -27,6 +27,7 @@ from typing import Any
 from torch import Tensor
 
 from bnlab.functional import ops
+from bnlab.functional.noise import NoiseDraw, NoiseSpec
 
 SOURCE = Path(__file__).with_name("native.cpp")
 NODE_NAME = "bnlab::TrainNormBackward"
@@ -106,11 +107,16 @@ def _double_backward(
     p: float,
     eps: float,
     virtual_batch_size: int | None,
+    noise: tuple[float, float, float, float, int] | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     from bnlab.functional.kernels import torch_op_backward
 
-    spec = ops.NormSpec(eps, p, virtual_batch_size=virtual_batch_size)
+    draw = None
+    if noise is not None:
+        *conf, key = noise
+        draw = NoiseDraw(NoiseSpec(*conf), (key & 0xFFFFFFFF, key >> 32))
+    spec = ops.NormSpec(eps, p, virtual_batch_size=virtual_batch_size, noise=draw)
     return torch_op_backward(needs, spec, x, weight, bias, dy)
 
 
@@ -121,7 +127,7 @@ def train(
     track_mean: Tensor | None,
     track_second: Tensor | None,
     ints: tuple[int, ...],
-    reals: tuple[float, float, float],
+    reals: tuple[float, ...],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, spread) through the C++ glue, the statistics (G, C) float64; see
     native.cpp for ``ints`` and ``reals``."""
