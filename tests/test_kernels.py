@@ -397,6 +397,12 @@ def test_hash_is_lowbias32_keyed():
     assert lowbias32(1) != 1 and len(set(ours)) == len(ours)
 
 
+def test_noise_goes_with_batch_norm_statistics_only():
+    draw = noise.draw(F.NoiseSpec(), torch.device("cpu"), torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"noise goes with BatchNorm's statistics \(p = 2\)"):
+        ops.NormSpec(1e-5, 1.0, noise=draw)
+
+
 @pytest.mark.parametrize("channels", [1, 7, 300])
 def test_channel_noise_parameters_are_the_same_bits_on_both_paths_and_in_range(channels):
     from bnlab.functional.kernels import loops

@@ -38,17 +38,23 @@ def test_hash_run_matches_torch_hash_across_the_32_bit_wrap(start):
     np.testing.assert_array_equal(h.astype(np.int64), expected)
 
 
-def test_hash_columns_match_torch_hash_of_the_logical_counters():
-    """Row layout with k = 3 columns per channel and 2^31 rows: counters pass 2^32."""
+def test_tile_counters_are_the_logical_counters_past_the_32_bit_wrap():
+    """Row layout with k = 3 columns per channel and 2^31 rows: a tile's counters plus its first
+    row times k are c * N * S + n * S + s (mod 2^32, as the kernels and noise.hash32 take them)."""
     loops = _loops()
     k, rows, columns = 3, 2**31, 12
     base = loops._column_base(columns, k, rows)
-    row = rows - 5
-    h = np.empty(columns, dtype=np.uint32)
-    loops._hash_columns(base, row * k, np.array(KEY, dtype=np.uint64), h)
-    j = np.arange(columns)
-    counters = (j // k) * (rows * k) + row * k + j % k  # c * N * S + n * S + s
-    np.testing.assert_array_equal(h.astype(np.int64), _hash_reference(counters))
+    tile_rows = 4
+    counters = loops._tile_counters(base, k, columns, tile_rows).astype(np.int64)
+    first = rows - 5
+    j = np.tile(np.arange(columns), tile_rows)
+    row = first + np.repeat(np.arange(tile_rows), columns)
+    logical = (j // k) * (rows * k) + row * k + j % k  # c * N * S + n * S + s
+    np.testing.assert_array_equal((counters + first * k) % 2**32, logical % 2**32)
+    hashed = [
+        loops._hash32(np.uint32((c + first * k) % 2**32), *map(np.uint32, KEY)) for c in counters
+    ]
+    np.testing.assert_array_equal(np.array(hashed, dtype=np.int64), _hash_reference(logical))
 
 
 def _noisy_spec(

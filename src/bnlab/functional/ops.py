@@ -152,6 +152,12 @@ class NormSpec:
     renorm: Renorm | None = None
     noise: NoiseDraw | None = None
 
+    def __post_init__(self) -> None:
+        if self.noise is not None and self.p != 2.0:
+            raise ValueError(
+                f"NormSpec: noise goes with BatchNorm's statistics (p = 2), got p = {self.p}"
+            )
+
 
 class GroupStats(NamedTuple):
     """Per-(group, channel) statistics of one training normalization; a group is a virtual

@@ -119,15 +119,6 @@ def _hash_run(start, count, key, h):
             out[i] = _iota_hash(iota, i, first, k0, k1)
 
 
-@njit(cache=True, inline="always")
-def _hash_columns(base, offset, key, h):
-    """h[j] = hash of counter base[j] + offset (a row of the row layout)."""
-    k0, k1 = np.uint32(key[0]), np.uint32(key[1])
-    shift = np.uint32(offset)
-    for j in range(h.shape[0]):
-        h[j] = _hash32(np.uint32(base[j] + shift), k0, k1)
-
-
 @njit(cache=True)
 def _noise_params(conf, key, channels):
     """Per-channel (mu, sigma, scale_std) (3, C) float64 from the noise configuration
@@ -645,31 +636,6 @@ def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
 # layout adds a scan of x per (group, channel).
 
 
-@njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _noisy_gradient_run(dy, start, scale_std, key, iota, gy):
-    """gy[s] = dy[s] * (1 + scale_std z'_s) (input dtype) for a planar row of counters start + s."""
-    size = dy.shape[0]
-    scale, one, unit = gy.dtype.type(scale_std), gy.dtype.type(1), gy.dtype.type(_UNIT_SCALE)
-    k0, k1 = np.uint32(key[0]), np.uint32(key[1])
-    for s0 in range(0, size, _RUN):
-        run = min(_RUN, size - s0)
-        first = np.uint32(start + s0)
-        dy_run, gy_run = dy[s0 : s0 + run], gy[s0 : s0 + run]
-        for i in range(run):
-            h = _iota_hash(iota, i, first, k0, k1)
-            gy_run[i] = dy_run[i] * (one + scale * _level(h & _LOW16, unit, dy))
-
-
-@njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _noisy_gradient_columns(dy, base, offset, scale_std, key, h, gy):
-    """Row-layout :func:`_noisy_gradient_run` on a whole row (h: one entry per column):
-    column c's counter is base[c] + offset and ``scale_std`` is per column."""
-    one, unit = gy.dtype.type(1), gy.dtype.type(_UNIT_SCALE)
-    _hash_columns(base, offset, key, h)
-    for c in range(h.shape[0]):
-        gy[c] = dy[c] * (one + scale_std[c] * _level(h[c] & _LOW16, unit, dy))
-
-
 @njit(cache=True, fastmath=_REDUCE, inline="always")
 def _noisy_gradient_sums(dy, x, m, start, scale_std, key, iota, store, gy_out, s_gy, s_gx):
     """p = 2 with noise, a planar row: gy = dy (1 + scale_std z') (kept in ``gy_out`` when
@@ -699,7 +665,7 @@ def _noisy_gradient_sums(dy, x, m, start, scale_std, key, iota, store, gy_out, s
 
 @njit(cache=True, fastmath=_REDUCE)
 def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, store, part, dx):
-    """``store``: keep gy (noise only) in dx for the dx pass."""
+    """``store``: keep gy (noise, where gy is not dy) in dx for the dx pass."""
     n_total, c_total, size = x.shape
     b = t % blocks
     gc = t // blocks
@@ -709,22 +675,16 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, store, part
     s_gy = 0.0
     s_gx = 0.0
     s_sign = 0.0
-    noisy = noise.shape[1] != 0
+    noisy = noise.shape[1] != 0  # with p = 2 only (NormSpec checks)
     iota = _iota()
-    fused = noisy and p == 2.0
-    scratch = np.empty(size if noisy and not store and not fused else 0, dtype=dy.dtype)
     for n in range(n0, n1):
         grad = dy[n, c]
-        if fused:  # gy made, kept (store) and summed in one loop
+        if noisy:  # gy made, kept (store) and summed in one loop
             start = (c * n_total + n) * size
             s_gy, s_gx = _noisy_gradient_sums(
                 dy[n, c], x[n, c], m, start, noise[2, c], key, iota, store, dx[n, c], s_gy, s_gx
             )
             continue
-        if noisy:
-            grad = dx[n, c] if store else scratch
-            start = (c * n_total + n) * size
-            _noisy_gradient_run(dy[n, c], start, noise[2, c], key, iota, grad)
         x_row = x[n, c]
         for s in range(size):
             gy = np.float64(grad[s])
@@ -793,9 +753,6 @@ def _rows_grad_sums_task(
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
     m = mean[g]
     s_gy, s_gx, s_sign = part[0, t], part[1, t], part[2, t]
-    noisy = noise.shape[1] != 0
-    h = np.empty(c_total if noisy else 0, dtype=np.uint32)
-    scratch = np.empty(c_total if noisy and not store else 0, dtype=dy.dtype)
     track = p != 1.0 and p != 2.0
     top_t, first_t = (top[t], first[t]) if track else (top[0], first[0])
     for c in range(c_total):
@@ -806,7 +763,10 @@ def _rows_grad_sums_task(
         for c in range(c_total):
             top_t[c] = -1.0
             first_t[c] = -1
-    if not noisy and not track:  # 2-D indexing, no row slices: short rows pay for slices
+    if noise.shape[1] != 0:  # with p = 2 only (NormSpec checks)
+        _rows_noisy_grad_sums(dy, x, r0, r1, m, noise[2], key, base, k, store, s_gy, s_gx, dx)
+        return
+    if not track:  # 2-D indexing, no row slices: short rows pay for slices
         if p == 2.0:  # short rows: four rows per sweep, as the forward's sums
             r4 = r0 + (r1 - r0) // 4 * 4 if c_total <= _SHORT_ROW else r0
             for r in range(r0, r4, 4):
@@ -833,33 +793,17 @@ def _rows_grad_sums_task(
                     s_gy[c] += gy
                     s_gx[c] += gy * (np.float64(x[r, c]) - m[c])
         return
-    if noisy and p == 2.0:
-        _rows_noisy_grad_sums(dy, x, r0, r1, m, noise[2], key, base, k, store, s_gy, s_gx, dx)
-        return
-    for r in range(r0, r1):
-        grad = dy[r]
-        if noisy:
-            grad = dx[r] if store else scratch
-            _noisy_gradient_columns(dy[r], base, r * k, noise[2], key, h, grad)
-        x_row = x[r]
-        if p == 1.0:
-            for c in range(c_total):
-                gy = np.float64(grad[c])
-                xc = np.float64(x_row[c]) - m[c]
-                s_gy[c] += gy
-                s_gx[c] += gy * xc
-                s_sign[c] += (xc > 0.0) - (xc < 0.0)
-        else:  # p = 2 and p = inf; a third sum in the same loop stops it vectorizing
-            for c in range(c_total):
-                gy = np.float64(grad[c])
-                s_gy[c] += gy
-                s_gx[c] += gy * (np.float64(x_row[c]) - m[c])
-        if track:  # a loop of its own, on the row just read: it vectorizes
-            for c in range(c_total):
-                deviation = abs(np.float64(x_row[c]) - m[c])
-                better = deviation > top_t[c]  # strict: the first row keeps a tie
-                top_t[c] = deviation if better else top_t[c]
-                first_t[c] = r if better else first_t[c]
+    for r in range(r0, r1):  # p = inf
+        grad, x_row = dy[r], x[r]
+        for c in range(c_total):
+            gy = np.float64(grad[c])
+            s_gy[c] += gy
+            s_gx[c] += gy * (np.float64(x_row[c]) - m[c])
+        for c in range(c_total):  # a loop of its own, on the row just read: it vectorizes
+            deviation = abs(np.float64(x_row[c]) - m[c])
+            better = deviation > top_t[c]  # strict: the first row keeps a tie
+            top_t[c] = deviation if better else top_t[c]
+            first_t[c] = r if better else first_t[c]
 
 
 @njit(cache=True)
