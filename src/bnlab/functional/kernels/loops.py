@@ -599,14 +599,22 @@ def _tile(values, rows, out):
             row[j] = values[j]
 
 
+@njit(cache=True, inline="always")
+def _noisy_tiles(x, base, k, per_column, n_coef):
+    """(rows per tile, tile counters, tiles) for the noisy row loops: ``n_coef`` tiles of
+    per-group coefficients (filled by the caller per group), then ``per_column`` tiled."""
+    columns = x.shape[1]
+    rows, span = _tile_rows(columns)
+    tiles = np.empty((n_coef + per_column.shape[0], span), dtype=x.dtype)
+    for j in range(per_column.shape[0]):
+        _tile(per_column[j], rows, tiles[n_coef + j])
+    return rows, _tile_counters(base, k, columns, rows), tiles
+
+
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
 def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
     columns = x.shape[1]
-    rows, span = _tile_rows(columns)
-    counters = _tile_counters(base, k, columns, rows)
-    tiles = np.empty((7, span), dtype=x.dtype)
-    for j in range(3):
-        _tile(noise[j], rows, tiles[4 + j])
+    rows, counters, tiles = _noisy_tiles(x, base, k, noise, 4)
     mh, ml, a, b = tiles[0], tiles[1], tiles[2], tiles[3]
     mu, sigma, scale_std = tiles[4], tiles[5], tiles[6]
     xf, yf = x.reshape(-1), y.reshape(-1)
@@ -630,42 +638,35 @@ def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
 # --------------------------------------------------------------------------------------------
 # Backward: one read of (dy, x) for sum(gy) and sum(gy * (x - mean)) (and sum(sign(x - mean))
 # for p = 1), where gy = dy * (1 + scale_std z') is the gradient at the BN output; then one read
-# of (dy, x) and one write of dx. With noise, the first pass writes gy into dx and the second
-# reads it there instead of dy (z' is hashed once). p = inf also needs the arg-max of
+# of (dy, x) and one write of dx. With noise both passes hash z' again (storing gy for the
+# second pass would cost a write of the whole tensor: measured slower from the L2 cache size
+# up, (16384, 128) float32 sums pass 1.39 ms storing against 1.02 not storing, one thread).
+# p = inf also needs the arg-max of
 # |x - mean| per channel: the row layout tracks it per column in the first pass; the planar
 # layout adds a scan of x per (group, channel).
 
 
 @njit(cache=True, fastmath=_REDUCE, inline="always")
-def _noisy_gradient_sums(dy, x, m, start, scale_std, key, iota, store, gy_out, s_gy, s_gx):
-    """p = 2 with noise, a planar row: gy = dy (1 + scale_std z') (kept in ``gy_out`` when
-    ``store``) and its sums sum(gy), sum(gy (x - m)) in one loop per batch of counters."""
+def _noisy_gradient_sums(dy, x, m, start, scale_std, key, iota, s_gy, s_gx):
+    """Noise, a planar row: the sums sum(gy), sum(gy (x - m)) of gy = dy (1 + scale_std z'),
+    hashed and summed in one loop per batch of counters."""
     size = dy.shape[0]
     scale, one, unit = dy.dtype.type(scale_std), dy.dtype.type(1), dy.dtype.type(_UNIT_SCALE)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     for s0 in range(0, size, _RUN):
         run = min(_RUN, size - s0)
         first = np.uint32(start + s0)
-        dy_run, x_run, gy_run = dy[s0 : s0 + run], x[s0 : s0 + run], gy_out[s0 : s0 + run]
-        if store:
-            for i in range(run):
-                h = _iota_hash(iota, i, first, k0, k1)
-                gy = dy_run[i] * (one + scale * _level(h & _LOW16, unit, dy))
-                gy_run[i] = gy
-                s_gy += np.float64(gy)
-                s_gx += np.float64(gy) * (np.float64(x_run[i]) - m)
-        else:
-            for i in range(run):
-                h = _iota_hash(iota, i, first, k0, k1)
-                gy64 = np.float64(dy_run[i] * (one + scale * _level(h & _LOW16, unit, dy)))
-                s_gy += gy64
-                s_gx += gy64 * (np.float64(x_run[i]) - m)
+        dy_run, x_run = dy[s0 : s0 + run], x[s0 : s0 + run]
+        for i in range(run):
+            h = _iota_hash(iota, i, first, k0, k1)
+            gy = np.float64(dy_run[i] * (one + scale * _level(h & _LOW16, unit, dy)))
+            s_gy += gy
+            s_gx += gy * (np.float64(x_run[i]) - m)
     return s_gy, s_gx
 
 
 @njit(cache=True, fastmath=_REDUCE)
-def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, store, part, dx):
-    """``store``: keep gy (noise, where gy is not dy) in dx for the dx pass."""
+def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part):
     n_total, c_total, size = x.shape
     b = t % blocks
     gc = t // blocks
@@ -679,10 +680,10 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, store, part
     iota = _iota()
     for n in range(n0, n1):
         grad = dy[n, c]
-        if noisy:  # gy made, kept (store) and summed in one loop
+        if noisy:
             start = (c * n_total + n) * size
             s_gy, s_gx = _noisy_gradient_sums(
-                dy[n, c], x[n, c], m, start, noise[2, c], key, iota, store, dx[n, c], s_gy, s_gx
+                dy[n, c], x[n, c], m, start, noise[2, c], key, iota, s_gy, s_gx
             )
             continue
         x_row = x[n, c]
@@ -699,10 +700,9 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, store, part
 
 
 @njit(cache=True, fastmath=_REDUCE, inline="always")
-def _rows_noisy_grad_sums(dy, x, r0, r1, m, scale_std, key, base, k, store, s_gy, s_gx, dx):
-    """p = 2 with noise, rows r0..r1 of one group, on tiles (see _TILE): gy = dy (1 +
-    scale_std z') (kept in dx when ``store``), summed per tile value, then folded into the
-    per-column sums ``s_gy``, ``s_gx`` (which start at 0)."""
+def _rows_noisy_grad_sums(dy, x, r0, r1, m, scale_std, key, base, k, s_gy, s_gx):
+    """Noise, rows r0..r1 of one group, on tiles (see _TILE): gy = dy (1 + scale_std z') summed
+    per tile value, then folded into the per-column sums ``s_gy``, ``s_gx`` (which start at 0)."""
     columns = x.shape[1]
     rows, span = _tile_rows(columns)
     counters = _tile_counters(base, k, columns, rows)
@@ -711,41 +711,28 @@ def _rows_noisy_grad_sums(dy, x, r0, r1, m, scale_std, key, base, k, store, s_gy
     acc_gy, acc_gx = np.zeros(span), np.zeros(span)
     _tile(scale_std, rows, scale)
     _tile(m, rows, mean)
-    dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+    dyf, xf = dy.reshape(-1), x.reshape(-1)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     one, unit = dy.dtype.type(1), dy.dtype.type(_UNIT_SCALE)
     for r in range(r0, r1, rows):
         n = min(rows, r1 - r) * columns
-        lo = r * columns
-        dys, xs, gys = dyf[lo : lo + n], xf[lo : lo + n], dxf[lo : lo + n]
+        dys, xs = dyf[r * columns : r * columns + n], xf[r * columns : r * columns + n]
         offset = np.uint32(r * k)
-        if store:
-            for i in range(n):
-                h = _hash32(np.uint32(counters[i] + offset), k0, k1)
-                gy = dys[i] * (one + scale[i] * _level(h & _LOW16, unit, dy))
-                gys[i] = gy
-                acc_gy[i] += np.float64(gy)
-                acc_gx[i] += np.float64(gy) * (np.float64(xs[i]) - mean[i])
-        else:
-            for i in range(n):
-                h = _hash32(np.uint32(counters[i] + offset), k0, k1)
-                gy64 = np.float64(dys[i] * (one + scale[i] * _level(h & _LOW16, unit, dy)))
-                acc_gy[i] += gy64
-                acc_gx[i] += gy64 * (np.float64(xs[i]) - mean[i])
+        for i in range(n):
+            h = _hash32(np.uint32(counters[i] + offset), k0, k1)
+            gy = np.float64(dys[i] * (one + scale[i] * _level(h & _LOW16, unit, dy)))
+            acc_gy[i] += gy
+            acc_gx[i] += gy * (np.float64(xs[i]) - mean[i])
     for t in range(rows):
-        tile_gy, tile_gx = (
-            acc_gy[t * columns : (t + 1) * columns],
-            acc_gx[t * columns : (t + 1) * columns],
-        )
+        tile_gy = acc_gy[t * columns : (t + 1) * columns]
+        tile_gx = acc_gx[t * columns : (t + 1) * columns]
         for j in range(columns):
             s_gy[j] += tile_gy[j]
             s_gx[j] += tile_gx[j]
 
 
 @njit(cache=True, fastmath=_REDUCE)
-def _rows_grad_sums_task(
-    dy, x, t, v_rows, blocks, p, mean, noise, key, base, k, store, part, top, first, dx
-):
+def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, key, base, k, part, top, first):
     """Per-column partial sums of block t; p = inf: ``top``/``first`` get each column's
     largest |x - mean| and the first row holding it (merged by :func:`_rows_argmax_channel`)."""
     m_total, c_total = x.shape
@@ -764,7 +751,7 @@ def _rows_grad_sums_task(
             top_t[c] = -1.0
             first_t[c] = -1
     if noise.shape[1] != 0:  # with p = 2 only (NormSpec checks)
-        _rows_noisy_grad_sums(dy, x, r0, r1, m, noise[2], key, base, k, store, s_gy, s_gx, dx)
+        _rows_noisy_grad_sums(dy, x, r0, r1, m, noise[2], key, base, k, s_gy, s_gx)
         return
     if not track:  # 2-D indexing, no row slices: short rows pay for slices
         if p == 2.0:  # short rows: four rows per sweep, as the forward's sums
@@ -859,25 +846,35 @@ def _store_grad_coefficients(s_gy, s_gx, s_sign, k_sign, stats, m, p, weight, g,
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, gy_in_dx, dx):
-    """dx = a gy + b phi + k over rows (n, c) of block t; gy = dy, or dx itself when the sums
-    pass stored the noisy gradient there (``gy_in_dx``)."""
+def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noise, key, dx):
+    """dx = a gy + b phi + k over rows (n, c) of block t; gy = dy, or dy (1 + scale_std z')
+    with noise (``noise`` (3, C), or (3, 0))."""
     n_total, c_total, _ = x.shape
     r0, r1 = _block(0, n_total * c_total, t, row_blocks)
+    iota = _iota()
     for r in range(r0, r1):
-        _planar_dx_row(dy, x, r // c_total, r % c_total, v, p, coef, gy_in_dx, dx)
+        _planar_dx_row(dy, x, r // c_total, r % c_total, v, p, coef, noise, key, iota, dx)
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _planar_dx_row(dy, x, n, c, v, p, coef, gy_in_dx, dx):
-    size = x.shape[2]
+def _planar_dx_row(dy, x, n, c, v, p, coef, noise, key, iota, dx):
+    n_total, _, size = x.shape
     g = n // v
     mh, ml, a, b, k = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c], coef[4, g, c]
-    if gy_in_dx:
-        for s in range(size):
-            xc = (x[n, c, s] - mh) - ml
-            phi = ((xc > 0) - (xc < 0)) if p == 1.0 else xc
-            dx[n, c, s] = a * dx[n, c, s] + b * phi + k
+    if noise.shape[1] != 0:  # p = 2
+        one, unit = x.dtype.type(1), x.dtype.type(_UNIT_SCALE)
+        scale = x.dtype.type(noise[2, c])
+        k0, k1 = np.uint32(key[0]), np.uint32(key[1])
+        start = (c * n_total + n) * size
+        for s0 in range(0, size, _RUN):
+            run = min(_RUN, size - s0)
+            first = np.uint32(start + s0)
+            x_run, dy_run = x[n, c, s0 : s0 + run], dy[n, c, s0 : s0 + run]
+            dx_run = dx[n, c, s0 : s0 + run]
+            for i in range(run):
+                h = _iota_hash(iota, i, first, k0, k1)
+                gy = dy_run[i] * (one + scale * _level(h & _LOW16, unit, x))
+                dx_run[i] = a * gy + b * ((x_run[i] - mh) - ml) + k
     elif p == 1.0:
         for s in range(size):
             xc = (x[n, c, s] - mh) - ml
@@ -888,20 +885,17 @@ def _planar_dx_row(dy, x, n, c, v, p, coef, gy_in_dx, dx):
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, gy_in_dx, dx):
-    """Row-layout :func:`_planar_dx_task`."""
+def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, key, base, k, dx):
+    """Row-layout :func:`_planar_dx_task` (``noise`` (3, C * k) per column, or (3, 0))."""
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
+    if noise.shape[1] != 0:
+        _rows_noisy_dx(dy, x, r0, r1, v_rows, coef, noise, key, base, k, dx)
+        return
     for g in range(r0 // v_rows, (r1 + v_rows - 1) // v_rows if r1 > r0 else 0):  # as normalize
         mh, ml, a, b, offset = coef[0, g], coef[1, g], coef[2, g], coef[3, g], coef[4, g]
         g0, g1 = max(r0, g * v_rows), min(r1, (g + 1) * v_rows)
-        if gy_in_dx:
-            for r in range(g0, g1):
-                for c in range(c_total):
-                    xc = (x[r, c] - mh[c]) - ml[c]
-                    phi = ((xc > 0) - (xc < 0)) if p == 1.0 else xc
-                    dx[r, c] = a[c] * dx[r, c] + b[c] * phi + offset[c]
-        elif p == 1.0:
+        if p == 1.0:
             for r in range(g0, g1):
                 for c in range(c_total):
                     xc = (x[r, c] - mh[c]) - ml[c]
@@ -910,6 +904,30 @@ def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, gy_in_dx, dx):
             for r in range(g0, g1):
                 for c in range(c_total):
                     dx[r, c] = a[c] * dy[r, c] + b[c] * ((x[r, c] - mh[c]) - ml[c]) + offset[c]
+
+
+@njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
+def _rows_noisy_dx(dy, x, r0, r1, v_rows, coef, noise, key, base, k, dx):
+    """Noisy rows r0..r1 of :func:`_rows_dx_task` on tiles, as :func:`_rows_noisy_normalize`."""
+    columns = x.shape[1]
+    rows, counters, tiles = _noisy_tiles(x, base, k, noise[2:], 5)
+    mh, ml, a, b, offset, scale = tiles[0], tiles[1], tiles[2], tiles[3], tiles[4], tiles[5]
+    dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
+    k0, k1 = np.uint32(key[0]), np.uint32(key[1])
+    one, unit = x.dtype.type(1), x.dtype.type(_UNIT_SCALE)
+    for g in range(r0 // v_rows, (r1 + v_rows - 1) // v_rows if r1 > r0 else 0):
+        for j in range(5):
+            _tile(coef[j, g], rows, tiles[j])
+        g0, g1 = max(r0, g * v_rows), min(r1, (g + 1) * v_rows)
+        for r in range(g0, g1, rows):
+            n = min(rows, g1 - r) * columns
+            lo = r * columns
+            dys, xs, dxs = dyf[lo : lo + n], xf[lo : lo + n], dxf[lo : lo + n]
+            shift = np.uint32(r * k)
+            for i in range(n):
+                h = _hash32(np.uint32(counters[i] + shift), k0, k1)
+                gy = dys[i] * (one + scale[i] * _level(h & _LOW16, unit, x))
+                dxs[i] = a[i] * gy + b[i] * ((xs[i] - mh[i]) - ml[i]) + offset[i]
 
 
 @njit(cache=True)
@@ -1230,9 +1248,8 @@ def backward_planar(
 ):
     """Fused backward on (N, C, S); writes dx (if ``need_dx``), returns (2, C) d weight, d bias.
 
-    Memory passes: read dy and x (sums; with noise also write gy to dx), read dy (or gy from
-    dx) and x, write dx. p = inf: plus a scan of x per (group, channel) for the arg-max of
-    |x - mean|.
+    Memory passes: read dy and x (sums), read dy and x, write dx (with noise, both passes hash
+    z' again). p = inf: plus a scan of x per (group, channel) for the arg-max of |x - mean|.
     """
     n_total, c_total, size = x.shape
     count = _group_counts(n_total, v, size)
@@ -1241,13 +1258,12 @@ def backward_planar(
     part = np.empty((3, tasks))
     mean = stats[MEAN]
     params = _noise_params(noise, key, c_total)
-    store = need_dx and params.shape[1] != 0
     if parallel:
         for t in prange(tasks):
-            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, params, key, store, part, dx)
+            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, params, key, part)
     else:
         for t in range(tasks):
-            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, params, key, store, part, dx)
+            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, params, key, part)
     sums = _filled(0.0, (3, groups, c_total))
     for t in range(tasks):
         gc = t // blocks
@@ -1269,9 +1285,9 @@ def backward_planar(
     if need_dx:
         if parallel:
             for t in prange(row_blocks):
-                _planar_dx_task(dy, x, t, row_blocks, v, p, coef, store, dx)
+                _planar_dx_task(dy, x, t, row_blocks, v, p, coef, params, key, dx)
         else:
-            _planar_dx_task(dy, x, 0, 1, v, p, coef, store, dx)
+            _planar_dx_task(dy, x, 0, 1, v, p, coef, params, key, dx)
         flat = dx.reshape(-1)
         for g in range(groups):
             for c in range(c_total):
@@ -1285,8 +1301,8 @@ def backward_rows(
     dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, noise, key, dx, need_dx, parallel,
 ):  # fmt: skip
     """Row-layout :func:`backward_planar` (columns as :func:`forward_rows`). Memory passes:
-    read dy and x (sums, and the arg-max for p = inf; with noise also write gy to dx), read dy
-    (or gy from dx) and x, write dx."""
+    read dy and x (sums, and the arg-max for p = inf), read dy and x, write dx (with noise, both
+    passes hash z' again)."""
     m_total, columns = x.shape
     channels = columns // k
     count = _group_counts(m_total, v_rows, k)
@@ -1301,18 +1317,17 @@ def backward_rows(
     col_mean = stats[MEAN] if k == 1 else _columns(stats[MEAN : MEAN + 1], k)[0]
     col_noise = _noise_columns(_noise_params(noise, key, channels), k, x)
     base = _column_base(columns, k, m_total)
-    store = need_dx and col_noise.shape[1] != 0
     if parallel:
         for t in prange(tasks):
             _rows_grad_sums_task(
-                dy, x, t, v_rows, blocks, p, col_mean, col_noise, key, base, k, store,
-                part, top, first, dx,
+                dy, x, t, v_rows, blocks, p, col_mean, col_noise, key, base, k,
+                part, top, first,
             )  # fmt: skip
     else:
         for t in range(tasks):
             _rows_grad_sums_task(
-                dy, x, t, v_rows, blocks, p, col_mean, col_noise, key, base, k, store,
-                part, top, first, dx,
+                dy, x, t, v_rows, blocks, p, col_mean, col_noise, key, base, k,
+                part, top, first,
             )  # fmt: skip
     argmax = (groups, channels) if track else (0, 0)
     argmax_at = np.empty(argmax, dtype=np.int64)
@@ -1335,9 +1350,9 @@ def backward_rows(
     if need_dx:
         if parallel:
             for t in prange(row_blocks):
-                _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, store, dx)
+                _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, col_noise, key, base, k, dx)
         else:
-            _rows_dx_task(dy, x, 0, v_rows, 1, p, coef, store, dx)
+            _rows_dx_task(dy, x, 0, v_rows, 1, p, coef, col_noise, key, base, k, dx)
         flat = dx.reshape(-1)
         for g in range(argmax[0]):
             for c in range(argmax[1]):
