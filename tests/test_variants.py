@@ -184,6 +184,23 @@ def test_frozen_noise_repeats_one_draw_and_restores_the_generator():
     assert not torch.equal(layer(x), layer(x))
 
 
+def test_noisy_draws_inside_and_outside_inference_mode(monkeypatch):
+    """The key is drawn into a reused buffer: one made under inference_mode must stay writable
+    outside it, and the draws must follow the generator either way."""
+    import threading
+
+    from bnlab.functional import noise
+
+    monkeypatch.setattr(noise, "_buffers", threading.local())  # the first draw makes it
+    a, b = bnn.NoisyBatchNorm2d(3, seed=4), bnn.NoisyBatchNorm2d(3, seed=4)
+    x = torch.randn(4, 3, 2, 2)
+    with torch.inference_mode():
+        first = a(x)
+    second = a(x)
+    assert torch.equal(first, b(x)) and torch.equal(second, b(x))
+    assert not torch.equal(first, second)
+
+
 def test_noisy_generator_state_travels_in_the_state_dict():
     a = bnn.NoisyBatchNorm2d(3, seed=11)
     x = torch.randn(4, 3, 2, 2)

@@ -82,12 +82,12 @@ class NoisyBatchNorm(BatchNorm):
         return self.generator
 
     def _noise(self, input: Tensor) -> F.NoiseDraw:
+        if self._frozen is None:
+            return F.draw_noise(input, self.noise, self._generator_for(input))
         key = (tuple(input.shape), input.device, input.dtype)
-        if self._frozen is not None and key in self._frozen:
-            return self._frozen[key]
-        noise = F.draw_noise(input, self.noise, self._generator_for(input))
-        if self._frozen is not None:
-            self._frozen[key] = noise
+        noise = self._frozen.get(key)
+        if noise is None:
+            noise = self._frozen[key] = F.draw_noise(input, self.noise, self._generator_for(input))
         return noise
 
     def get_extra_state(self) -> Any:
