@@ -3,16 +3,17 @@
 The paper perturbs "each activation for each sample in the batch using i.i.d. noise sampled from
 a non-zero mean and non-unit variance distribution", a distribution that "changes at each time
 step", to show that a network trains well even when its layer inputs shift far more than
-without BatchNorm. The paper's exact noise scales could not be found in the sources available to
-us, so the defaults of :class:`bnlab.functional.NoiseSpec` were chosen to produce a shift that is
-large next to the unit-variance BN output while the network still trains: per step and channel a
-mean drawn from U(-0.5, 0.5) and a standard deviation from U(0.5, 1.5) for the additive noise, and
-a multiplicative factor 1 + 0.25 z per activation.
+without BatchNorm. The paper's exact noise scales and shape could not be found in the sources
+available to us, so the defaults of :class:`bnlab.functional.NoiseSpec` were chosen to produce a
+shift that is large next to the unit-variance BN output while the network still trains: per step
+and channel a mean drawn from U(-0.5, 0.5) and a standard deviation from U(0.5, 1.5) for the
+additive noise, and a multiplicative factor 1 + 0.25 z' per activation, with z, z' zero-mean,
+unit-variance and uniform (on 2^16 levels).
 
-Each step draws the per-channel mean and standard deviation and a hash key from the layer's
-generator; the per-activation standard normals are a function of that key and the activation's
-position (:mod:`bnlab.functional.noise`), applied inside the normalization (the fused CPU kernel
-regenerates them in the backward instead of storing them).
+Each step draws one key from the layer's generator; the per-channel mean and standard deviation
+and the per-activation z, z' are functions of that key and the channel and position
+(:mod:`bnlab.functional.noise`), applied inside the normalization (the fused CPU kernels
+regenerate z' in the backward instead of storing it).
 """
 
 from __future__ import annotations
