@@ -1151,8 +1151,9 @@ def _column_base(columns, k, m_total):
     """Noise counter of column j at row r: base[j] + r * k, i.e. c * (N * S) + n * S + s,
     mod 2^32 (wrapping, as the hash takes it)."""
     base = np.empty(columns, dtype=np.uint32)
-    for j in range(columns):
-        base[j] = np.uint32((j // k) * (m_total * k) + j % k)
+    for c in range(columns // k):  # no division per column: it cost microseconds per call
+        for s in range(k):
+            base[c * k + s] = np.uint32(c * (m_total * k) + s)
     return base
 
 
@@ -1162,8 +1163,9 @@ def _noise_columns(noise, k, like):
     channels = noise.shape[1]
     out = np.empty((3, channels * k), dtype=like.dtype)
     for i in range(3):
-        for j in range(channels * k):
-            out[i, j] = noise[i, j // k]
+        for c in range(channels):
+            for s in range(k):
+                out[i, c * k + s] = noise[i, c]
     return out
 
 
