@@ -298,8 +298,8 @@ def _param(t: Tensor | None, channels: int, fill: float, dtype: torch.dtype) -> 
     return (t if t.dtype == dtype else t.detach().to(dtype)).numpy(force=True)
 
 
-_NO_NOISE_F32 = np.empty(0, dtype=np.float32)
-_NO_NOISE_F64 = np.empty(0, dtype=np.float64)
+_EMPTY_F32 = np.empty(0, dtype=np.float32)
+_EMPTY_F64 = np.empty(0, dtype=np.float64)
 _NO_RUNNING = np.empty((0, 0))
 _NO_LIMITS = np.zeros(2)
 _QUIET = (np.empty(0), np.zeros(2, dtype=np.uint64))
@@ -416,7 +416,7 @@ def _track_args(
     mean, second, momentum, kind = _track_tensors(update, dtype)
     if mean is not None and second is not None:
         return mean.numpy(), second.numpy(), momentum, kind
-    empty = _NO_NOISE_F32 if dtype == torch.float32 else _NO_NOISE_F64
+    empty = _EMPTY_F32 if dtype == torch.float32 else _EMPTY_F64
     return empty, empty, 0.0, 0
 
 
