@@ -197,6 +197,31 @@ def test_eval_uses_running_statistics_and_ignores_batch():
 # --- errors ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["bn", "lp"])
+@pytest.mark.parametrize("buffer", ["running_mean", "second", "weight"])
+def test_eval_with_a_buffer_of_the_wrong_size_names_it(kind, buffer):
+    """Eval goes from the module straight to the running-statistics normalization: a buffer or
+    parameter replaced by one of another size is refused by name, never read past its end."""
+    layer = bnn.BatchNorm2d(4) if kind == "bn" else bnn.LpBatchNorm2d(4, p=1)
+    name = {"second": layer._scale_buffer}.get(buffer, buffer)
+    if buffer == "weight":
+        layer.weight = torch.nn.Parameter(torch.ones(3))
+    else:
+        setattr(layer, name, torch.ones(3))
+    layer.eval()
+    what = {"second": "running statistics"}.get(buffer, buffer)
+    with pytest.raises(ValueError, match=rf"has {what} of shape \(3,\), expected \(4,\)"):
+        layer(torch.randn(2, 4, 3, 3))
+
+
+def test_functional_eval_refuses_a_running_var_of_the_wrong_size():
+    import bnlab.functional as F
+
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"running statistics of shape \(5,\), expected \(4,\)"):
+        F.batch_norm(x, torch.zeros(4), torch.ones(5), training=False)
+
+
 def test_wrong_channel_count_names_expected_and_actual():
     with pytest.raises(
         ValueError, match=r"BatchNorm2d expects 64 channels, got 32 \(input shape \(8, 32, 4, 4\)\)"

@@ -35,6 +35,7 @@ __all__ = [
     "batch_renorm",
     "distribution_noise",
     "draw_noise",
+    "eval_with_running",
     "ghost_batch_norm",
     "kernels_enabled",
     "lp_batch_norm",
@@ -145,6 +146,30 @@ def _normalize_eval(
     return y.to(x.dtype) if low else y
 
 
+def eval_with_running(
+    input: Tensor,
+    running_mean: Tensor,
+    running_second: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    is_var: bool,
+) -> Tensor:
+    """Eval mode of every variant, for a module that has checked its input (floating point,
+    (N, C, *) with its C channels): y = weight (x - running_mean) / s + bias, s =
+    sqrt(running_var + eps) (``is_var``) or running_scale. Raises ValueError when a buffer or
+    the weight does not hold one value per channel."""
+    channels = input.shape[1]
+    for what, t in (("running_mean", running_mean), ("running statistics", running_second),
+                    ("weight", weight), ("bias", bias)):  # fmt: skip
+        if t is not None and t.shape != (channels,):
+            raise ValueError(
+                f"eval normalization has {what} of shape {tuple(t.shape)}, expected "
+                f"({channels},) for an input with {channels} channels"
+            )
+    return _normalize_eval(input, running_mean, running_second, weight, bias, eps, is_var)
+
+
 def _eval_with_running(
     name: str,
     input: Tensor,
@@ -159,7 +184,7 @@ def _eval_with_running(
     second_name = "running_var" if is_var else "running_scale"
     if running_mean is None or running_second is None:
         raise ValueError(f"{name} in eval mode needs running_mean and {second_name}")
-    return _normalize_eval(input, running_mean, running_second, weight, bias, eps, is_var)
+    return eval_with_running(input, running_mean, running_second, weight, bias, eps, is_var)
 
 
 def batch_norm(

@@ -142,6 +142,14 @@ class BatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
+        if not self.training:
+            mean, scale = self.running_mean, self.running_scale_buffer
+            if mean is not None and scale is not None:
+                # Eval with running statistics is the same for every variant: the short way.
+                is_var = self._scale_buffer == "running_var"
+                return F.eval_with_running(
+                    input, mean, scale, self.weight, self.bias, self.eps, is_var
+                )
         momentum = self._momentum_factor()
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
