@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,28 @@ def test_parameters_off_the_cpu_are_refused_by_name():
         RuntimeError, match="expected weight on the CPU like the input, got it on meta"
     ):
         F.batch_norm(x, None, None, weight, None, training=True)
+
+
+@needs_glue
+def test_noise_keys_drawn_through_the_glue_equal_the_tensor_draw():
+    """A noisy layer's key comes from the glue when it is loaded and from a tensor's random_
+    otherwise: the same values and the same generator states either way, explicit generator
+    or the global one."""
+    from bnlab.functional import noise
+
+    native.load()
+    spec = F.NoiseSpec()
+    cpu = torch.device("cpu")
+    for seeded in (True, False):
+        draws = []
+        for glue in (True, False):
+            torch.manual_seed(11)
+            g = torch.Generator().manual_seed(11) if seeded else None
+            with nullcontext() if glue else native.disabled():
+                assert (native.loaded() is not None) == glue
+                keys = [noise.draw(spec, cpu, g).key for _ in range(4)]
+            after = (g if seeded else torch.default_generator).get_state()
+            draws.append((keys, after))
+        assert draws[0][0] == draws[1][0]
+        assert torch.equal(draws[0][1], draws[1][1])
+        assert len(set(draws[0][0])) == 4

@@ -9,12 +9,15 @@
 //   noise count (0: no noise, 4: reals carry the noise configuration), noise key (int64).
 // reals: p, eps, momentum, then the noise configuration mean_range, std_low, std_high,
 //   scale_std (present, and read, only with noise).
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <limits>
+#include <mutex>
 #include <vector>
 
 namespace bnlab {
@@ -216,6 +219,17 @@ Tensor eval(const Tensor& x, const Tensor& mean, const Tensor& spread,
   return y;
 }
 
+// One noise key from a CPU generator (the default one when none is given), the value
+// ``torch.empty(1, dtype=torch.int64).random_(generator=g).item()`` draws: random64() mod 2^63
+// under the generator's lock. It spares a noisy layer the tensor call per step.
+int64_t draw_key(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(
+      generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return static_cast<int64_t>(gen->random64() %
+                              (static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) + 1));
+}
+
 void set_double_backward(py::object f) {
   if (double_backward == nullptr) {
     double_backward = new py::object();
@@ -229,4 +243,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("train", &bnlab::train, "Training normalization on the fused kernels, with autograd");
   m.def("eval", &bnlab::eval, "Eval normalization on the fused kernels (no autograd)");
   m.def("set_double_backward", &bnlab::set_double_backward);
+  m.def("draw_key", &bnlab::draw_key, "A noise key from a CPU generator (as int64 random_)");
 }

@@ -81,6 +81,12 @@ def active() -> Any:
     return None if _off else load()
 
 
+def loaded() -> Any:
+    """The module when it is already built and loaded and not within :func:`disabled`, else
+    None; never builds it."""
+    return _module if _state and not _off else None
+
+
 @contextmanager
 def disabled() -> Iterator[None]:
     """Within the block the kernels run behind the Python autograd.Function (as where the glue
