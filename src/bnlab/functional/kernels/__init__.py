@@ -355,15 +355,16 @@ class FusedTrainNorm(torch.autograd.Function):
         b = _param(bias, channels, 0.0, x.dtype)
         noise = _noise_args(spec.noise)
         running, limits = _renorm_args(spec)
+        stats = np.empty((5, plan.groups, channels))
         args = (
             plan.blocks, plan.row_blocks, spec.p, spec.eps, w, b, running, limits, *track,
-            *noise, ya, plan.parallel,
+            *noise, ya, stats, plan.parallel,
         )  # fmt: skip
         plan.enter()
         if plan.planar:
-            stats = plan.forward(xa, plan.v, *args)
+            plan.forward(xa, plan.v, *args)
         else:
-            stats = plan.forward(xa, plan.k, plan.v * plan.rows_per_sample, *args)
+            plan.forward(xa, plan.k, plan.v * plan.rows_per_sample, *args)
         ctx.save_for_backward(x, weight, bias)
         ctx.state = (spec, plan, stats, noise)
         ctx.set_materialize_grads(False)

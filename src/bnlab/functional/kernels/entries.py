@@ -59,12 +59,12 @@ def _forward_planar(
     x = carray(xp, (n0, n1, n2))
     y = carray(yp, (n0, n1, n2))
     tracked = n1 if kind != 0 else 0
-    stats = _DRIVER(
+    stats = carray(statsp, (5, (n0 + v - 1) // v, n1))
+    _DRIVER(
         x, v, blocks, row_blocks, p, eps, carray(wp, (n1,)), carray(bp, (n1,)),
         np.empty((0, 0)), np.zeros(2), carray(mp, (tracked,)), carray(sp, (tracked,)),
-        momentum, kind, carray(noisep, (nnoise,)), _key(key), y, _PARALLEL,
+        momentum, kind, carray(noisep, (nnoise,)), _key(key), y, stats, _PARALLEL,
     )  # fmt: skip
-    carray(statsp, stats.shape)[...] = stats
 
 
 def _forward_rows(
@@ -75,12 +75,12 @@ def _forward_rows(
     y = carray(yp, (n0, n1))
     channels = n1 // n2
     tracked = channels if kind != 0 else 0
-    stats = _DRIVER(
+    stats = carray(statsp, (5, (n0 + v - 1) // v, channels))
+    _DRIVER(
         x, n2, v, blocks, row_blocks, p, eps, carray(wp, (channels,)), carray(bp, (channels,)),
         np.empty((0, 0)), np.zeros(2), carray(mp, (tracked,)), carray(sp, (tracked,)),
-        momentum, kind, carray(noisep, (nnoise,)), _key(key), y, _PARALLEL,
+        momentum, kind, carray(noisep, (nnoise,)), _key(key), y, stats, _PARALLEL,
     )  # fmt: skip
-    carray(statsp, stats.shape)[...] = stats
 
 
 def _backward_planar(

@@ -748,13 +748,17 @@ def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, key, base, k,
     g, b = t // blocks, t % blocks
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
     m = mean[g]
-    s_gy, s_gx, s_sign = part[0, t], part[1, t], part[2, t]
+    # part has a sign row for p = 1 only: elsewhere s_sign stands in for s_gy, never written.
+    s_gy, s_gx = part[0, t], part[1, t]
+    s_sign = part[2, t] if p == 1.0 else s_gy
     track = p != 1.0 and p != 2.0
     top_t, first_t = (top[t], first[t]) if track else (top[0], first[0])
     for c in range(c_total):
         s_gy[c] = 0.0
         s_gx[c] = 0.0
-        s_sign[c] = 0.0
+    if p == 1.0:
+        for c in range(c_total):
+            s_sign[c] = 0.0
     if track:
         for c in range(c_total):
             top_t[c] = -1.0
@@ -980,7 +984,7 @@ def _rows_grad_task(
                 for c in range(width):
                     row[c] = 0.0
             for b in range(blocks):
-                for i in range(3):
+                for i in range(part.shape[0]):  # the sign row (p = 1 only) stays 0 otherwise
                     row, partial = sums[i], part[i, g * blocks + b]
                     if k == 1:
                         partial = partial[ca:cb]
@@ -1081,9 +1085,11 @@ def forward_planar(
     noise,
     key,
     y,
+    stats,
     parallel,
 ):
-    """Training forward on (N, C, S); returns the (5, G, C) float64 statistics.
+    """Training forward on (N, C, S); fills ``stats``, the (5, G, C) float64 statistics (the
+    caller's array: the native glue's tensor), and returns it.
 
     Memory passes: p = 2, inf: read x (stats), read x + write y (normalize). p = 1: one more
     read of x for the mean absolute deviation.
@@ -1128,7 +1134,6 @@ def forward_planar(
         for t in range(tasks):
             gc = t // blocks
             sums[1, gc // c_total, gc % c_total] += part[1, t]
-    stats = np.empty((5, groups, c_total))
     _finish_stats(sums, shift, count, p, eps, running, limits, stats)
     _update_running(stats, count, track_mean, track_second, momentum, track_kind, 0, c_total)
     coef = np.empty((4, groups, c_total), dtype=x.dtype)
@@ -1198,11 +1203,13 @@ def forward_rows(
     noise,
     key,
     y,
+    stats,
     parallel,
 ):
     """Training forward on rows (M, C * k): column j holds channel j // k (k = 1 for
     channels-last, k = S for a contiguous input with a small feature map); groups are
-    ``v_rows`` rows. Returns the (5, G, C) stats. Memory passes as :func:`forward_planar`.
+    ``v_rows`` rows. Fills and returns the (5, G, C) ``stats``. Memory passes as
+    :func:`forward_planar`.
     """
     m_total, columns = x.shape
     channels = columns // k
@@ -1218,7 +1225,6 @@ def forward_rows(
     else:
         for t in range(tasks):
             _rows_sums_task(x, t, v_rows, blocks, p, part)
-    stats = np.empty((5, groups, channels))
     coef = np.empty((4, groups, columns), dtype=x.dtype)
     finish = (
         x, cblocks, v_rows, k, blocks, rows, count, p, eps, part, running, limits, weight, bias,
@@ -1320,7 +1326,7 @@ def backward_rows(
     groups = count.shape[0]
     tasks = groups * blocks
     cblocks = min(channels, row_blocks)  # the merge and coefficients, per block of channels
-    part = np.empty((3, tasks, columns))
+    part = np.empty((3 if p == 1.0 else 2, tasks, columns))  # sums of gy, gy (x - mean), sign
     track = p != 1.0 and p != 2.0
     tracked = (tasks, columns) if track else (1, 0)
     top = np.empty(tracked)
