@@ -83,6 +83,11 @@ class NoiseDraw(NamedTuple):
         """The key as one non-negative int64 (the native glue's form)."""
         return self.key[0] | (self.key[1] << 32)
 
+    @classmethod
+    def from_packed(cls, spec: NoiseSpec, packed: int) -> NoiseDraw:
+        """The draw of a key packed as :attr:`packed_key` (a non-negative int64)."""
+        return cls(spec, (packed & _M32, packed >> 32))
+
     def channel_params(
         self, channels: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
     ) -> tuple[Tensor, Tensor]:
@@ -126,7 +131,7 @@ def draw(
         glue = _native().loaded()
         if glue is not None:
             bits = glue.draw_key(generator)
-            return NoiseDraw(spec, (bits & _M32, bits >> 32))
+            return NoiseDraw.from_packed(spec, bits)
     buffers: dict[torch.device, Tensor] | None = getattr(_buffers, "by_device", None)
     if buffers is None:
         buffers = _buffers.by_device = {}
@@ -135,7 +140,7 @@ def draw(
         with torch.inference_mode(False):  # a normal tensor, writable in and out of that mode
             buffer = buffers[device] = torch.empty(1, device=device, dtype=torch.int64)
     bits = int(buffer.random_(generator=generator).item())
-    return NoiseDraw(spec, (bits & _M32, bits >> 32))
+    return NoiseDraw.from_packed(spec, bits)
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:

@@ -121,7 +121,7 @@ def _double_backward(
     draw = None
     if noise is not None:
         *conf, key = noise
-        draw = NoiseDraw(NoiseSpec(*conf), (key & 0xFFFFFFFF, key >> 32))
+        draw = NoiseDraw.from_packed(NoiseSpec(*conf), key)
     spec = ops.NormSpec(eps, p, virtual_batch_size=virtual_batch_size, noise=draw)
     return torch_op_backward(needs, spec, x, weight, bias, dy)
 
