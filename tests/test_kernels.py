@@ -281,17 +281,20 @@ def _assert_parallel(x: torch.Tensor) -> None:
 @pytest.mark.parametrize("glue", GLUES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("variant", ["bn", "l1", "linf", "ghost", "noisy"])
-def test_parallel_passes_with_few_channels_match_torch_op_path(
-    channels_last, variant, glue, two_threads
-):
-    """Large enough for the thread pool, with 2 channels: the batch is split into blocks."""
+@pytest.mark.parametrize("channels", [2, 8])
+def test_parallel_passes_match_torch_op_path(channels, channels_last, variant, glue, two_threads):
+    """Large enough for the thread pool. With 2 channels the batch is split into blocks; with 8
+    channels, or 14 ghost batches, the planar loops run one fused task per (group, channel)."""
     torch.manual_seed(3)
-    x = torch.randn(40, 2, 24, 20) * 3 + 5
+    x = torch.randn(40, channels, 24, 20) * 3 + 5
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     _assert_parallel(x)
-    spec = _spec(variant, 2, torch.float32)
-    weight, bias = torch.rand(2) + 0.5, torch.randn(2)
+    if not channels_last:
+        plan = kernels._plan(kernels._readable(x), 3 if variant == "ghost" else 40)
+        assert (plan.blocks == 1) == (channels == 8 or variant == "ghost")
+    spec = _spec(variant, channels, torch.float32)
+    weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
     ours, torch_op = _both_paths(x, weight, bias, spec, torch.randn_like(x), glue)
     for a, b in zip(ours[:4], torch_op[:4], strict=True):
         assert rel_err(a, b) <= 1e-4  # sums over 38400 float32 values per channel
