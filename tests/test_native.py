@@ -214,3 +214,102 @@ def test_noise_keys_drawn_through_the_glue_equal_the_tensor_draw():
         assert draws[0][0] == draws[1][0]
         assert torch.equal(draws[0][1], draws[1][1])
         assert len(set(draws[0][0])) == 4
+
+
+@pytest.fixture
+def cache_limit():
+    """Restores the output cache's limit (and empties it) after the test."""
+    _, limit = native.output_cache()
+    native.output_cache(0)
+    yield
+    native.output_cache(0)
+    native.output_cache(limit)
+
+
+@needs_glue
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_freed_large_outputs_are_reused_within_the_cache_limit(channels_last, cache_limit):
+    """A freed y of >= 4 MiB goes to the cache and the next output of its size reuses the block
+    (same address, strides of the new input, torch.nn's numbers); past the limit the least
+    recently freed block is released; limit 0 releases everything; small outputs never enter;
+    an output can grow (resize_) as torch's own can.
+    Numbers against torch.nn in float64 (torch's float32 channels-last statistics are off by
+    about 1e-5 here, ours by 1e-7)."""
+    torch.manual_seed(8)
+    x = torch.randn(64, 8, 48, 48) * 3 + 2  # 4.7 MB of float32
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    nbytes = x.numel() * 4
+    native.output_cache(3 * nbytes // 2)  # room for one block
+    layer, reference = bnn.BatchNorm2d(8), torch.nn.BatchNorm2d(8).double()
+    y = layer(x)
+    first = y.data_ptr()
+    assert native.output_cache()[0] == 0
+    del y
+    assert native.output_cache()[0] == nbytes
+    again, other = layer(x), layer(x)
+    assert again.data_ptr() == first and other.data_ptr() != first
+    assert native.output_cache()[0] == 0
+    assert again.stride() == x.stride() and rel_err(again, reference(x.double())) <= 1e-6
+    del again, other  # two blocks, room for one: the first freed is released
+    assert native.output_cache() == (nbytes, 3 * nbytes // 2)
+    assert layer(x).data_ptr() != first  # (the kept block, freed again right away)
+    small = layer(torch.randn(8, 8, 4, 4))
+    del small
+    assert native.output_cache() == (nbytes, 3 * nbytes // 2)
+    grown = layer(x).detach()  # resizable like torch's outputs: growing copies, frees the block
+    kept = grown.clone()
+    grown.resize_(65, *x.shape[1:])
+    memory = (x.numel(),), (1,)  # both in memory order (resize_ keeps the bytes)
+    assert torch.equal(grown.as_strided(*memory), kept.as_strided(*memory))
+    assert native.output_cache()[0] == nbytes
+    assert native.output_cache(0) == (0, 0)
+    with pytest.raises(ValueError, match="output cache limit must be >= 0 bytes"):
+        native.output_cache(-1)
+
+
+@needs_glue
+def test_outputs_freed_on_other_threads_and_in_a_forked_child(cache_limit):
+    """The cache is shared by threads (outputs made and freed on four at once keep float64
+    torch.nn's numbers and the limit), and a child forked while it holds blocks can use it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    native.output_cache(64 * 2**20)
+    torch.manual_seed(9)
+    x = torch.randn(64, 8, 48, 48, requires_grad=True)
+    dy = torch.randn_like(x)
+    x64 = x.detach().double().requires_grad_()
+    want_y = torch.nn.BatchNorm2d(8).double()(x64)
+    (want_dx,) = torch.autograd.grad(want_y, x64, dy.double())
+
+    def step(_: int) -> float:
+        y = bnn.BatchNorm2d(8)(x)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        return max(rel_err(y, want_y), rel_err(dx, want_dx))
+
+    with ThreadPoolExecutor(4) as pool:
+        errors = list(pool.map(step, range(24)))
+    assert max(errors) <= 1e-6
+    held, limit = native.output_cache()
+    assert 0 < held <= limit
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one step on the inherited cache, then report and leave
+        try:
+            os.write(write, b"ok" if step(0) <= 1e-6 else b"bad")
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read, 8) == b"ok" and status == 0
+
+
+def test_cache_limit_from_the_environment(monkeypatch):
+    monkeypatch.setenv("BNLAB_OUTPUT_CACHE_MB", "1.5")
+    assert native._cache_limit_from_environment() == 3 * 2**19
+    for bad in ("lots", "-2", "nan"):
+        monkeypatch.setenv("BNLAB_OUTPUT_CACHE_MB", bad)
+        with pytest.raises(ValueError, match="BNLAB_OUTPUT_CACHE_MB must be a number of MiB"):
+            native._cache_limit_from_environment()
+    monkeypatch.delenv("BNLAB_OUTPUT_CACHE_MB")
+    assert native._cache_limit_from_environment() is None

@@ -243,9 +243,15 @@ def _output(x: Tensor) -> Tensor:
     (madvise MADV_HUGEPAGE on their whole 2 MiB pages) so the kernel backs them with huge pages
     where transparent huge pages are enabled ("madvise" or "always"): 10 ms. Elsewhere it is
     a no-op; torch's own ``THP_MEM_ALLOC_ENABLE=1`` does the same for every allocation.
+    Where the native glue is loaded, large outputs come from its cache of freed outputs
+    (:func:`native.output_cache`), as the glue's own do.
     """
+    nbytes = x.numel() * x.element_size()
+    if nbytes >= HUGE_PAGE_MIN_BYTES:
+        glue = native.loaded()
+        if glue is not None:
+            return glue.output_like(x)
     out = torch.empty_like(x)
-    nbytes = out.numel() * out.element_size()
     if nbytes >= HUGE_PAGE_MIN_BYTES:
         madvise = _huge_pages()
         if madvise:

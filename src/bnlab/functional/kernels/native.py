@@ -73,6 +73,9 @@ def load() -> Any:
             )
             return None
         _module, _state, _why = module, True, "built"
+        limit = _cache_limit_from_environment()
+        if limit is not None:
+            module.output_cache(limit)
     return _module
 
 
@@ -103,6 +106,39 @@ def status() -> tuple[bool, str]:
     """(whether the glue is loaded, why not / "built"); builds it if not tried yet."""
     load()
     return bool(_state), _why
+
+
+def _cache_limit_from_environment() -> int | None:
+    text = os.environ.get("BNLAB_OUTPUT_CACHE_MB")
+    if text is None:
+        return None
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0:
+        raise ValueError(f"BNLAB_OUTPUT_CACHE_MB must be a number of MiB >= 0, got {text!r}")
+    return int(mib * 2**20)
+
+
+def output_cache(limit: int | None = None) -> tuple[int, int]:
+    """(bytes held, limit in bytes) of the glue's cache of freed large outputs; with ``limit``,
+    sets it first (0: keep nothing, releasing what is held).
+
+    Outputs of 4 MiB and more (y, dx) that the glue allocated go back to this cache when
+    freed, and the next output of the same size reuses the block: a training step then pays no
+    fresh-page zeroing for them (about 6 ms per 100 MB tensor on this project's 2-core VM).
+    The least recently freed blocks are released first when it would hold more than the
+    limit: 1 GiB by default, or ``BNLAB_OUTPUT_CACHE_MB`` at load. Builds the glue if it was
+    not tried yet; (0, 0) when it is off or cannot be built.
+    """
+    if limit is not None and limit < 0:
+        raise ValueError(f"output cache limit must be >= 0 bytes, got {limit}")
+    module = load()
+    if module is None:
+        return 0, 0
+    held, cap = module.output_cache(limit)
+    return int(held), int(cap)
 
 
 def _double_backward(
