@@ -313,3 +313,28 @@ def test_cache_limit_from_the_environment(monkeypatch):
             native._cache_limit_from_environment()
     monkeypatch.delenv("BNLAB_OUTPUT_CACHE_MB")
     assert native._cache_limit_from_environment() is None
+
+
+@needs_glue
+def test_the_batch_counter_moves_as_add_does():
+    """num_batches_tracked goes up through the glue as through add_(1): value and version
+    counter; what the glue does not handle itself (another dtype, an inference tensor outside
+    inference mode) gets add_'s own result or error. A module counts as torch.nn does."""
+    glue = native.loaded()
+    counter = torch.tensor(5, dtype=torch.long)
+    version = counter._version
+    glue.count_batch(counter)
+    assert counter.item() == 6 and counter._version == version + 1
+    other = torch.tensor(5, dtype=torch.int32)
+    glue.count_batch(other)
+    assert other.item() == 6 and other.dtype == torch.int32
+    with torch.inference_mode():
+        frozen = torch.tensor(0, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+        glue.count_batch(frozen)
+    ours, reference = bnn.BatchNorm2d(3, momentum=None), torch.nn.BatchNorm2d(3, momentum=None)
+    for _ in range(3):
+        x = torch.randn(8, 3, 4, 4)
+        ours(x), reference(x)
+    assert ours.num_batches_tracked.item() == reference.num_batches_tracked.item() == 3
+    assert rel_err(ours.running_mean, reference.running_mean) <= 1e-6

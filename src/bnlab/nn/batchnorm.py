@@ -15,6 +15,18 @@ from torch import Tensor, nn
 
 from bnlab import functional as F
 from bnlab.functional.distributed import ProcessGroup
+from bnlab.functional.kernels import native
+
+
+def _count_batch(counter: Tensor) -> None:
+    """``counter.add_(1)``: through the native glue for a CPU counter where the glue is loaded
+    (0.15 us against 1.5-3 us for the torch call; the same effect, version counter included),
+    else through torch."""
+    glue = native.loaded()
+    if glue is not None and counter.is_cpu:
+        glue.count_batch(counter)
+    else:
+        counter.add_(1)
 
 
 class BatchNorm(nn.Module):
@@ -135,7 +147,7 @@ class BatchNorm(nn.Module):
             self.training and self.track_running_stats and self.num_batches_tracked is not None
         ):
             return 0.0 if self.momentum is None else self.momentum
-        self.num_batches_tracked.add_(1)
+        _count_batch(self.num_batches_tracked)
         if self.momentum is None:
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
