@@ -123,7 +123,8 @@ def _hash_run(start, count, key, h):
 def _noise_params(conf, key, channels):
     """Per-channel (mu, sigma, scale_std) (3, C) float64 from the noise configuration
     ``conf`` (mean_range, std_low, std_high, scale_std; empty: no noise, (3, 0) returned) and
-    the key: NoiseDraw.channel_params (same operations, no contraction, so the same bits)."""
+    the key: NoiseDraw.channel_params (same operations, no contraction, so the same bits).
+    scale_std is the configuration's, one for all channels: the row loops read it as a scalar."""
     if conf.shape[0] == 0:
         return np.empty((3, 0))
     params = np.empty((3, channels))
@@ -623,9 +624,10 @@ def _noisy_tiles(x, base, k, per_column, n_coef):
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
 def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
     columns = x.shape[1]
-    rows, counters, tiles = _noisy_tiles(x, base, k, noise, 4)
+    rows, counters, tiles = _noisy_tiles(x, base, k, noise[:2], 4)
     mh, ml, a, b = tiles[0], tiles[1], tiles[2], tiles[3]
-    mu, sigma, scale_std = tiles[4], tiles[5], tiles[6]
+    mu, sigma = tiles[4], tiles[5]
+    scale_std = noise[2, 0]  # one value for every channel (the configuration's): a scalar
     xf, yf = x.reshape(-1), y.reshape(-1)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     one, unit = x.dtype.type(1), x.dtype.type(_UNIT_SCALE)
@@ -641,7 +643,7 @@ def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
                 h = _hash32(np.uint32(counters[i] + offset), k0, k1)
                 z, z_scale = _level(h >> _S16, unit, x), _level(h & _LOW16, unit, x)
                 bn = ((xs[i] - mh[i]) - ml[i]) * a[i] + b[i]
-                ys[i] = bn * (one + scale_std[i] * z_scale) + (mu[i] + sigma[i] * z)
+                ys[i] = bn * (one + scale_std * z_scale) + (mu[i] + sigma[i] * z)
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,10 +717,9 @@ def _rows_noisy_grad_sums(dy, x, r0, r1, m, scale_std, key, base, k, s_gy, s_gx)
     columns = x.shape[1]
     rows, span = _tile_rows(columns)
     counters = _tile_counters(base, k, columns, rows)
-    scale = np.empty(span, dtype=dy.dtype)
+    scale = scale_std[0]  # one value for every channel
     mean = np.empty(span)
     acc_gy, acc_gx = np.zeros(span), np.zeros(span)
-    _tile(scale_std, rows, scale)
     _tile(m, rows, mean)
     dyf, xf = dy.reshape(-1), x.reshape(-1)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
@@ -729,7 +730,7 @@ def _rows_noisy_grad_sums(dy, x, r0, r1, m, scale_std, key, base, k, s_gy, s_gx)
         offset = np.uint32(r * k)
         for i in range(n):
             h = _hash32(np.uint32(counters[i] + offset), k0, k1)
-            gy = np.float64(dys[i] * (one + scale[i] * _level(h & _LOW16, unit, dy)))
+            gy = np.float64(dys[i] * (one + scale * _level(h & _LOW16, unit, dy)))
             acc_gy[i] += gy
             acc_gx[i] += gy * (np.float64(xs[i]) - mean[i])
     for t in range(rows):
@@ -923,8 +924,9 @@ def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, key, base, k, dx
 def _rows_noisy_dx(dy, x, r0, r1, v_rows, coef, noise, key, base, k, dx):
     """Noisy rows r0..r1 of :func:`_rows_dx_task` on tiles, as :func:`_rows_noisy_normalize`."""
     columns = x.shape[1]
-    rows, counters, tiles = _noisy_tiles(x, base, k, noise[2:], 5)
-    mh, ml, a, b, offset, scale = tiles[0], tiles[1], tiles[2], tiles[3], tiles[4], tiles[5]
+    rows, counters, tiles = _noisy_tiles(x, base, k, noise[3:], 5)
+    mh, ml, a, b, offset = tiles[0], tiles[1], tiles[2], tiles[3], tiles[4]
+    scale = noise[2, 0]  # one value for every channel
     dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     one, unit = x.dtype.type(1), x.dtype.type(_UNIT_SCALE)
@@ -939,7 +941,7 @@ def _rows_noisy_dx(dy, x, r0, r1, v_rows, coef, noise, key, base, k, dx):
             shift = np.uint32(r * k)
             for i in range(n):
                 h = _hash32(np.uint32(counters[i] + shift), k0, k1)
-                gy = dys[i] * (one + scale[i] * _level(h & _LOW16, unit, x))
+                gy = dys[i] * (one + scale * _level(h & _LOW16, unit, x))
                 dxs[i] = a[i] * gy + b[i] * ((xs[i] - mh[i]) - ml[i]) + offset[i]
 
 
