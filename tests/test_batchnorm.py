@@ -198,28 +198,83 @@ def test_eval_uses_running_statistics_and_ignores_batch():
 
 
 @pytest.mark.parametrize("kind", ["bn", "lp"])
-@pytest.mark.parametrize("buffer", ["running_mean", "second", "weight"])
+@pytest.mark.parametrize("buffer", ["running_mean", "second", "weight", "bias"])
 def test_eval_with_a_buffer_of_the_wrong_size_names_it(kind, buffer):
     """Eval goes from the module straight to the running-statistics normalization: a buffer or
     parameter replaced by one of another size is refused by name, never read past its end."""
     layer = bnn.BatchNorm2d(4) if kind == "bn" else bnn.LpBatchNorm2d(4, p=1)
     name = {"second": layer._scale_buffer}.get(buffer, buffer)
-    if buffer == "weight":
-        layer.weight = torch.nn.Parameter(torch.ones(3))
+    if buffer in ("weight", "bias"):
+        setattr(layer, name, torch.nn.Parameter(torch.ones(3)))
     else:
         setattr(layer, name, torch.ones(3))
     layer.eval()
-    what = {"second": "running statistics"}.get(buffer, buffer)
-    with pytest.raises(ValueError, match=rf"has {what} of shape \(3,\), expected \(4,\)"):
+    cls = type(layer).__name__
+    with pytest.raises(ValueError, match=rf"{cls}: {name} should contain 4 elements, .* got 3"):
         layer(torch.randn(2, 4, 3, 3))
 
 
-def test_functional_eval_refuses_a_running_var_of_the_wrong_size():
+FUNCTIONS = {
+    "batch_norm": ("running_var", {}),
+    "lp_batch_norm": ("running_scale", {"p": 1}),
+    "ghost_batch_norm": ("running_var", {"virtual_batch_size": 2}),
+    "batch_renorm": ("running_var", {}),
+}
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("which", ["running_mean", "second", "weight", "bias"])
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("function", list(FUNCTIONS))
+def test_functional_refuses_a_tensor_of_the_wrong_size_by_name(
+    function, size, which, training, kernels
+):
+    """Every functional form checks running_mean, the second running buffer, weight and bias
+    against the input's channels (torch's rule: C elements), training and eval, on the kernels
+    and the torch-op path: a shorter one would be read past its end."""
     import bnlab.functional as F
 
-    x = torch.randn(2, 4, 3, 3)
-    with pytest.raises(ValueError, match=r"running statistics of shape \(5,\), expected \(4,\)"):
-        F.batch_norm(x, torch.zeros(4), torch.ones(5), training=False)
+    second, extra = FUNCTIONS[function]
+    tensors = {"running_mean": torch.zeros(3), "second": torch.ones(3), "weight": torch.ones(3)}
+    tensors["bias"] = torch.zeros(3)
+    tensors[which] = torch.ones(size)
+    name = second if which == "second" else which
+    x = torch.randn(4, 3, 5, 5)
+    with (
+        F.use_kernels(kernels),
+        pytest.raises(
+            ValueError,
+            match=rf"{function}: {name} should contain 3 elements, one per channel of the input "
+            rf"of shape \(4, 3, 5, 5\), got {size} \(shape \({size},\)\)",
+        ),
+    ):
+        getattr(F, function)(
+            x, tensors["running_mean"], tensors["second"], tensors["weight"], tensors["bias"],
+            training, **extra,
+        )  # fmt: skip
+
+
+def test_per_channel_tensors_of_other_shapes_follow_torch():
+    """A (C, 1) weight is used as (C,) (its gradient keeps its shape); a (1, C) running_mean
+    moves in place; a 0-d weight for several channels is refused by name."""
+    import bnlab.functional as F
+
+    x = torch.randn(6, 3, 4, 4)
+    weight = torch.nn.Parameter(torch.rand(3, 1) + 0.5)
+    running_mean = torch.zeros(1, 3)
+    y = F.batch_norm(x, running_mean, torch.ones(3), weight, None, training=True)
+    want = torch.nn.functional.batch_norm(
+        x, torch.zeros(3), torch.ones(3), weight.detach().view(3), None, training=True
+    )
+    assert rel_err(y, want) <= 1e-6
+    y.sum().backward()
+    assert weight.grad is not None and weight.grad.shape == (3, 1)
+    assert rel_err(running_mean.view(3), 0.1 * x.mean((0, 2, 3))) <= 1e-6
+    with pytest.raises(
+        ValueError, match=r"weight should contain 3 elements, .* got 1 \(shape \(\)\)"
+    ):
+        F.batch_norm(x, None, None, torch.tensor(1.0), None, training=True)
 
 
 def test_wrong_channel_count_names_expected_and_actual():

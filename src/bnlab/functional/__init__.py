@@ -17,6 +17,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import overload
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -76,17 +77,48 @@ def _on_kernels(x: Tensor) -> bool:
     )
 
 
-def _check_input(x: Tensor, running: Tensor | None, weight: Tensor | None, name: str) -> None:
+def _check_input(x: Tensor, name: str) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{name} expects a floating-point input, got dtype {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"{name} expects an input of shape (N, C, *), got shape {tuple(x.shape)}")
-    for what, t in (("running statistics", running), ("weight", weight)):
-        if t is not None and t.shape[0] != x.shape[1]:
-            raise ValueError(
-                f"{name} has {what} for {t.shape[0]} channels, got an input with "
-                f"{x.shape[1]} channels (input shape {tuple(x.shape)})"
-            )
+
+
+@overload
+def _per_channel(x: Tensor, t: Tensor, what: str, name: str) -> Tensor: ...
+@overload
+def _per_channel(x: Tensor, t: Tensor | None, what: str, name: str) -> Tensor | None: ...
+def _per_channel(x: Tensor, t: Tensor | None, what: str, name: str) -> Tensor | None:
+    """t as a (C,) tensor for x's C channels, or a ValueError naming it. torch's rule: C
+    elements, any shape (a (C, 1) weight is viewed as (C,): gradients and in-place running
+    updates reach the caller's tensor). The loops read C values from each such tensor."""
+    if t is None:
+        return None
+    channels = x.shape[1]
+    if t.numel() != channels:
+        raise ValueError(
+            f"{name}: {what} should contain {channels} elements, one per channel of the input "
+            f"of shape {tuple(x.shape)}, got {t.numel()} (shape {tuple(t.shape)})"
+        )
+    return t if t.dim() == 1 else t.view(channels)
+
+
+def _channel_tensors(
+    x: Tensor,
+    name: str,
+    second_name: str,
+    running_mean: Tensor | None,
+    running_second: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The running buffers, weight and bias checked by :func:`_per_channel`."""
+    return (
+        _per_channel(x, running_mean, "running_mean", name),
+        _per_channel(x, running_second, second_name, name),
+        _per_channel(x, weight, "weight", name),
+        _per_channel(x, bias, "bias", name),
+    )
 
 
 def normalize_train(
@@ -104,6 +136,8 @@ def normalize_train(
     everything else to the torch-op formulas; fp16/bf16 inputs are normalized in float32.
     Raises ValueError when a (virtual) batch has one value per channel.
     """
+    weight = _per_channel(x, weight, "weight", "normalize_train")
+    bias = _per_channel(x, bias, "bias", "normalize_train")
     low = x.dtype in ops.LOW_PRECISION
     xc = x.float() if low else x
     updated = False
@@ -154,20 +188,17 @@ def eval_with_running(
     bias: Tensor | None,
     eps: float,
     is_var: bool,
+    name: str = "eval_with_running",
 ) -> Tensor:
     """Eval mode of every variant, for a module that has checked its input (floating point,
     (N, C, *) with its C channels): y = weight (x - running_mean) / s + bias, s =
-    sqrt(running_var + eps) (``is_var``) or running_scale. Raises ValueError when a buffer or
-    the weight does not hold one value per channel."""
-    channels = input.shape[1]
-    for what, t in (("running_mean", running_mean), ("running statistics", running_second),
-                    ("weight", weight), ("bias", bias)):  # fmt: skip
-        if t is not None and t.shape != (channels,):
-            raise ValueError(
-                f"eval normalization has {what} of shape {tuple(t.shape)}, expected "
-                f"({channels},) for an input with {channels} channels"
-            )
-    return _normalize_eval(input, running_mean, running_second, weight, bias, eps, is_var)
+    sqrt(running_var + eps) (``is_var``) or running_scale. Raises ValueError, naming ``name``
+    and the tensor, when a buffer, the weight or the bias does not hold one value per channel."""
+    mean = _per_channel(input, running_mean, "running_mean", name)
+    second = _per_channel(input, running_second, "running_var" if is_var else "running_scale", name)
+    weight = _per_channel(input, weight, "weight", name)
+    bias = _per_channel(input, bias, "bias", name)
+    return _normalize_eval(input, mean, second, weight, bias, eps, is_var)
 
 
 def _eval_with_running(
@@ -180,11 +211,12 @@ def _eval_with_running(
     eps: float,
     is_var: bool,
 ) -> Tensor:
-    """Eval mode of every variant: normalize with the running buffers, which must exist."""
+    """Eval mode of every variant: normalize with the running buffers, which must exist (the
+    caller has checked every tensor's size)."""
     second_name = "running_var" if is_var else "running_scale"
     if running_mean is None or running_second is None:
         raise ValueError(f"{name} in eval mode needs running_mean and {second_name}")
-    return eval_with_running(input, running_mean, running_second, weight, bias, eps, is_var)
+    return _normalize_eval(input, running_mean, running_second, weight, bias, eps, is_var)
 
 
 def batch_norm(
@@ -211,7 +243,10 @@ def batch_norm(
 
     Raises ValueError for an input with one value per channel in training or a channel mismatch.
     """
-    _check_input(input, running_mean, weight, "batch_norm")
+    _check_input(input, "batch_norm")
+    running_mean, running_var, weight, bias = _channel_tensors(
+        input, "batch_norm", "running_var", running_mean, running_var, weight, bias
+    )
     if not training:
         return _eval_with_running(
             "batch_norm", input, running_mean, running_var, weight, bias, eps, True
@@ -251,7 +286,10 @@ def lp_batch_norm(
     p = float(p)
     if p not in (1.0, 2.0, math.inf):
         raise ValueError(f"lp_batch_norm: p must be 1, 2 or inf, got {p}")
-    _check_input(input, running_mean, weight, "lp_batch_norm")
+    _check_input(input, "lp_batch_norm")
+    running_mean, running_scale, weight, bias = _channel_tensors(
+        input, "lp_batch_norm", "running_scale", running_mean, running_scale, weight, bias
+    )
     if not training:
         return _eval_with_running(
             "lp_batch_norm", input, running_mean, running_scale, weight, bias, eps, False
@@ -291,7 +329,10 @@ def ghost_batch_norm(
     """
     if virtual_batch_size < 2:
         raise ValueError(f"virtual_batch_size must be at least 2, got {virtual_batch_size}")
-    _check_input(input, running_mean, weight, "ghost_batch_norm")
+    _check_input(input, "ghost_batch_norm")
+    running_mean, running_var, weight, bias = _channel_tensors(
+        input, "ghost_batch_norm", "running_var", running_mean, running_var, weight, bias
+    )
     if not training:
         return _eval_with_running(
             "ghost_batch_norm", input, running_mean, running_var, weight, bias, eps, True
@@ -345,7 +386,10 @@ def batch_renorm(
     """
     if r_max < 1 or d_max < 0:
         raise ValueError(f"batch_renorm needs r_max >= 1 and d_max >= 0, got {r_max}, {d_max}")
-    _check_input(input, running_mean, weight, "batch_renorm")
+    _check_input(input, "batch_renorm")
+    running_mean, running_var, weight, bias = _channel_tensors(
+        input, "batch_renorm", "running_var", running_mean, running_var, weight, bias
+    )
     if not training or running_mean is None or running_var is None:
         return batch_norm(
             input,

@@ -160,8 +160,9 @@ class BatchNorm(nn.Module):
                 # Eval with running statistics is the same for every variant: the short way.
                 is_var = self._scale_buffer == "running_var"
                 return F.eval_with_running(
-                    input, mean, scale, self.weight, self.bias, self.eps, is_var
-                )
+                    input, mean, scale, self.weight, self.bias, self.eps, is_var,
+                    type(self).__name__,
+                )  # fmt: skip
         momentum = self._momentum_factor()
         use_batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
