@@ -890,9 +890,10 @@ def _planar_dx_row(dy, x, n, c, v, p, coef, noise, key, iota, dx):
                 gy = dy_run[i] * (one + scale * _level(h & _LOW16, unit, x))
                 dx_run[i] = a * gy + b * ((x_run[i] - mh) - ml) + k
     elif p == 1.0:
+        one_t = x.dtype.type  # the sign in x's dtype: an integer sign made the loop float64
         for s in range(size):
             xc = (x[n, c, s] - mh) - ml
-            dx[n, c, s] = a * dy[n, c, s] + b * ((xc > 0) - (xc < 0)) + k
+            dx[n, c, s] = a * dy[n, c, s] + b * (one_t(xc > 0) - one_t(xc < 0)) + k
     else:
         for s in range(size):
             dx[n, c, s] = a * dy[n, c, s] + b * ((x[n, c, s] - mh) - ml) + k
@@ -910,10 +911,12 @@ def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, key, base, k, dx
         mh, ml, a, b, offset = coef[0, g], coef[1, g], coef[2, g], coef[3, g], coef[4, g]
         g0, g1 = max(r0, g * v_rows), min(r1, (g + 1) * v_rows)
         if p == 1.0:
+            one_t = x.dtype.type  # the sign in x's dtype (see _planar_dx_row)
             for r in range(g0, g1):
                 for c in range(c_total):
                     xc = (x[r, c] - mh[c]) - ml[c]
-                    dx[r, c] = a[c] * dy[r, c] + b[c] * ((xc > 0) - (xc < 0)) + offset[c]
+                    sign = one_t(xc > 0) - one_t(xc < 0)
+                    dx[r, c] = a[c] * dy[r, c] + b[c] * sign + offset[c]
         else:
             for r in range(g0, g1):
                 for c in range(c_total):
