@@ -140,6 +140,8 @@ def _tied_input(first: tuple[int, int], second: tuple[int, int], shape) -> torch
         ((6, 2, 4, 4), False, (0, 15), (1, 0)),  # rows (N, C S): later column, earlier row
         ((6, 2, 4, 4), False, (2, 3), (2, 7)),  # same row, two columns of the channel
         ((6, 2, 4, 4), True, (1, 9), (0, 2)),  # channels-last: -3 comes first
+        ((6, 2, 4, 4), True, (0, 10), (0, 9)),  # within one four-row sweep (short rows)
+        ((6, 2, 4, 4), True, (0, 9), (0, 11)),  # the other way round
         ((40, 2, 24, 24), True, (3, 1), (35, 2)),  # parallel row blocks, the tie across them
     ],
 )

@@ -255,7 +255,13 @@ def _rows_sums_task(x, t, v_rows, blocks, p, part):
             for c in range(c_total):
                 s1[c] += np.float64(x[r, c] - shift[c])
     else:
-        for r in range(r0, r1):
+        for r in range(r0, r4, 4):
+            for c in range(c_total):
+                d0, d1, d2, d3 = _shifted4(x, r, c, shift[c])
+                s1[c] += (d0 + d1) + (d2 + d3)
+                lo[c] = min(lo[c], min(min(d0, d1), min(d2, d3)))
+                hi[c] = max(hi[c], max(max(d0, d1), max(d2, d3)))
+        for r in range(r4, r1):
             for c in range(c_total):
                 d = np.float64(x[r, c] - shift[c])
                 s1[c] += d
@@ -794,7 +800,27 @@ def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, key, base, k,
                     s_gy[c] += gy
                     s_gx[c] += gy * (np.float64(x[r, c]) - m[c])
         return
-    for r in range(r0, r1):  # p = inf
+    r4 = r0 + (r1 - r0) // 4 * 4 if c_total <= _SHORT_ROW else r0  # p = inf from here
+    for r in range(r0, r4, 4):  # short rows: four rows per sweep, as the p = 2 sums
+        for c in range(c_total):
+            mc = m[c]
+            g0, g1 = np.float64(dy[r, c]), np.float64(dy[r + 1, c])
+            g2, g3 = np.float64(dy[r + 2, c]), np.float64(dy[r + 3, c])
+            s_gy[c] += (g0 + g1) + (g2 + g3)
+            s_gx[c] += (
+                g0 * (np.float64(x[r, c]) - mc) + g1 * (np.float64(x[r + 1, c]) - mc)
+            ) + (g2 * (np.float64(x[r + 2, c]) - mc) + g3 * (np.float64(x[r + 3, c]) - mc))
+        for c in range(c_total):  # the rows in order: strict >, so the first row keeps a tie
+            mc = m[c]
+            best, at = top_t[c], first_t[c]
+            for i in range(4):
+                deviation = abs(np.float64(x[r + i, c]) - mc)
+                better = deviation > best
+                best = deviation if better else best
+                at = r + i if better else at
+            top_t[c] = best
+            first_t[c] = at
+    for r in range(r4, r1):
         grad, x_row = dy[r], x[r]
         for c in range(c_total):
             gy = np.float64(grad[c])
