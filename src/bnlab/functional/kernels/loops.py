@@ -747,6 +747,20 @@ def _rows_noisy_grad_sums(dy, x, r0, r1, m, scale_std, key, base, k, s_gy, s_gx)
             s_gx[j] += tile_gx[j]
 
 
+@njit(cache=True, fastmath=_REDUCE, inline="always")
+def _grad_sums4(dy, x, r, m, s_gy, s_gx):
+    """Rows r .. r + 3 into the per-column sums of gy = dy and gy (x - m) (short rows: one load
+    and store of the sums for four values)."""
+    for c in range(x.shape[1]):
+        mc = m[c]
+        g0, g1 = np.float64(dy[r, c]), np.float64(dy[r + 1, c])
+        g2, g3 = np.float64(dy[r + 2, c]), np.float64(dy[r + 3, c])
+        s_gy[c] += (g0 + g1) + (g2 + g3)
+        s_gx[c] += (g0 * (np.float64(x[r, c]) - mc) + g1 * (np.float64(x[r + 1, c]) - mc)) + (
+            g2 * (np.float64(x[r + 2, c]) - mc) + g3 * (np.float64(x[r + 3, c]) - mc)
+        )
+
+
 @njit(cache=True, fastmath=_REDUCE)
 def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, key, base, k, part, top, first):
     """Per-column partial sums of block t; p = inf: ``top``/``first`` get each column's
@@ -777,14 +791,7 @@ def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, key, base, k,
         if p == 2.0:  # short rows: four rows per sweep, as the forward's sums
             r4 = r0 + (r1 - r0) // 4 * 4 if c_total <= _SHORT_ROW else r0
             for r in range(r0, r4, 4):
-                for c in range(c_total):
-                    mc = m[c]
-                    g0, g1 = np.float64(dy[r, c]), np.float64(dy[r + 1, c])
-                    g2, g3 = np.float64(dy[r + 2, c]), np.float64(dy[r + 3, c])
-                    s_gy[c] += (g0 + g1) + (g2 + g3)
-                    s_gx[c] += (
-                        g0 * (np.float64(x[r, c]) - mc) + g1 * (np.float64(x[r + 1, c]) - mc)
-                    ) + (g2 * (np.float64(x[r + 2, c]) - mc) + g3 * (np.float64(x[r + 3, c]) - mc))
+                _grad_sums4(dy, x, r, m, s_gy, s_gx)
             r0 = r4
         for r in range(r0, r1):
             if p == 1.0:
@@ -802,14 +809,7 @@ def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, key, base, k,
         return
     r4 = r0 + (r1 - r0) // 4 * 4 if c_total <= _SHORT_ROW else r0  # p = inf from here
     for r in range(r0, r4, 4):  # short rows: four rows per sweep, as the p = 2 sums
-        for c in range(c_total):
-            mc = m[c]
-            g0, g1 = np.float64(dy[r, c]), np.float64(dy[r + 1, c])
-            g2, g3 = np.float64(dy[r + 2, c]), np.float64(dy[r + 3, c])
-            s_gy[c] += (g0 + g1) + (g2 + g3)
-            s_gx[c] += (
-                g0 * (np.float64(x[r, c]) - mc) + g1 * (np.float64(x[r + 1, c]) - mc)
-            ) + (g2 * (np.float64(x[r + 2, c]) - mc) + g3 * (np.float64(x[r + 3, c]) - mc))
+        _grad_sums4(dy, x, r, m, s_gy, s_gx)
         for c in range(c_total):  # the rows in order: strict >, so the first row keeps a tie
             mc = m[c]
             best, at = top_t[c], first_t[c]
