@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import overload
+from typing import cast, overload
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -202,11 +202,13 @@ def eval_with_running(
     (N, C, *) with its C channels): y = weight (x - running_mean) / s + bias, s =
     sqrt(running_var + eps) (``is_var``) or running_scale. Raises ValueError, naming ``name``
     and the tensor, when a buffer, the weight or the bias does not hold one value per channel."""
-    mean = _per_channel(input, running_mean, "running_mean", name)
-    second = _per_channel(input, running_second, "running_var" if is_var else "running_scale", name)
-    weight = _per_channel(input, weight, "weight", name)
-    bias = _per_channel(input, bias, "bias", name)
-    return _normalize_eval(input, mean, second, weight, bias, eps, is_var)
+    second_name = "running_var" if is_var else "running_scale"
+    mean, second, weight, bias = _channel_tensors(
+        input, name, second_name, running_mean, running_second, weight, bias
+    )
+    return _normalize_eval(
+        input, cast(Tensor, mean), cast(Tensor, second), weight, bias, eps, is_var
+    )
 
 
 def _eval_with_running(
