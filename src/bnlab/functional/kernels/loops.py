@@ -421,9 +421,17 @@ def _finish_stats(part, shift, count, p, eps, running, limits, stats):
     for g in range(groups):
         for c in range(channels):
             s1, s2, lo, hi = part[0, g, c], part[1, g, c], part[2, g, c], part[3, g, c]
-            values = _finish_one(s1, s2, lo, hi, shift[g, c], count[g], p, eps, running, limits, c)
-            stats[MEAN, g, c], stats[SPREAD, g, c], stats[SCALE, g, c] = values[:3]
-            stats[R, g, c], stats[D, g, c] = values[3], values[4]
+            _finish_into(
+                stats, g, c, s1, s2, lo, hi, shift[g, c], count[g], p, eps, running, limits
+            )
+
+
+@njit(cache=True, inline="always")
+def _finish_into(stats, g, c, s1, s2, lo, hi, k, m, p, eps, running, limits):
+    """:func:`_finish_one` of (group g, channel c) into the stats rows."""
+    values = _finish_one(s1, s2, lo, hi, k, m, p, eps, running, limits, c)
+    stats[MEAN, g, c], stats[SPREAD, g, c], stats[SCALE, g, c] = values[:3]
+    stats[R, g, c], stats[D, g, c] = values[3], values[4]
 
 
 @njit(cache=True, inline="always")
@@ -1071,6 +1079,16 @@ def _rows_argmax_channel(x, g, c, k, blocks, col_mean, top, first, argmax_at):
 
 
 @njit(cache=True)
+def _add_at_argmax(dx, argmax_at, addend):
+    """p = inf: dx at each (group, channel)'s arg-max (a flat index, -1: none) += its addend."""
+    flat = dx.reshape(-1)
+    for g in range(argmax_at.shape[0]):
+        for c in range(argmax_at.shape[1]):
+            if argmax_at[g, c] >= 0:
+                flat[argmax_at[g, c]] += addend[g, c]
+
+
+@njit(cache=True)
 def _fill(a, value):
     a[...] = value
 
@@ -1110,12 +1128,10 @@ def _planar_fused_forward_task(
     if p == 1.0:
         mean[g, c] = shift + part[0, t] / count[g]
         _planar_absdev_task(x, t, v, 1, mean, part)
-    values = _finish_one(
-        part[0, t], part[1, t], part[2, t], part[3, t], shift, count[g], p, eps, running,
-        limits, c,
+    _finish_into(
+        stats, g, c, part[0, t], part[1, t], part[2, t], part[3, t], shift, count[g], p, eps,
+        running, limits,
     )  # fmt: skip
-    stats[MEAN, g, c], stats[SPREAD, g, c], stats[SCALE, g, c] = values[:3]
-    stats[R, g, c], stats[D, g, c] = values[3], values[4]
     _store_coefficient_rows(stats[:, g, c : c + 1], c, c + 1, weight, bias, 1, coef[:, g])
     iota = _iota()
     for n in range(g * v, min(x.shape[0], (g + 1) * v)):
@@ -1403,10 +1419,7 @@ def backward_planar(
             dparams[0, c] = totals[0, c]
             dparams[1, c] = totals[1, c]
         if need_dx:
-            flat = dx.reshape(-1)
-            for t in range(tasks):
-                if argmax_at[t // c_total, t % c_total] >= 0:
-                    flat[argmax_at[t // c_total, t % c_total]] += part[2, t]
+            _add_at_argmax(dx, argmax_at, part[2].reshape((groups, c_total)))
         return dparams
     if parallel:
         for t in prange(tasks):
@@ -1435,11 +1448,7 @@ def backward_planar(
                 _planar_dx_task(dy, x, t, row_blocks, v, p, coef, params, key, dx)
         else:
             _planar_dx_task(dy, x, 0, 1, v, p, coef, params, key, dx)
-        flat = dx.reshape(-1)
-        for g in range(groups):
-            for c in range(c_total):
-                if argmax_at[g, c] >= 0:
-                    flat[argmax_at[g, c]] += sums[2, g, c]
+        _add_at_argmax(dx, argmax_at, sums[2])
     return dparams
 
 
@@ -1500,11 +1509,7 @@ def backward_rows(
                 _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, col_noise, key, base, k, dx)
         else:
             _rows_dx_task(dy, x, 0, v_rows, 1, p, coef, col_noise, key, base, k, dx)
-        flat = dx.reshape(-1)
-        for g in range(argmax[0]):
-            for c in range(argmax[1]):
-                if argmax_at[g, c] >= 0:
-                    flat[argmax_at[g, c]] += addend[g, c]
+        _add_at_argmax(dx, argmax_at, addend)
     return dparams
 
 
