@@ -315,6 +315,24 @@ def test_cache_limit_from_the_environment(monkeypatch):
     assert native._cache_limit_from_environment() is None
 
 
+def test_a_bad_cache_limit_stops_the_load_every_time(monkeypatch):
+    """A bad BNLAB_OUTPUT_CACHE_MB is refused before the glue is built, on every load: never a
+    glue loaded once with the error and silently without the setting afterwards."""
+    from torch.utils import cpp_extension
+
+    def must_not_build(**kwargs):
+        raise AssertionError("built despite a bad BNLAB_OUTPUT_CACHE_MB")
+
+    monkeypatch.setattr(native, "_state", None)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(cpp_extension, "load", must_not_build)
+    monkeypatch.setenv("BNLAB_OUTPUT_CACHE_MB", "lots")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="BNLAB_OUTPUT_CACHE_MB must be a number of MiB"):
+            native.load()
+    assert native._state is None
+
+
 @needs_glue
 def test_the_batch_counter_moves_as_add_does():
     """num_batches_tracked goes up through the glue as through add_(1): value and version

@@ -54,6 +54,7 @@ def load() -> Any:
         if not enabled():
             _state, _why = False, "turned off by BNLAB_NATIVE=0"
             return None
+        limit = _cache_limit_from_environment()  # a bad value raises here, before any build
         try:
             from torch.utils import cpp_extension
 
@@ -73,7 +74,6 @@ def load() -> Any:
             )
             return None
         _module, _state, _why = module, True, "built"
-        limit = _cache_limit_from_environment()
         if limit is not None:
             module.output_cache(limit)
     return _module
