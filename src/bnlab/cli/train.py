@@ -17,13 +17,14 @@ T = TypeVar("T")
 
 
 def _or_exit(call: Callable[[], T]) -> T:
-    """Run ``call``; a ConfigError (or a dataset file error) becomes one line and exit 2."""
+    """Run ``call``; a ConfigError, a dataset file error or a run directory another process
+    holds becomes one line and exit 2."""
     from bnlab.data import DataFileError
-    from bnlab.train import ConfigError
+    from bnlab.train import ConfigError, RunLockedError
 
     try:
         return call()
-    except (ConfigError, DataFileError) as error:
+    except (ConfigError, DataFileError, RunLockedError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
 
@@ -74,7 +75,13 @@ def train(
     out = run_dir or Path("runs") / config.stem
     distributed = nproc > 1 or nnodes != "1" or rdzv_endpoint is not None
     if distributed:
+        from bnlab.train import RunLockedError, lock_holder
         from bnlab.train.distributed import launch, torchrun_command
+
+        holder = lock_holder(out)  # the ranks lock it too; this says so before torchrun starts
+        if holder is not None:
+            click.echo(f"error: {RunLockedError(out, *holder)}", err=True)
+            sys.exit(2)
 
         command = torchrun_command(
             config,
@@ -130,6 +137,7 @@ def sweep(
     target = out or Path("runs") / config.stem
     results = run_sweep(loaded, target, jobs=jobs, progress=progress)
     for name, result in results.items():
-        click.echo(f"{result.state:9s} step {result.step:6d}  {target / name}")
-    if any(r.state == "failed" for r in results.values()):
+        line = f"{result.state:9s} step {result.step:6d}  {target / name}"
+        click.echo(f"{line}  ({result.reason})" if result.state == "locked" else line)
+    if any(r.state in ("failed", "locked") for r in results.values()):
         sys.exit(1)

@@ -3,7 +3,8 @@
 Public API (stable): ``TrainConfig`` and its sections, ``load_config``, ``to_toml``,
 ``ConfigError``; ``train(config, run_dir)``; ``sweep(config, out_dir, jobs=...)`` with
 ``SweepConfig`` / ``load_sweep_config``; ``RunStore``, ``read_metrics``, ``read_status``;
-``ProbeHook`` and ``ProbeContext``.
+``ProbeHook`` and ``ProbeContext``; ``RunLock``, ``RunLockedError`` and ``lock_holder`` (one
+writer per run directory).
 """
 
 from bnlab.train.checkpoint import CheckpointWarning, load_latest
@@ -22,6 +23,7 @@ from bnlab.train.config import (
     to_toml,
     with_values,
 )
+from bnlab.train.lock import RunLock, RunLockedError, lock_holder
 from bnlab.train.loop import RunResult, evaluate, train
 from bnlab.train.probes import PROBES, ProbeContext, ProbeHook, make_probe
 from bnlab.train.store import RunStore, read_metrics, read_status
@@ -38,6 +40,8 @@ __all__ = [
     "ProbeConfig",
     "ProbeContext",
     "ProbeHook",
+    "RunLock",
+    "RunLockedError",
     "RunResult",
     "RunStore",
     "ScheduleConfig",
@@ -49,6 +53,7 @@ __all__ = [
     "load_config",
     "load_latest",
     "load_sweep_config",
+    "lock_holder",
     "make_probe",
     "read_metrics",
     "read_status",

@@ -32,6 +32,7 @@ from bnlab.models import build_model
 from bnlab.train.checkpoint import load_latest, save_checkpoint
 from bnlab.train.config import ConfigError, TrainConfig, to_toml
 from bnlab.train.faults import kill_point
+from bnlab.train.lock import RunLock, RunLockedError
 from bnlab.train.probes import LossFn, ProbeContext, ProbeHook, make_probe
 from bnlab.train.schedule import build_scheduler
 from bnlab.train.store import FINAL_STATES, RunStore, read_status
@@ -41,11 +42,14 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class RunResult:
-    """How a run ended: ``state`` (finished, diverged), the last ``step`` and its directory."""
+    """How a run ended: ``state`` (finished, diverged; in a sweep also failed, or locked: held
+    by another process and skipped), the last ``step``, its directory and, for failed and
+    locked runs, the ``reason``."""
 
     run_dir: Path
     state: str
     step: int
+    reason: str = ""
 
 
 class BatchOrder:
@@ -260,7 +264,8 @@ def train(
 
     Returns the RunResult. Errors (ConfigError for a bad config, DataFileError for a bad data
     file, anything else) mark the run ``failed``, write ``traceback.txt`` and propagate; a run
-    directory that holds another config raises ConfigError and is left untouched.
+    directory that holds another config raises ConfigError and is left untouched, one that
+    another process is writing raises RunLockedError and is left untouched.
     """
     run_dir = Path(run_dir)
     status = read_status(run_dir)
@@ -269,20 +274,47 @@ def train(
     rank, world, local_rank = _distributed_setup(config.device)
     device = _device(config, local_rank)
     config_text = to_toml(config)
-    store = RunStore(run_dir, writer=rank == 0)
-    _check_run_dir(store, config_text)
-    store.write_config(config_text)
+    with _writer_lock(run_dir, rank, world):
+        status = read_status(run_dir)  # a writer that held the lock may just have finished
+        if status is not None and status["state"] in FINAL_STATES:
+            return RunResult(run_dir, status["state"], int(status["step"]))
+        store = RunStore(run_dir, writer=rank == 0)
+        _check_run_dir(store, config_text)
+        store.write_config(config_text)
+        try:
+            session = _Session.build(config, store, device, rank, world, list(hooks))
+            return session.run(progress)
+        except Exception as error:
+            last = read_status(run_dir)
+            step = int(last["step"]) if last else 0
+            store.set_status("failed", step, error=f"{type(error).__name__}: {error}")
+            store.write_traceback(traceback.format_exc())
+            raise
+        finally:
+            store.close()
+
+
+@contextmanager
+def _writer_lock(run_dir: Path, rank: int, world: int) -> Iterator[None]:
+    """The run directory's lock, held by rank 0 (the writer) for the run's life; every rank
+    raises RunLockedError when another process holds it, before anything is written."""
+    lock = RunLock(run_dir)
+    holder: tuple[str, int] | None = None
+    if rank == 0:
+        try:
+            lock.acquire()
+        except RunLockedError as error:
+            holder = (error.host, error.pid)
+    if world > 1:
+        shared: list[Any] = [holder]
+        dist.broadcast_object_list(shared, src=0)
+        holder = shared[0]
+    if holder is not None:
+        raise RunLockedError(run_dir, *holder)
     try:
-        session = _Session.build(config, store, device, rank, world, list(hooks))
-        return session.run(progress)
-    except Exception as error:
-        last = read_status(run_dir)
-        step = int(last["step"]) if last else 0
-        store.set_status("failed", step, error=f"{type(error).__name__}: {error}")
-        store.write_traceback(traceback.format_exc())
-        raise
+        yield
     finally:
-        store.close()
+        lock.release()
 
 
 def _seed_everything(config: TrainConfig, device: torch.device) -> None:

@@ -10,7 +10,8 @@ A sweep file is a train config plus a ``[sweep.grid]`` table of dotted keys and 
 Each point runs in its own process (``jobs`` at a time) in ``OUT/<name>``, named from its grid
 values (``norm=bn,lr=0.1,seed=0``). Running the sweep again skips finished and diverged runs and
 resumes the others; a worker that crashes fails its own run only, with its traceback in
-``OUT/<name>/traceback.txt``.
+``OUT/<name>/traceback.txt``. A run another process is writing (its lock is held: a second
+sweep, a ``bnlab train``) is skipped and reported ``locked``, its directory untouched.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import multiprocessing
 import os
 import queue as queue_module
 import re
+import sys
 import time
 import traceback
 from collections.abc import Iterable, Mapping
@@ -37,8 +39,11 @@ from bnlab.train.config import (
     read_toml,
     with_values,
 )
+from bnlab.train.lock import RunLock, RunLockedError, lock_holder
 from bnlab.train.loop import RunResult
 from bnlab.train.store import FINAL_STATES, RunStore, read_status
+
+LOCKED_EXIT = 75  # a worker's exit code for "the run's lock is held by another process"
 
 
 @dataclass
@@ -132,9 +137,12 @@ def _worker(
 
     try:
         train(config, run_dir, progress=report)
+    except RunLockedError:
+        sys.exit(LOCKED_EXIT)  # another process took the run since the sweep looked
     except BaseException:
         # train() records its own errors; this also covers those raised before it could
-        RunStore(run_dir).write_traceback(traceback.format_exc())
+        with RunLock(run_dir):
+            RunStore(run_dir).write_traceback(traceback.format_exc())
         raise
 
 
@@ -142,8 +150,9 @@ def sweep(
     config: SweepConfig, out_dir: str | Path, jobs: int = 1, progress: bool = True
 ) -> dict[str, RunResult]:
     """Run every grid point of ``config`` into ``out_dir/<name>`` with ``jobs`` worker
-    processes; returns name -> RunResult (state finished, diverged or failed). Finished and
-    diverged runs are skipped, unfinished ones resumed."""
+    processes; returns name -> RunResult (state finished, diverged, failed, or locked: held by
+    another process). Finished and diverged runs are skipped, unfinished ones resumed, locked
+    ones left alone."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     out = Path(out_dir)
@@ -153,8 +162,11 @@ def sweep(
     todo = []
     for name, run_config in points:
         status = read_status(out / name)
+        holder = lock_holder(out / name)
         if status is not None and status["state"] in FINAL_STATES:
             results[name] = RunResult(out / name, status["state"], int(status["step"]))
+        elif holder is not None:
+            results[name] = _locked(out / name, *holder)
         else:
             todo.append((name, run_config))
 
@@ -228,21 +240,39 @@ def _drain(messages: Any, running: Mapping[str, tuple[Any, Any]]) -> None:
             bar.update(step - bar.n)
 
 
+def _locked(run_dir: Path, host: str, pid: int) -> RunResult:
+    status = read_status(run_dir)
+    step = int(status["step"]) if status else 0
+    return RunResult(run_dir, "locked", step, str(RunLockedError(run_dir, host, pid)))
+
+
 def _outcome(run_dir: Path, exitcode: int | None) -> RunResult:
     """The run's state after its worker exited; a worker that died without saying so (killed,
-    crashed interpreter) marks its run failed here."""
+    crashed interpreter) marks its run failed here, under the run's lock."""
     status = read_status(run_dir)
     step = int(status["step"]) if status else 0
     if exitcode == 0 and status is not None and status["state"] in FINAL_STATES:
         return RunResult(run_dir, status["state"], step)
-    if status is None or status["state"] != "failed":
-        store = RunStore(run_dir)
-        how = (
-            f"killed by signal {-exitcode}"
-            if exitcode and exitcode < 0
-            else f"exit code {exitcode}"
-        )
-        store.set_status("failed", step, error=f"worker process ended ({how})")
-        if not (run_dir / "traceback.txt").exists():
-            store.write_traceback(f"worker process ended ({how}) without a Python traceback\n")
-    return RunResult(run_dir, "failed", step)
+    if exitcode == LOCKED_EXIT:
+        return _locked(run_dir, *(lock_holder(run_dir) or ("", 0)))
+    try:
+        with RunLock(run_dir):
+            status = read_status(run_dir)
+            step = int(status["step"]) if status else 0
+            if status is None or status["state"] != "failed":
+                store = RunStore(run_dir)
+                how = (
+                    f"killed by signal {-exitcode}"
+                    if exitcode and exitcode < 0
+                    else f"exit code {exitcode}"
+                )
+                store.set_status("failed", step, error=f"worker process ended ({how})")
+                if not (run_dir / "traceback.txt").exists():
+                    store.write_traceback(
+                        f"worker process ended ({how}) without a Python traceback\n"
+                    )
+                status = read_status(run_dir)
+    except RunLockedError as error:
+        return _locked(run_dir, error.host, error.pid)
+    reason = str(status.get("error", "")) if status else ""
+    return RunResult(run_dir, "failed", step, reason)
