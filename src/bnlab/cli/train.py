@@ -100,9 +100,26 @@ def train(
             sys.exit(code)
         result: Any = _status_line(out)
     else:
-        result = _or_exit(lambda: train_run(loaded, out, progress=progress))
+        try:
+            result = _or_exit(lambda: train_run(loaded, out, progress=progress))
+        except OSError as error:
+            _disk_full_exit(error, out)
         result = f"{result.state} at step {result.step}"
     click.echo(f"{out}: {result}")
+
+
+def _disk_full_exit(error: OSError, run_dir: Path) -> None:
+    """A full disk (or quota) ends the run ``failed``: one line, exit 1; anything else raises."""
+    from bnlab.train.store import DISK_FULL
+
+    if error.errno not in DISK_FULL:
+        raise error
+    click.echo(
+        f"error: {run_dir} failed ({_status_line(run_dir)}): {error.strerror}: "
+        f"{error.filename}; free space and run the same command again to resume",
+        err=True,
+    )
+    sys.exit(1)
 
 
 def _status_line(run_dir: Path) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import warnings
 from pathlib import Path
@@ -17,8 +16,7 @@ from typing import Any
 
 import torch
 
-from bnlab.train.faults import kill_point
-from bnlab.train.store import fsync_dir
+from bnlab.train.store import write_atomic
 
 MAGIC = b"BNLABCKPT1\n"
 _NAME = re.compile(r"^step-(\d{8})\.ckpt$")
@@ -50,23 +48,14 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``state`` as the checkpoint of ``step`` (temp file + fsync + rename), then delete
-    all but the newest ``keep`` checkpoints."""
+    all but the newest ``keep`` checkpoints. A failed write (OSError, e.g. a full disk) removes
+    its temp file and raises; the older checkpoints stay."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     data = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
     path = checkpoint_path(folder, step)
-    temp = folder / f".{path.name}.tmp"
-    with open(temp, "wb") as handle:
-        if kill_point("checkpoint", step):  # test hook: die half-way through the write
-            handle.write(data[: len(data) // 2])
-            handle.flush()
-            kill_point("checkpoint", step, fire=True)
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fsync_dir(folder)
+    write_atomic(path, data, where="checkpoint", step=step)  # a failure leaves the older ones
     for _, old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path

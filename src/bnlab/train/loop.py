@@ -285,13 +285,23 @@ def train(
             session = _Session.build(config, store, device, rank, world, list(hooks))
             return session.run(progress)
         except Exception as error:
-            last = read_status(run_dir)
-            step = int(last["step"]) if last else 0
-            store.set_status("failed", step, error=f"{type(error).__name__}: {error}")
-            store.write_traceback(traceback.format_exc())
+            _record_failure(store, error)
             raise
         finally:
             store.close()
+
+
+def _record_failure(store: RunStore, error: Exception) -> None:
+    """Mark the run ``failed`` at its last recorded step with the error, and keep the
+    traceback where the disk allows; the error itself is the caller's to raise."""
+    store.close()  # a metrics file that failed mid-row goes first
+    last = read_status(store.root)
+    step = int(last["step"]) if last else 0
+    try:
+        store.set_status("failed", step, error=f"{type(error).__name__}: {error}")
+        store.write_traceback(traceback.format_exc())
+    except OSError:  # a full disk: the error still propagates, and the run resumes
+        pass
 
 
 @contextmanager

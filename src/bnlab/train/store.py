@@ -16,6 +16,7 @@ Metrics rows use Python's JSON dialect: non-finite floats are written ``NaN``/``
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -25,6 +26,8 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from bnlab.train.faults import write_through
 
 STATES: tuple[str, ...] = ("running", "finished", "diverged", "failed")
 FINAL_STATES: tuple[str, ...] = ("finished", "diverged")
@@ -41,16 +44,33 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, where: str = "file", step: int = 0) -> None:
     """Write ``data`` to ``path`` through a temp file, fsync and rename: readers see the old
-    file or the new one, never a part."""
+    file or the new one, never a part. A failed write (a full disk) removes its temp file and
+    raises, leaving the old file. ``where``/``step`` name the write for the fault hooks."""
     temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as handle:
+    try:
+        with open(temp, "wb") as handle:
+            write_through(handle, data, where, step)
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+DISK_FULL: tuple[int, ...] = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _overwrite_in_place(path: Path, data: bytes) -> None:
+    """Rewrite the small file ``path`` without a temp file: on a full disk its own blocks take
+    the new bytes. Not atomic; only for recording a failure when nothing else can be written."""
+    with open(path, "r+b") as handle:
         handle.write(data)
+        handle.truncate()
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -159,7 +179,14 @@ class RunStore:
         now = time.time()
         status = {"state": state, "step": step, "started": self._started, "updated": now}
         status.update(extra)
-        write_atomic(self.status_path, (json.dumps(status, indent=2) + "\n").encode())
+        data = (json.dumps(status, indent=2) + "\n").encode()
+        try:
+            write_atomic(self.status_path, data, where="status", step=step)
+        except OSError as error:
+            # a full disk must not hide how the run ended: status.json's own blocks take it
+            if error.errno not in DISK_FULL or not self.status_path.exists():
+                raise
+            _overwrite_in_place(self.status_path, data)
 
     def write_traceback(self, text: str) -> None:
         if self.writer:
@@ -186,17 +213,13 @@ class RunStore:
         """Append the row ``{"step", "kind", **values}`` and flush it to the OS."""
         row = {"step": step, "kind": kind, **values}
         if self.writer:
-            from bnlab.train.faults import kill_point
-
             if self._metrics is None:
-                self._metrics = open(self.metrics_path, "a")  # kept open: one row per flush
-            line = self._line(row)
-            if kill_point("metrics", step):  # test hook: tear the line, then die
-                self._metrics.write(line[: len(line) // 2])
-                self._metrics.flush()
-                kill_point("metrics", step, fire=True)
-            self._metrics.write(line)
-            self._metrics.flush()
+                self._metrics = open(self.metrics_path, "ab")  # kept open: one row per flush
+            try:
+                write_through(self._metrics, self._line(row).encode(), "metrics", step)
+            except OSError:
+                self.close()  # a torn last row is left; readers skip it, resume drops it
+                raise
         return row
 
     def sync(self) -> None:
@@ -206,9 +229,14 @@ class RunStore:
             os.fsync(self._metrics.fileno())
 
     def close(self) -> None:
+        """Close the metrics file; a failure to flush its rest (a full disk) is not raised:
+        the rows that matter are complete on disk, a torn tail is dropped on resume."""
         if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+            handle, self._metrics = self._metrics, None
+            try:
+                handle.close()
+            except OSError:
+                pass
 
 
 def is_finite_number(value: Any) -> bool:
