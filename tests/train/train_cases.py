@@ -61,6 +61,15 @@ def run_cli(
     )
 
 
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     """The model state of the run's newest checkpoint."""
     _, path = list_checkpoints(run_dir / "checkpoints")[-1]

@@ -7,23 +7,38 @@ exits with status 2.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import click
 
 T = TypeVar("T")
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 def _or_exit(call: Callable[[], T]) -> T:
-    """Run ``call``; a ConfigError, a dataset file error or a run directory another process
-    holds becomes one line and exit 2."""
+    """Run ``call``, each warning (a repaired run store, a skipped damaged checkpoint) on one
+    line; a ConfigError, a dataset file error or a run directory another process holds
+    becomes one line and exit 2."""
     from bnlab.data import DataFileError
     from bnlab.train import ConfigError, RunLockedError
 
     try:
-        return call()
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return call()
     except (ConfigError, DataFileError, RunLockedError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
