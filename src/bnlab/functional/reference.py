@@ -13,7 +13,13 @@ mini-batch:
     y_i     = gamma * x_hat_i + beta
 
 All functions take the channel axis (``axis``) and reduce over every other axis, so they serve
-(N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W) and channels-last layouts alike.
+(N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W) and channels-last layouts alike (noisy
+BatchNorm: (N, C, *) only, as its draws are indexed by logical position).
+
+lp BatchNorm (section 3.3) divides x - mu by the lp norm average of x "before shifting the
+mean" (``centered=True``: of x - mu). Noisy BatchNorm is Algorithm 1 (appendix A.2.1) on the BN
+output, from draws that :func:`noise_draws` regenerates from one step's key exactly as the fast
+paths make them.
 """
 
 from __future__ import annotations
