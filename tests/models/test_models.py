@@ -154,3 +154,80 @@ def test_digits_preset_costs_under_100k_multiply_adds_per_sample() -> None:
     assert macs == [8 * 8 * 16 * 9, 4 * 4 * 32 * 16 * 9, 10 * 128]
     assert sum(macs) < 100_000
     assert sum(p.numel() for p in model.parameters()) < 10_000
+
+
+# ------------------------------------------------------------- the paper's two networks
+
+
+def test_dln_has_the_papers_shapes_no_bias_and_a_norm_after_each_of_the_first_24_layers() -> None:
+    # appendix A.1: k = 25 square 10 x 10 layers; the loss ||W_1...W_k x - A x||^2 has no bias
+    plain = build_model("dln", (10,), 10, norm="none")
+    linears = [m for m in plain.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 25
+    assert all(m.weight.shape == (10, 10) and m.bias is None for m in linears)
+    assert sum(p.numel() for p in plain.parameters()) == 25 * 100
+    normalized = build_model("dln", (10,), 10, norm="bn")
+    kinds = [type(m).__name__ for m in normalized.layers]
+    assert kinds == ["Flatten"] + ["Linear", "BatchNorm1d"] * 24 + ["Linear"]
+
+
+def test_glorot_init_is_uniform_with_the_normalized_bound() -> None:
+    # Glorot & Bengio (2010): U(-a, a), a = sqrt(6 / (fan_in + fan_out)), variance 2/(in+out)
+    layer = nn.Linear(300, 500)
+    init_parameters(layer, seed=0, scale=1.0, scheme="glorot")
+    w = layer.weight.detach().double()
+    bound = math.sqrt(6.0 / 800)
+    assert float(w.abs().max()) <= bound
+    assert float(w.abs().max()) > 0.999 * bound  # 150k draws reach the edge
+    assert abs(float(w.var()) / (2.0 / 800) - 1) < 0.01
+    conv = nn.Conv2d(8, 16, 3)  # fans count the kernel: 72 in, 144 out
+    init_parameters(conv, seed=0, scale=2.0, scheme="glorot")
+    assert float(conv.weight.detach().abs().max()) <= 2.0 * math.sqrt(6.0 / 216)
+    dln = build_model("dln", (10,), 10, seed=1)
+    assert max(float(m.weight.abs().max()) for m in dln.linear_layers()) <= math.sqrt(6 / 20)
+
+
+def _dln_loss_and_gradients(
+    weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Closed form, column convention (x: (d, N)): L = ||P X - Y||_F^2 with P = W_k ... W_1,
+    dL/dW_i = 2 (W_k ... W_{i+1})^T R (W_{i-1} ... W_1 X)^T with R = P X - Y."""
+    eye = torch.eye(weights[0].shape[0], dtype=x.dtype)
+
+    def product(ws: list[torch.Tensor]) -> torch.Tensor:
+        out = eye
+        for w in ws:
+            out = w @ out
+        return out
+
+    residual = product(weights) @ x - y
+    grads = [
+        2 * product(weights[i + 1 :]).T @ residual @ (product(weights[:i]) @ x).T
+        for i in range(len(weights))
+    ]
+    return (residual**2).sum(), grads
+
+
+def test_dln_loss_and_gradient_match_the_closed_form() -> None:
+    model = build_model("dln", (10,), 10, seed=3).double()
+    x = torch.randn(10, 50, dtype=torch.float64)
+    y = torch.randn(10, 10, dtype=torch.float64) @ x
+    weights = [m.weight for m in model.linear_layers()]
+    expected_loss, expected_grads = _dln_loss_and_gradients([w.detach() for w in weights], x, y)
+    out = model(x.T)
+    # the study's loss: torch's mean squared error, times N * d, is the paper's summed loss
+    loss = nn.functional.mse_loss(out, y.T) * out.numel()
+    torch.testing.assert_close(loss, expected_loss)
+    grads = torch.autograd.grad(loss, weights)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_vgg10_digits_has_ten_convolutions_and_takes_glorot_init() -> None:
+    model = build_model("vgg10_digits", (1, 8, 8), 10, norm="bn", init="glorot")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 10
+    assert [c.out_channels for c in convs] == [16] * 4 + [32] * 6
+    first = convs[0].weight.detach()
+    assert float(first.abs().max()) <= math.sqrt(6.0 / (9 + 16 * 9))
+    assert model(torch.randn(4, 1, 8, 8)).shape == (4, 10)

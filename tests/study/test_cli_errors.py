@@ -18,6 +18,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "my_model.py"
         (["reproduce", "--data", "imagenet"], "unknown dataset 'imagenet'"),
         (["reproduce", "--data", "cifar10:/no/such/folder"], "/no/such/folder"),
         (["reproduce", "--data", "gaussian"], "needs class labels"),
+        (["reproduce", "--protocol", "paper"], "needs --data cifar10:PATH"),
+        (["reproduce", "--protocol", "paper", "--data", "cifar10:/no/such"], "/no/such"),
         (["measure", "--model", "no_such_file.py:f"], "no such file"),
         (["measure", "--model", f"{EXAMPLE}:no_factory"], "no callable 'no_factory'"),
         (["measure", "--model", f"{EXAMPLE}:small_cnn", "--norms", "none,batchnorm"], "batchnorm"),

@@ -24,10 +24,15 @@ FIGURES = (
     "covariate_shift",
     "landscape",
     "lp_variants",
+    "curvature",
+    "activation_distributions_dln",
+    "covariate_shift_dln",
+    "landscape_dln",
+    "lp_variants_dln",
+    "curvature_dln",
     "mouse_contours",
     "cancer_weights",
     "loss_surfaces",
-    "curvature",
     "spectral_density",
     "gradient_bound",
 )
@@ -61,10 +66,21 @@ def test_quick_reproduce_writes_report_claims_and_figures(study: Path) -> None:
         assert claim["verdict"] in VERDICTS
         assert "def " in claim["rule_source"] and claim["rule"]
         assert claim["numbers"], claim["id"]
+        assert claim["settings"], claim["id"]
+    by_id = {c["id"]: c for c in claims}
+    # verdicts the quick settings determine: Theorem 4.1 is an identity of BN's backward (it
+    # holds on any trained weights, in both settings), and claim 9 is closed-form arithmetic
+    assert by_id[10]["verdict"] == "reproduced", by_id[10]["notes"]
+    assert len(by_id[10]["parts"]) == 2  # judged in the VGG and in the DLN
+    assert by_id[9]["verdict"] == "reproduced"
+    # claims the paper makes in both settings are judged in both
+    for claim_id in (4, 5, 6, 7, 8, 11):
+        assert len(by_id[claim_id]["settings"]) == 2, claim_id
     html = (study / "report.html").read_text()
     assert html.index("Claims") < html.index('id="claim-1"') < html.index("Run configurations")
     assert html.count("data:image/png;base64,") == len(FIGURES)
     assert "Where the time went" in html and "Environment" in html
+    assert "Protocol: the paper" in html and "Verdict thresholds" in html
 
 
 @pytest.mark.slow

@@ -62,7 +62,17 @@ _DATA_HELP = "digits | cancer | mouse | cifar10:PATH | mnist:PATH"
     help="Study folder: run stores, figures, report.html. Re-running skips finished runs.",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-def reproduce(data: str, quick: bool, seeds: int | None, jobs: int, out: Path, device: str) -> None:
+@click.option(
+    "--protocol",
+    type=click.Choice(["default", "paper"]),
+    default="default",
+    show_default=True,
+    help="paper: the paper's own VGG-16 (15,000 steps) and DLN (10,000 steps) protocol; needs "
+    "--data cifar10:PATH and is meant for --device cuda (the estimated time is printed first).",
+)
+def reproduce(
+    data: str, quick: bool, seeds: int | None, jobs: int, out: Path, device: str, protocol: str
+) -> None:
     """Reproduce Santurkar et al. (2018): train, probe, judge the 11 claims, write the report."""
     from bnlab.report import build_report
     from bnlab.studies import Study, run_study, santurkar_study
@@ -70,12 +80,20 @@ def reproduce(data: str, quick: bool, seeds: int | None, jobs: int, out: Path, d
 
     def prepare() -> Study:
         _check_device(device)
-        study = santurkar_study(data, quick=quick, seeds=seeds, device=device)
+        study = santurkar_study(data, quick=quick, seeds=seeds, device=device, protocol=protocol)
         check_data(study)
-        write_manifest(study, out)
         return study
 
     study = _user_input(prepare)
+    if protocol == "paper":
+        from bnlab.studies.estimate import estimate_seconds
+
+        seconds, runs, steps = estimate_seconds(study, jobs)
+        click.echo(
+            f"estimated time: about {seconds / 3600:.1f} h on {device} ({runs} runs, "
+            f"{steps:,} steps in all, {jobs} at a time; from 3 timed steps of each model)"
+        )
+    _user_input(lambda: write_manifest(study, out))
     run_study(study, out, jobs=jobs)
     report = build_report(out)
     click.echo(f"report: {report}")

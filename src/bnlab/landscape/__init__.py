@@ -18,6 +18,7 @@ with ``to_dict()`` / ``to_json()``.
 - :func:`loss_surface`: 1-D/2-D surfaces along filter-normalized or given directions.
 """
 
+from bnlab.landscape.activation_curvature import activation_curvature
 from bnlab.landscape.bound import gradient_bound
 from bnlab.landscape.evaluation import Batch, BatchOrLoader, Grouping, LossFn, Mode
 from bnlab.landscape.gradient_path import DEFAULT_ETAS, gradient_path
@@ -61,6 +62,7 @@ __all__ = [
     "Mode",
     "SpectralDensity",
     "TraceEstimate",
+    "activation_curvature",
     "curvature_along_gradient",
     "filter_normalized_direction",
     "gradient_bound",

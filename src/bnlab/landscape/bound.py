@@ -112,9 +112,11 @@ def gradient_bound(
                     entry[0] += weight * float(dx2.sum())
                     entry[1] += weight * float(bound.sum())
                     entry[2] += weight * float(dy2.sum())
-                    positive = bound > 0
-                    channel = (dx2[positive] / bound[positive]).sqrt()
-                    entry[3] = max(entry[3], float(channel.max()) if channel.numel() else 0.0)
+                    # every channel counts: one whose bound is <= 0 holds only if its input
+                    # gradient is 0 too (ratio 0), otherwise it violates the bound (ratio inf)
+                    zero_or_inf = torch.where(dx2 > 0, math.inf, 0.0).to(dx2)
+                    ratio2 = torch.where(bound > 0, dx2 / bound, zero_or_inf)
+                    entry[3] = max(entry[3], float(ratio2.max().sqrt()))
         finally:
             for handle in handles:
                 handle.remove()

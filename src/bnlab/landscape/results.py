@@ -221,7 +221,8 @@ class BatchNormGradientBound(Result):
     ``input_gradient_norm`` = ||dL/dx||, ``output_gradient_norm`` = ||dL/dy||, ``bound`` = the
     square root of sum_j (gamma_j^2 / sigma_j^2)(||dL/dy_j||^2 - <1, dL/dy_j>^2 / m
     - <dL/dy_j, x_hat_j>^2 / m); ``ratio`` = input_gradient_norm / bound (<= 1 by the theorem);
-    ``channel_ratio_max`` the largest per-channel ratio;
+    ``channel_ratio_max`` the largest per-channel ratio over every channel (a channel whose
+    bound is <= 0 counts 0 when its ||dL/dx_j|| is 0 and inf otherwise);
     ``lipschitz_ratio`` = ||dL/dx|| / ||dL/dy||.
     """
 

@@ -32,6 +32,7 @@ class _Stack(nn.Module):
         init_scale: float,
         seed: int,
         scheme: str,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if any(h < 1 for h in hidden):
@@ -39,12 +40,12 @@ class _Stack(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         features = _flat_size(input_shape)
         for index, width in enumerate(hidden):
-            layers.append(nn.Linear(features, width))
+            layers.append(nn.Linear(features, width, bias=bias))
             layers.append(seeded_norm(norm, width, 1, seed, index, norm_options or {}))
             if activation is not None:
                 layers.append(activation())
             features = width
-        layers.append(nn.Linear(features, num_outputs))
+        layers.append(nn.Linear(features, num_outputs, bias=bias))
         self.layers = nn.Sequential(*layers)
         init_parameters(self, seed, init_scale, scheme)
 
@@ -81,11 +82,14 @@ class MLP(_Stack):
 
 
 class DeepLinearNetwork(_Stack):
-    """The paper's deep linear network (DLN): ``depth`` Linear layers with no activation, so
-    the function is linear in x while the loss landscape in the weights is not.
+    """The deep linear network (DLN) of Santurkar et al. (2018, appendix A.1): x (N, d_in) ->
+    W_k ... W_2 W_1 x (N, num_outputs), ``depth`` = k bias-free Linear layers and no activation,
+    so the function is linear in x while the loss landscape in the weights is not.
 
-    Santurkar et al. (2018) train a 25-layer DLN on synthetic Gaussian data; widths here
-    (``width``, default 10) are our choice. ``norm`` goes after every hidden layer.
+    The paper's network: k = 25 square 10 x 10 layers (``width`` 10, inputs and outputs of 10),
+    Glorot initialization (``init``, see :func:`init_parameters`). ``norm`` goes after each of the
+    first k - 1 layers (the k-th layer's output is the prediction W_1...W_k x, compared with A x),
+    so a normalized DLN is W_k N(W_{k-1} ... N(W_1 x)).
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class DeepLinearNetwork(_Stack):
         norm_options: dict[str, Any] | None = None,
         init_scale: float = 1.0,
         seed: int = 0,
+        init: str = "glorot",
     ) -> None:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
@@ -110,8 +115,13 @@ class DeepLinearNetwork(_Stack):
             norm_options,
             init_scale,
             seed,
-            "xavier",
+            init,
+            bias=False,
         )
+
+    def linear_layers(self) -> list[nn.Linear]:
+        """W_1, ..., W_k in forward order."""
+        return [m for m in self.layers if isinstance(m, nn.Linear)]
 
 
 class LogisticRegression(_Stack):

@@ -46,7 +46,8 @@ def build_model(
     axis) and ``num_outputs`` outputs (classes, or regression targets).
 
     Models: "vgg" (give ``widths``, ``convs_per_stage``), "vgg16" (the paper's CIFAR-10 VGG),
-    "vgg11", "vgg_digits" (widths (16, 32), for 8x8 digits), "mlp" (``hidden``), "dln"
+    "vgg11", "vgg_digits" (widths (16, 32), for 8x8 digits), "vgg10_digits" (ten convolutions,
+    for 8x8 digits: the study's VGG), "mlp" (``hidden``), "dln"
     (``depth``, ``width``), "logistic". Common options: ``norm`` (a kind of
     ``bnlab.nn.NORM_KINDS``), ``norm_options``, ``init_scale``, ``seed``.
 

@@ -19,6 +19,9 @@ VGG_PRESETS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "vgg16": ((64, 128, 256, 512, 512), (2, 2, 3, 3, 3)),
     "vgg11": ((64, 128, 256, 512, 512), (1, 1, 2, 2, 2)),
     "vgg_digits": ((16, 32), (1, 1)),
+    # ten 3x3 convolutions in three stages (8x8 -> 4x4 -> 2x2 -> 1x1): the study's VGG on digits,
+    # deep enough to have the paper's layers 5 and 10 (its CIFAR-10 VGG has 13)
+    "vgg10_digits": ((16, 32, 32), (4, 3, 3)),
 }
 
 
@@ -28,6 +31,7 @@ class VGG(nn.Module):
     ``widths[i]`` channels in stage i, ``convs_per_stage`` convolutions each (an int for all
     stages); a stage halves H and W while they are at least 2. ``norm`` is a kind of
     ``bnlab.nn.NORM_KINDS`` inserted after every convolution ("none" for the plain network).
+    ``init``: a scheme of :func:`init_parameters` ("glorot" is the paper's).
     """
 
     def __init__(
@@ -40,6 +44,7 @@ class VGG(nn.Module):
         norm_options: dict[str, Any] | None = None,
         init_scale: float = 1.0,
         seed: int = 0,
+        init: str = "kaiming",
     ) -> None:
         super().__init__()
         if len(input_shape) != 3:
@@ -71,7 +76,7 @@ class VGG(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(channels * height * width, num_outputs)
         )
-        init_parameters(self, seed, init_scale, "kaiming")
+        init_parameters(self, seed, init_scale, init)
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.classifier(self.features(x))

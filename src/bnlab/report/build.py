@@ -16,8 +16,10 @@ from bnlab.report.evidence import (
     StudyEvidence,
     final_test_accuracy,
     load_study,
+    median,
     probe_series,
 )
+from bnlab.train.probes import QUANTILE_LEVELS
 
 Curve = tuple[list[float], list[list[float]]]
 SMOOTHING = 10  # training-loss curves are drawn as a moving average over this many steps
@@ -87,55 +89,8 @@ def draw_figures(evidence: StudyEvidence, out: Path) -> dict[str, FigureFile]:
     if len(settings.get("init_scales", [])) > 1:
         drawn.append(figures.init_scale_accuracy(by_scale, out, dataset=data))
 
-    quantiles: dict[str, tuple[list[float], list[list[float]]]] = {}
-    layer = ""
-    for arm in _present(evidence, ("standard", "bn", "noisy_bn")):
-        first = evidence.arm(arm)[0].measurements.get("activations")
-        if first:
-            layer = evidence.arm(arm)[0].measurements.get("layer", "")
-            quantiles[arm] = (first["steps"], [row["quantiles"] for row in first["rows"]])
-    levels: list[float] = next(
-        (
-            r.measurements["quantile_levels"]
-            for r in evidence.runs
-            if "quantile_levels" in r.measurements
-        ),
-        [],
-    )
-    drawn.append(figures.activation_distributions(quantiles, out, layer=layer, levels=levels))
-
-    shift: dict[str, dict[str, list[float]]] = {}
-    all_layers: list[str] = []
-    for arm in _present(evidence, ("standard", "bn")):
-        for run in evidence.arm(arm):
-            for row in run.probes.get("internal_covariate_shift", []):
-                for entry in row.get("layers", []):
-                    if entry["layer"] not in all_layers:
-                        all_layers.append(entry["layer"])
-                    for key in ("l2_difference", "cosine"):
-                        shift.setdefault(arm, {}).setdefault(f"{key}:{entry['layer']}", []).append(
-                            float(entry[key])
-                        )
-    drawn.append(figures.covariate_shift(shift, out, layers=all_layers))
-
-    smooth = {
-        arm: {
-            value: _probe_curve(evidence.arm(arm), "gradient_path", value)
-            for value in ("loss_range", "gradient_change", "beta")
-        }
-        for arm in _present(evidence, ("standard", "bn"))
-    }
-    drawn.append(figures.landscape_smoothness({a: s for a, s in smooth.items() if s}, out))
-
-    lp_arms = _present(evidence, ("standard", "bn", "l1", "l2", "linf"))
-    if any(a in lp_arms for a in ("l1", "l2", "linf")):
-        drawn.append(
-            figures.lp_variants(
-                {a: _eval_curve(evidence.arm(a)) for a in lp_arms},
-                {a: _probe_curve(evidence.arm(a), "gradient_path", "loss_range") for a in lp_arms},
-                out,
-            )
-        )
+    for setting in evidence.setting_names():
+        drawn += _setting_figures(evidence, setting, out)
 
     if "mouse" in evidence.conditioning:
         drawn.append(figures.conditioning_contours(evidence.conditioning["mouse"], out))
@@ -152,24 +107,181 @@ def draw_figures(evidence: StudyEvidence, out: Path) -> dict[str, FigureFile]:
         if "spectral_density" in measured:
             densities[arm] = measured["spectral_density"]
     drawn.append(figures.loss_surfaces(surfaces, out))
-    curvature = {
-        arm: {
-            "top_eigenvalue": _probe_curve(evidence.arm(arm), "top_eigenvalues", "top_eigenvalue"),
-            "curvature": _probe_curve(evidence.arm(arm), "curvature_along_gradient", "curvature"),
-        }
-        for arm in _present(evidence, ("standard", "bn"))
-    }
-    drawn.append(figures.curvature(curvature, out))
     drawn.append(figures.spectral_density(densities, out))
 
     bound: dict[str, dict[str, list[float]]] = {}
-    for run in evidence.arm("bn"):
-        for entry in run.measurements.get("gradient_bound", {}).get("layers", []):
-            per = bound.setdefault(entry["layer"], {"measured": [], "bound": []})
-            per["measured"].append(float(entry["input_gradient_norm"]))
-            per["bound"].append(float(entry["bound"]))
+    for setting in evidence.setting_names():
+        prefix = "" if setting == evidence.main else f"{setting}: "
+        for run in evidence.arm("bn", setting=setting):
+            for entry in run.measurements.get("gradient_bound", {}).get("layers", []):
+                per = bound.setdefault(prefix + entry["layer"], {"measured": [], "bound": []})
+                per["measured"].append(float(entry["input_gradient_norm"]))
+                per["bound"].append(float(entry["bound"]))
     drawn.append(figures.gradient_bound(bound, out))
     return {f.name: f for f in drawn if f is not None}
+
+
+def _layer_median(run: Run, probe: str, value: str, layers: Sequence[str]) -> Curve:
+    """(steps, [per-step median over ``layers``]) of ``value:<layer>``."""
+    series = [probe_series(run, probe, f"{value}:{layer}") for layer in layers]
+    steps = max((st for st, _ in series), key=len, default=[])
+    rows = [[v[i] for _, v in series if i < len(v)] for i in range(len(steps))]
+    return list(steps), [[median(r) for r in rows]]
+
+
+def _setting_figures(evidence: StudyEvidence, setting: str, out: Path) -> list[FigureFile | None]:
+    """The figures drawn once per setting: activations, ICS, landscape, lp variants, curvature
+    (named with a ``_<setting>`` suffix for every setting but the main one)."""
+    suffix = "" if setting == evidence.main else f"_{setting}"
+    title = evidence.title(setting) if len(evidence.setting_names()) > 1 else ""
+    knobs = evidence.setting(setting)
+
+    def arm(a: str) -> list[Run]:
+        return evidence.arm(a, setting=setting)
+
+    present = [a for a in ("standard", "bn", "noisy_bn", "l1", "l2", "linf") if arm(a)]
+    drawn: list[FigureFile | None] = []
+
+    slot = (knobs.get("highlight_slots") or [""])[-1]
+    quantiles: dict[str, tuple[list[float], list[list[float]]]] = {}
+    for a in [a for a in ("standard", "bn", "noisy_bn") if a in present]:
+        steps, rows = [], []
+        for row in arm(a)[0].probes.get("activation_distribution", []):
+            for entry in row.get("layers", []):
+                if entry["layer"] == slot:
+                    steps.append(float(row["step"]))
+                    rows.append(entry["quantiles"])
+        if rows:
+            quantiles[a] = (steps, rows)
+    drawn.append(
+        figures.activation_distributions(
+            quantiles,
+            out,
+            layer=slot,
+            levels=list(QUANTILE_LEVELS),
+            name=f"activation_distributions{suffix}",
+            setting=title,
+        )
+    )
+
+    shift: dict[str, dict[str, list[float]]] = {}
+    all_layers: list[str] = []
+    for a in [a for a in ("standard", "bn") if a in present]:
+        for run in arm(a):
+            for row in run.probes.get("internal_covariate_shift", []):
+                for entry in row.get("layers", []):
+                    if entry["layer"] not in all_layers:
+                        all_layers.append(entry["layer"])
+                    for key in ("l2_difference", "cosine"):
+                        shift.setdefault(a, {}).setdefault(f"{key}:{entry['layer']}", []).append(
+                            float(entry[key])
+                        )
+    drawn.append(
+        figures.covariate_shift(
+            shift, out, layers=all_layers, name=f"covariate_shift{suffix}", setting=title
+        )
+    )
+
+    smooth = {
+        a: {
+            value: _probe_curve(arm(a), "gradient_path", value)
+            for value in ("loss_range", "gradient_change", "beta")
+        }
+        for a in present
+        if a in ("standard", "bn")
+    }
+    drawn.append(
+        figures.landscape_smoothness(smooth, out, name=f"landscape{suffix}", setting=title)
+    )
+
+    lp_arms = [a for a in present if a in ("standard", "bn", "l1", "l2", "linf")]
+    if any(a in lp_arms for a in ("l1", "l2", "linf")):
+        regression = setting == "dln"
+        quality = {
+            a: (_train_curve(arm(a)) if regression else _eval_curve(arm(a))) for a in lp_arms
+        }
+        drawn.append(
+            figures.lp_variants(
+                quality,
+                {a: _probe_curve(arm(a), "gradient_path", "loss_range") for a in lp_arms},
+                out,
+                name=f"lp_variants{suffix}",
+                setting=title,
+                quality="training loss (mean squared error)"
+                if regression
+                else "test accuracy (fraction)",
+            )
+        )
+
+    layers = knobs.get("highlight_layers", [])
+    curvature = {
+        a: {
+            "activation_curvature": _layer_median_curves(
+                arm(a), "activation_curvature", "activation_curvature", layers
+            ),
+            "top_eigenvalue": _probe_curve(arm(a), "top_eigenvalues", "top_eigenvalue"),
+            "curvature": _probe_curve(arm(a), "curvature_along_gradient", "curvature"),
+        }
+        for a in present
+        if a in ("standard", "bn")
+    }
+    drawn.append(figures.curvature(curvature, out, name=f"curvature{suffix}", setting=title))
+    return drawn
+
+
+def _layer_median_curves(
+    runs: Sequence[Run], probe: str, value: str, layers: Sequence[str]
+) -> Curve:
+    curves = [_layer_median(r, probe, value, layers) for r in runs]
+    steps = max((st for st, _ in curves), key=len, default=[])
+    return list(steps), [v[0] for _, v in curves]
+
+
+def protocol_table(evidence: StudyEvidence) -> Table | None:
+    """The study's paper-vs-ours table (``study.json``), every deviation with its reason."""
+    rows = evidence.manifest.get("protocol_table") or []
+    if not rows:
+        return None
+    return Table(
+        "Protocol: the paper's settings and ours",
+        ["parameter", "paper (appendix A)", "this study", "deviation and reason"],
+        [[*row[:3], row[3] or "none"] for row in rows],
+        f"Protocol {evidence.manifest.get('protocol', 'default')!r}. A claim's section names "
+        "the setting(s) it was judged in.",
+    )
+
+
+def thresholds_table() -> Table:
+    """The verdict thresholds, module constants of bnlab.report.claims fixed before results."""
+    from bnlab.report import claims, conditioning
+
+    rows = [
+        ["SPEED_MARGIN", claims.SPEED_MARGIN, "claim 1: BN needs this share fewer steps"],
+        [
+            "SENSITIVITY_MARGIN",
+            claims.SENSITIVITY_MARGIN,
+            "claim 2: accuracy range this much smaller",
+        ],
+        ["ACCURACY_TOLERANCE", claims.ACCURACY_TOLERANCE, "claims 3, 8: 'about as accurate'"],
+        [
+            "LOSS_FACTOR",
+            claims.LOSS_FACTOR,
+            "claim 8 (DLN): final training loss within this factor",
+        ],
+        ["ICS_MARGIN", claims.ICS_MARGIN, "claim 4: BN's ICS at least 1 - this of standard's"],
+        ["SMOOTHNESS_MARGIN", claims.SMOOTHNESS_MARGIN, "claims 5-8, 11: this much smaller"],
+        ["SHIFT_MARGIN", claims.SHIFT_MARGIN, "claims 3, 8: shift larger than standard's by"],
+        ["TRAINS_ACCURACY", claims.TRAINS_ACCURACY, "claim 1: final train accuracy that 'trains'"],
+        ["BOUND_TOLERANCE", claims.BOUND_TOLERANCE, "claim 10: measured / bound <= 1 + this"],
+        ["CONDITION_RATIO", conditioning.CONDITION_RATIO, "claim 9: cond(H) raw / standardized"],
+    ]
+    return Table(
+        "Verdict thresholds",
+        ["constant", "value", "used by"],
+        rows,
+        "Fixed in bnlab/report/claims.py before any result was seen; every comparison also "
+        "needs separated seed ranges where its rule says so.",
+    )
 
 
 def run_table(evidence: StudyEvidence) -> Table:
@@ -188,14 +300,18 @@ def run_table(evidence: StudyEvidence) -> Table:
         ]
         for r in evidence.runs
     ]
-    settings = evidence.settings
+    described = []
+    for name in evidence.setting_names() or [evidence.main]:
+        knobs = evidence.setting(name)
+        described.append(
+            f"{evidence.title(name)}: {knobs.get('steps')} steps of plain SGD (no momentum, no "
+            f"weight decay), batch {knobs.get('batch_size')}, reference learning rate "
+            f"{knobs.get('reference_lr')}, probes every {knobs.get('probe_every')} steps "
+            f"(Hessian probes every {knobs.get('curvature_every')})"
+        )
     note = (
-        f"Data {evidence.manifest.get('data')}; every run: {settings.get('steps')} steps of "
-        f"plain SGD (no momentum, no weight decay), batch {settings.get('batch_size')}, "
-        f"reference learning rate {settings.get('reference_lr')}, probes every "
-        f"{settings.get('probe_every')} steps (Hessian probes every "
-        f"{settings.get('curvature_every')}). Full configurations: runs/<experiment>/<run>/"
-        "config.toml."
+        f"Data {evidence.manifest.get('data')}. {'. '.join(described)}. Full configurations: "
+        "runs/<experiment>/<run>/config.toml."
     )
     return Table(
         "Run configurations",
@@ -269,8 +385,7 @@ def build_report(folder: str | Path) -> Path:
     (out / "report.html").unlink(missing_ok=True)
     drawn = draw_figures(evidence, out)
     claims = judge(evidence)
-    settings = evidence.settings
-    seeds = settings.get("seeds", [])
+    seeds = evidence.settings.get("seeds", [])
     env = next((r.env for r in evidence.runs if r.env), {})
     content = ReportContent(
         title=str(evidence.manifest.get("title", "bnlab report")),
@@ -282,7 +397,16 @@ def build_report(folder: str | Path) -> Path:
         ),
         claims=claims,
         figures=drawn,
-        tables=[run_table(evidence), time_table(evidence)],
+        tables=[
+            t
+            for t in (
+                protocol_table(evidence),
+                thresholds_table(),
+                run_table(evidence),
+                time_table(evidence),
+            )
+            if t is not None
+        ],
         environment={k: v for k, v in env.items() if k not in ("seed", "resumed_from")},
     )
     return write_report(content, out)

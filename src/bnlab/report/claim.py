@@ -17,7 +17,10 @@ class ClaimResult:
     ``numbers`` maps a label ("BN, steps to 90% train accuracy") to a :class:`Spread` over seeds
     or to a plain number; ``rule`` says in words how ``numbers`` became ``verdict``, and
     ``rule_source`` is the code that did it. ``explanation`` is shown whenever the verdict is not
-    "reproduced": what might explain the outcome on this data.
+    "reproduced": which parts decided it, computed from the evidence. ``notes`` are computed
+    from the evidence too (each part's gap and seed ranges); a hypothesis among them says so
+    and names the evidence that would test it. ``settings`` names the settings (and seed
+    counts) the claim was judged in.
     """
 
     id: int
@@ -31,6 +34,7 @@ class ClaimResult:
     explanation: str = ""
     figures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -47,6 +51,7 @@ class ClaimResult:
             "explanation": self.explanation if self.verdict is not Verdict.REPRODUCED else "",
             "figures": list(self.figures),
             "notes": list(self.notes),
+            "settings": list(self.settings),
         }
 
     def headline(self) -> str:

@@ -34,6 +34,7 @@ def conditioning_claim(measured: Mapping[str, Sequence[Mapping[str, Any]]]) -> C
     """Claim 9 over every dataset measured (usually mouse and cancer)."""
     numbers: dict[str, Any] = {}
     parts: dict[str, Verdict] = {}
+    gaps: list[str] = []
     for dataset, results in measured.items():
         by_scaling = {r["scaling"]: r for r in results}
         if {"raw", "standardized"} - set(by_scaling):
@@ -46,15 +47,23 @@ def conditioning_claim(measured: Mapping[str, Sequence[Mapping[str, Any]]]) -> C
                 steps if steps is not None else f"> {r['max_steps']} (not converged)"
             )
         parts[f"{dataset}: raw worse conditioned and slower"] = conditioning_rule(raw, std)
+        gaps.append(
+            f"{dataset}: cond(H) raw / standardized = "
+            f"{raw['hessian_condition'] / std['hessian_condition']:.3g}; GD steps raw "
+            f"{steps_or_budget(raw):g} vs standardized {steps_or_budget(std):g} (a run that "
+            "did not converge counts as its budget + 1)."
+        )
     verdict = all_of(list(parts.values()))
     return ClaimResult(
         id=9,
         title="Inputs of very different variance make the landscape ill-conditioned",
         statement=(
             "With features of very different variance (mouse height in metres vs age in days; "
-            "the raw breast-cancer features) the logistic loss has a far larger Hessian "
-            "condition number than with standardized features, and gradient descent needs many "
-            "more steps; the learned weights of small-variance features barely move."
+            "the raw breast-cancer features), the L2-regularized logistic loss has a far larger "
+            "Hessian condition number at its optimum than with standardized features, and "
+            "gradient descent (step 1/beta, from zero) needs more steps to reach the optimum. "
+            "Measured in closed form on a logistic regression, not on a network: the classic "
+            "argument for normalizing inputs."
         ),
         verdict=verdict,
         rule=(
@@ -67,11 +76,9 @@ def conditioning_claim(measured: Mapping[str, Sequence[Mapping[str, Any]]]) -> C
         rule_source=source_of(steps_or_budget, conditioning_rule),
         numbers=numbers,
         parts=parts,
-        explanation=(
-            "A dataset whose features already have similar variances (or a regularizer large "
-            "next to the data term) gives similar conditioning raw and standardized."
-        ),
+        explanation=" ".join(gaps),
         figures=["mouse_contours", "cancer_weights"],
+        settings=[f"logistic regression on {', '.join(measured) or 'no data set'} (closed form)"],
         notes=[
             "Logistic regression with L2 regularization lambda = "
             f"{next(iter(measured.values()))[0].get('regularization', 'see code')} on the "

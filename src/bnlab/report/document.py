@@ -129,6 +129,8 @@ def _claim_section(claim: ClaimResult, figures: dict[str, FigureFile], shown: se
         f'<section class="claim" id="claim-{claim.id}">',
         f"<h2>Claim {claim.id}: {html.escape(claim.title)} {_badge(claim.verdict)}</h2>",
         f"<p>{html.escape(claim.statement)}</p>",
+        f'<p class="subtitle">Judged in: {html.escape("; ".join(claim.settings) or "no setting")}'
+        "</p>",
     ]
     if claim.verdict is not Verdict.REPRODUCED and claim.explanation:
         parts.append(f'<p class="explain">{html.escape(claim.explanation)}</p>')
@@ -159,6 +161,7 @@ def render_html(content: ReportContent) -> str:
     """The self-contained page: claims table, a section per claim, then the closing tables."""
     summary_rows = "".join(
         f'<tr><td><a href="#claim-{c.id}">{c.id}</a></td><td>{html.escape(c.title)}</td>'
+        f"<td>{html.escape('; '.join(c.settings))}</td>"
         f"<td>{_badge(c.verdict)}</td><td>{html.escape(c.headline())}</td></tr>"
         for c in content.claims
     )
@@ -166,7 +169,8 @@ def render_html(content: ReportContent) -> str:
         f"<h1>{html.escape(content.title)}</h1>",
         f'<p class="subtitle">{html.escape(content.subtitle)}</p>',
         "<h2>Claims</h2>",
-        "<table><thead><tr><th>#</th><th>claim</th><th>verdict</th><th>key numbers</th></tr>"
+        "<table><thead><tr><th>#</th><th>claim</th><th>judged in</th><th>verdict</th>"
+        "<th>key numbers</th></tr>"
         f"</thead><tbody>{summary_rows}</tbody></table>",
     ]
     shown: set[str] = set()
@@ -200,11 +204,11 @@ def render_summary(content: ReportContent) -> str:
         "",
         content.subtitle,
         "",
-        "| # | claim | verdict | key numbers |",
-        "| --- | --- | --- | --- |",
+        "| # | claim | settings | verdict | key numbers |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for c in content.claims:
-        cells = [str(c.id), c.title, c.verdict.value, c.headline()]
+        cells = [str(c.id), c.title, "; ".join(c.settings), c.verdict.value, c.headline()]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     for c in content.claims:
         if c.verdict is not Verdict.REPRODUCED and c.explanation:

@@ -42,7 +42,12 @@ LABELS: dict[str, str] = {
 Curve = tuple[Sequence[float], Sequence[Sequence[float]]]  # steps, one value list per seed
 
 
-def _save(fig: Figure, out_dir: Path, name: str, title: str, caption: str) -> FigureFile:
+def _save(
+    fig: Figure, out_dir: Path, name: str, title: str, caption: str, setting: str = ""
+) -> FigureFile:
+    """``setting`` (a setting's title) prefixes the figure's title when the study has several."""
+    if setting:
+        title = f"{setting}: {title}"
     buffer = io.BytesIO()
     FigureCanvasAgg(fig)
     fig.savefig(buffer, format="png", dpi=90)  # the constrained layout already fits the labels
@@ -155,6 +160,8 @@ def activation_distributions(
     *,
     layer: str,
     levels: Sequence[float],
+    name: str = "activation_distributions",
+    setting: str = "",
 ) -> FigureFile | None:
     """Quantiles of one layer's activations over training, one panel per arm (the paper's
     Figure 2 view of distributional stability)."""
@@ -182,10 +189,11 @@ def activation_distributions(
     return _save(
         fig,
         out_dir,
-        "activation_distributions",
+        name,
         "Activation distributions over training",
-        "Quantiles of one channel-pooled layer output on a fixed batch, first seed; noisy BN "
-        "shows its noise-shifted distribution as seen in training.",
+        "Quantiles of one channel-pooled norm-slot output, recorded by the training step's own "
+        "forward pass on its batch (noisy BN's noise draw included), first seed.",
+        setting,
     )
 
 
@@ -194,6 +202,8 @@ def covariate_shift(
     out_dir: Path,
     *,
     layers: Sequence[str],
+    name: str = "covariate_shift",
+    setting: str = "",
 ) -> FigureFile | None:
     """ICS per layer (Definition 2.1): l2 difference and cosine of G and G', one bar per arm,
     median over the probed steps and seeds with a min-max whisker."""
@@ -225,16 +235,21 @@ def covariate_shift(
     return _save(
         fig,
         out_dir,
-        "covariate_shift",
+        name,
         "Internal covariate shift per layer",
         "G: a layer's gradient; G': the same after the earlier layers take their update. Bars: "
         "median over probed steps and seeds; whiskers: min-max. Larger l2 and smaller cosine mean "
         "more shift.",
+        setting,
     )
 
 
 def landscape_smoothness(
-    series: Mapping[str, Mapping[str, Curve]], out_dir: Path, *, name: str = "landscape"
+    series: Mapping[str, Mapping[str, Curve]],
+    out_dir: Path,
+    *,
+    name: str = "landscape",
+    setting: str = "",
 ) -> FigureFile | None:
     """Loss variation band, gradient predictiveness and effective beta-smoothness over training
     (the paper's Figure 4), one line per arm."""
@@ -263,6 +278,7 @@ def landscape_smoothness(
         "Loss landscape along the gradient over training",
         "At each probed step: the loss and gradient at w - eta g over a grid of step sizes eta. "
         "Median over seeds with min-max band.",
+        setting,
     )
 
 
@@ -348,7 +364,13 @@ def conditioning_weights(
 
 
 def lp_variants(
-    accuracy: Mapping[str, Curve], loss_range: Mapping[str, Curve], out_dir: Path
+    accuracy: Mapping[str, Curve],
+    loss_range: Mapping[str, Curve],
+    out_dir: Path,
+    *,
+    name: str = "lp_variants",
+    setting: str = "",
+    quality: str = "test accuracy (fraction)",
 ) -> FigureFile | None:
     """lp normalizations against BN and the standard network: test accuracy over training
     (left) and the loss range along the gradient (right)."""
@@ -360,8 +382,10 @@ def lp_variants(
     for arm, (steps, runs) in loss_range.items():
         _band(axes[1], steps, runs, arm)
     axes[0].set_xlabel("training step")
-    axes[0].set_ylabel("test accuracy (fraction)")
-    axes[0].set_title("Test accuracy")
+    axes[0].set_ylabel(quality)
+    axes[0].set_title(quality.split(" (")[0].capitalize())
+    if "loss" in quality:
+        axes[0].set_yscale("log")
     axes[1].set_xlabel("training step")
     axes[1].set_ylabel("loss range along the gradient (nats)")
     axes[1].set_yscale("log")
@@ -371,9 +395,10 @@ def lp_variants(
     return _save(
         fig,
         out_dir,
-        "lp_variants",
+        name,
         "lp normalization variants",
         "Median over seeds with min-max band, at the reference learning rate.",
+        setting,
     )
 
 
@@ -414,14 +439,26 @@ def loss_surfaces(surfaces: Mapping[str, Mapping[str, Any]], out_dir: Path) -> F
     )
 
 
-def curvature(series: Mapping[str, Mapping[str, Curve]], out_dir: Path) -> FigureFile | None:
-    """Top Hessian eigenvalue and curvature along the gradient over training."""
+def curvature(
+    series: Mapping[str, Mapping[str, Curve]],
+    out_dir: Path,
+    *,
+    name: str = "curvature",
+    setting: str = "",
+) -> FigureFile | None:
+    """Activation-space curvature along the activation gradient (Theorem 4.2), the parameter
+    Hessian's top eigenvalue and its curvature along the parameter gradient, over training."""
     if not _has_values(series):
         return None
-    fig, axes = _subplots(1, 2, figsize=(10.0, 3.4))
+    fig, axes = _subplots(1, 3, figsize=(13.0, 3.4))
     panels = (
-        ("top_eigenvalue", "top Hessian eigenvalue (nats per unit^2)", "Top eigenvalue"),
-        ("curvature", "g^T H g / ||g||^2 (nats per unit^2)", "Curvature along the gradient"),
+        (
+            "activation_curvature",
+            "g^T H g / ||g||^2 w.r.t. layer outputs",
+            "Activation space (Theorem 4.2)",
+        ),
+        ("top_eigenvalue", "top Hessian eigenvalue (nats per unit^2)", "Parameter space: top"),
+        ("curvature", "g^T H g / ||g||^2 (nats per unit^2)", "Parameter space: along g"),
     )
     for ax, (key, ylabel, title) in zip(axes, panels, strict=True):
         for arm, curves in series.items():
@@ -436,11 +473,13 @@ def curvature(series: Mapping[str, Mapping[str, Curve]], out_dir: Path) -> Figur
     return _save(
         fig,
         out_dir,
-        "curvature",
+        name,
         "Curvature over training",
-        "Lanczos top eigenvalue and g^T H g / ||g||^2 of the training-mode loss on the step's "
-        "batch; median over seeds with min-max band. Units: loss (nats) per squared parameter "
-        "unit.",
+        "Left: g^T H g / ||g||^2 with g and H taken w.r.t. the highlighted layers' outputs "
+        "(median over those layers). Middle and right: the parameter Hessian's Lanczos top "
+        "eigenvalue and g^T H g / ||g||^2 along the parameter gradient. Training-mode loss on "
+        "the step's batch; median over seeds with min-max band.",
+        setting,
     )
 
 

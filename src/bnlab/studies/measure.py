@@ -23,13 +23,14 @@ from bnlab.data import load_dataset
 from bnlab.nn import NORM_KINDS, convert_norm, is_norm_layer
 from bnlab.studies.santurkar import (
     ARMS,
-    QUICK,
+    VGG_QUICK,
     Experiment,
     Study,
     base_config,
     landscape_probes,
+    layer_slots,
 )
-from bnlab.train import CheckpointConfig, SweepConfig
+from bnlab.train import SweepConfig
 
 USER_MODEL = "user_model"
 
@@ -152,9 +153,9 @@ def measure_study(
     data: str,
     norms: Sequence[str],
     *,
-    steps: int = QUICK.steps,
-    seeds: int = len(QUICK.seeds),
-    lr: float = QUICK.reference_lr,
+    steps: int = VGG_QUICK.steps,
+    seeds: int = len(VGG_QUICK.seeds),
+    lr: float = 0.2,
     device: str = "cpu",
 ) -> Study:
     """The study of ``model_spec`` (FILE.py:FACTORY) on ``data`` for each of ``norms``: the
@@ -165,28 +166,33 @@ def measure_study(
         )
     factory = load_factory(model_spec)
     check_model(factory, data)
-    settings = replace(
-        QUICK,
-        steps=steps,
-        seeds=tuple(range(seeds)),
-        learning_rates=(lr,),
-        init_scales=(1.0,),
-        reference_lr=lr,
-        probe_every=max(steps // 6, 1),
-        curvature_every=max(steps // 2, 1),
-    )
     arm_of = {kind: arm for arm, kind in ARMS.items()}
     arms = {arm_of.get(n, n): n for n in norms}
     with registered_model(factory) as name:
+        settings = replace(
+            VGG_QUICK,
+            name="model",
+            title=f"{Path(model_spec.rpartition(':')[0]).name} on {data}",
+            model=name,
+            model_options={},
+            steps=steps,
+            seeds=tuple(range(seeds)),
+            learning_rates=(lr,),
+            init_scales=(1.0,),
+            reference_lr=lr,
+            probe_every=max(steps // 6, 1),
+            activation_every=max(steps // 12, 1),
+            curvature_every=max(steps // 2, 1),
+            batch_size=64,
+            ics_every_layer=True,
+        )
+        # every layer with a norm slot is watched: a user's model has no "paper's layers"
+        settings = replace(settings, highlight=tuple(range(1, len(layer_slots(settings)) + 1)))
         base = base_config(data, settings, device)
         base = replace(
             base,
             threads=1,  # in-process runs of a small model: more threads only contend
-            model=replace(base.model, name=name, options={}),
             probes=landscape_probes(settings),
-            checkpoint=CheckpointConfig(
-                every=settings.probe_every, keep=steps // settings.probe_every + 1
-            ),
         )
         sweep = SweepConfig(base, {"model.norm": list(norms), "seed": list(settings.seeds)})
     return Study(
@@ -197,7 +203,9 @@ def measure_study(
         quick=True,
         settings=settings,
         experiments=(
-            Experiment("landscape", f"{model_spec} with norms {', '.join(norms)}", sweep),
+            Experiment(
+                "landscape", f"{model_spec} with norms {', '.join(norms)}", sweep, settings.name
+            ),
         ),
         claims=claims_for(norms),
         conditioning=(),

@@ -1,14 +1,16 @@
-"""Measurements taken after training, from a run's checkpoints, stored next to the run store.
+"""Measurements taken after training, from a run's final checkpoint, stored next to the run
+store.
 
-For each run of the ``landscape`` experiment, on one fixed batch of training samples:
+For each run of a landscape experiment, on the run's own training batch size or 256 training
+samples, whichever is larger (the DLN's whole data set):
 
-- the distribution of one normalization slot's output (the last norm layer of the BN model;
-  the same position, an identity, in the standard model) at every checkpoint, in training mode
-  as the network saw it: pooled quantiles and per-channel mean and std;
-- on the final weights: Theorem 4.1 (``gradient_bound``) for models with plain BN layers, and
-  for the first seed of the standard and BN arms a 2-D loss surface and a spectral density;
+- Theorem 4.1 (``gradient_bound``) for models with plain BN layers, and for the first seed of
+  the standard and BN arms a 2-D loss surface and a spectral density;
 - the cost of one call of each training-time probe on the final weights, so the report can
   estimate where the time went when the run store does not record probe times.
+
+Activation distributions are not measured here: the ``activation_distribution`` probe records
+them during training, from the step's own forward pass.
 
 Results go to ``OUT/measurements/<experiment>/<run>.json``; a run already measured is skipped.
 """
@@ -27,14 +29,11 @@ from torch import Tensor, nn
 from bnlab import landscape
 from bnlab.data import Dataset, load_dataset
 from bnlab.models import build_model
-from bnlab.nn import is_norm_layer
 from bnlab.train import TrainConfig, load_config
 from bnlab.train.checkpoint import list_checkpoints, read_checkpoint
 from bnlab.train.probes import make_probe
 from bnlab.train.store import write_atomic
 
-QUANTILE_LEVELS: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
-SHIFT_LEVELS: tuple[float, ...] = tuple((i + 0.5) / 20 for i in range(20))
 PROBE_BATCH = 256
 SURFACE_GRID = tuple(-1.0 + i / 6 for i in range(13))  # 13 x 13 points in [-1, 1]^2
 
@@ -71,42 +70,6 @@ def _model(config: TrainConfig, dataset: Dataset, norm: str | None = None) -> nn
     )
 
 
-def watched_layer(config: TrainConfig, dataset: Dataset) -> str:
-    """The module name of the last norm slot of this architecture (found on its BN version)."""
-    names = [n for n, m in _model(config, dataset, norm="bn").named_modules() if is_norm_layer(m)]
-    if not names:
-        raise ValueError(f"model {config.model.name!r} has no normalization slot to watch")
-    return names[-1]
-
-
-@torch.no_grad()
-def layer_distribution(model: nn.Module, layer: str, inputs: Tensor) -> dict[str, Any]:
-    """Quantiles and per-channel mean/std of ``layer``'s output on ``inputs``, training mode
-    (batch statistics, noise on), on a copy so running statistics stay untouched."""
-    captured: list[Tensor] = []
-    module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
-    try:
-        model.train()
-        model(inputs)
-    finally:
-        handle.remove()
-    out = captured[0].double()
-    channels = out.transpose(0, 1).reshape(out.shape[1], -1)
-    pooled = channels.reshape(-1)
-    return {
-        "quantiles": torch.quantile(
-            pooled, torch.tensor(QUANTILE_LEVELS, dtype=out.dtype)
-        ).tolist(),
-        "shift_quantiles": torch.quantile(
-            pooled, torch.tensor(SHIFT_LEVELS, dtype=out.dtype)
-        ).tolist(),
-        "std": float(pooled.std()),
-        "channel_means": channels.mean(dim=1).tolist(),
-        "channel_stds": channels.std(dim=1).tolist(),
-    }
-
-
 def _timed(
     results: dict[str, Any], seconds: dict[str, float], key: str, work: Callable[[], Any]
 ) -> None:
@@ -121,24 +84,15 @@ def measure_run(run_dir: Path, *, detailed: bool) -> dict[str, Any]:
     config = load_config(run_dir / "config.toml")
     dataset = _dataset(config)
     loss_fn = loss_function(dataset)
-    batch = (dataset.x_train[:PROBE_BATCH], dataset.y_train[:PROBE_BATCH])
-    layer = watched_layer(config, dataset)
+    size = max(PROBE_BATCH, config.data.batch_size)
+    batch = (dataset.x_train[:size], dataset.y_train[:size])
     model = _model(config, dataset)
     seconds: dict[str, float] = {}
-    results: dict[str, Any] = {"layer": layer, "quantile_levels": list(QUANTILE_LEVELS)}
-
-    start = time.perf_counter()
-    steps, rows = [0], [layer_distribution(_model(config, dataset), layer, batch[0])]
+    results: dict[str, Any] = {}
     checkpoints = list_checkpoints(run_dir / "checkpoints")
-    for step, path in checkpoints:
-        model.load_state_dict(read_checkpoint(path)["model"])
-        steps.append(step)
-        rows.append(layer_distribution(model, layer, batch[0]))
-    results["activations"] = {"steps": steps, "rows": rows}
-    seconds["activations"] = time.perf_counter() - start
     if not checkpoints:
         results["seconds"] = seconds
-        return results  # a run that died before its first checkpoint has nothing more
+        return results  # a run that died before its first checkpoint has nothing to measure
 
     model.load_state_dict(read_checkpoint(checkpoints[-1][1])["model"])
     results["final_step"] = checkpoints[-1][0]

@@ -5,7 +5,7 @@ OUT/
   study.json                      the study as data (experiments, grids, settings, claims)
   conditioning/<dataset>.json     claim 9's closed-form measurements
   runs/<experiment>/<run>/        one run store per run (bnlab.train.sweep)
-  measurements/<experiment>/<run>.json   post-training measurements from checkpoints
+  measurements/<experiment>/<run>.json   post-training measurements (landscape experiments)
   timing.json                     wall-clock seconds of each phase of the last invocation
 ```
 
@@ -129,13 +129,27 @@ def warm_kernels(study: Study) -> None:
     trains, once, here: otherwise the first run of each kind in every worker compiles them."""
     from bnlab.nn import norm_layer
 
-    kinds = {v for e in study.experiments for v in e.sweep.grid.get("model.norm", [])}
-    kinds |= {e.sweep.base.model.norm for e in study.experiments}
-    rank = 2 if study.experiments[0].sweep.base.model.name.startswith("vgg") else 1
-    shape = (8, 3, 2, 2) if rank == 2 else (8, 3)
-    for kind in sorted(kinds - {"none"}):
-        x = torch.randn(shape, requires_grad=True)
-        norm_layer(kind, 3, rank)(x).square().sum().backward()
+    for rank in sorted(
+        {2 if e.sweep.base.model.name.startswith("vgg") else 1 for e in study.experiments}
+    ):
+        experiments = [
+            e
+            for e in study.experiments
+            if (2 if e.sweep.base.model.name.startswith("vgg") else 1) == rank
+        ]
+        kinds = {v for e in experiments for v in e.sweep.grid.get("model.norm", [])}
+        kinds |= {e.sweep.base.model.norm for e in experiments}
+        shape = (8, 3, 2, 2) if rank == 2 else (8, 3)
+        for kind in sorted(kinds - {"none"}):
+            x = torch.randn(shape, requires_grad=True)
+            norm_layer(kind, 3, rank)(x).square().sum().backward()
+
+
+def landscape_experiments(study: Study) -> list[Experiment]:
+    """The experiments with the landscape probes (one per setting): the ones measured."""
+    return [
+        e for e in study.experiments if any(p.name == "gradient_path" for p in e.sweep.base.probes)
+    ]
 
 
 def _run(study: Study, out: Path, jobs: int, progress: bool) -> Path:
@@ -164,16 +178,17 @@ def _run(study: Study, out: Path, jobs: int, progress: bool) -> Path:
 
     _say(f"[{phases}/{phases}] measurements on the landscape runs' checkpoints", progress)
     start = time.perf_counter()
-    first = study.settings.seeds[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest and shares the machine best
     try:
-        measure_experiment(
-            out / "runs" / "landscape",
-            out / "measurements" / "landscape",
-            detailed_runs={f"norm={norm},seed={first}" for norm in ("none", "bn")},
-            progress=progress,
-        )
+        for experiment in landscape_experiments(study):
+            first = experiment.sweep.grid["seed"][0]
+            measure_experiment(
+                out / "runs" / experiment.name,
+                out / "measurements" / experiment.name,
+                detailed_runs={f"norm={norm},seed={first}" for norm in ("none", "bn")},
+                progress=progress,
+            )
     finally:
         torch.set_num_threads(threads)
     timing["measurements"] = time.perf_counter() - start

@@ -67,6 +67,68 @@ class ProbeHook:
         return f"ProbeHook({self.name!r}, every={self.every})"
 
 
+# ------------------------------------------------------------ activations as training saw them
+
+QUANTILE_LEVELS: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
+SHIFT_LEVELS: tuple[float, ...] = tuple((i + 0.5) / 20 for i in range(20))
+
+
+def activation_summary(out: Tensor) -> dict[str, Any]:
+    """One layer output (N, C, ...) reduced to what the report plots and compares: pooled
+    quantiles (QUANTILE_LEVELS for the figure, 20 SHIFT_LEVELS for the shift measure), pooled
+    mean and std, and per-channel means and stds (batch and spatial positions pooled, as BN
+    pools them)."""
+    out = out.detach().double()
+    channels = out.transpose(0, 1).reshape(out.shape[1], -1) if out.dim() > 1 else out[None]
+    pooled = channels.reshape(-1)
+    return {
+        "quantiles": torch.quantile(pooled, torch.tensor(QUANTILE_LEVELS).double()).tolist(),
+        "shift_quantiles": torch.quantile(pooled, torch.tensor(SHIFT_LEVELS).double()).tolist(),
+        "mean": float(pooled.mean()),
+        "std": float(pooled.std()),
+        "channel_means": channels.mean(dim=1).tolist(),
+        "channel_stds": channels.std(dim=1).tolist(),
+    }
+
+
+def activation_distribution(
+    model: nn.Module, batch: tuple[Tensor, Tensor], *, layers: list[str]
+) -> dict[str, Any]:
+    """The outputs of the modules ``layers`` on the step's batch, summarized by
+    :func:`activation_summary`. Run as a probe, this is the forward pass of the step itself: the
+    same weights and batch, training mode, and (because the trainer restores the noise
+    generators after every probe) the same noise draw the step's own forward then makes, so
+    the distributions are the ones training saw. Raises ValueError for an unknown module."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in layers if name not in modules]
+    if unknown:
+        raise ValueError(f"activation_distribution: no module named {unknown[0]!r} in the model")
+    captured: dict[str, Tensor] = {}
+    handles = [
+        modules[name].register_forward_hook(
+            lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach())
+        )
+        for name in layers
+    ]
+    try:
+        with torch.no_grad():
+            model(batch[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"layers": [{"layer": name, **activation_summary(captured[name])} for name in layers]}
+
+
+def _activation_factory(*, layers: list[str] | None = None) -> Measure:
+    if not layers:
+        raise ValueError("activation_distribution needs the option layers (module names)")
+    names = [str(name) for name in layers]
+    return lambda context: activation_distribution(context.model, context.batch, layers=names)
+
+
+_activation_factory.options = ("layers",)  # type: ignore[attr-defined]
+
+
 # --------------------------------------------------------------- adapters for bnlab.landscape
 
 
@@ -117,6 +179,8 @@ def _registry() -> dict[str, Callable[..., Measure]]:
         "hutchinson_trace": _adapter(landscape.hutchinson_trace),
         "spectral_density": _adapter(landscape.spectral_density),
         "curvature_along_gradient": _adapter(landscape.curvature_along_gradient),
+        "activation_curvature": _adapter(landscape.activation_curvature),
+        "activation_distribution": _activation_factory,
         "gradient_bound": _adapter(landscape.gradient_bound),
     }
 
