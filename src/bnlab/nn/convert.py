@@ -74,6 +74,7 @@ def _convert_layer(old: Any, kind: str, options: dict[str, Any]) -> nn.Module:
         "eps": old.eps,
         "momentum": old.momentum,
         "affine": old.affine,
+        "bias": getattr(old, "bias", None) is not None or not old.affine,
         "track_running_stats": old.track_running_stats,
         **factory,
         **options,
@@ -82,7 +83,8 @@ def _convert_layer(old: Any, kind: str, options: dict[str, Any]) -> nn.Module:
     with torch.no_grad():
         if new.affine and old.affine and weight is not None:
             new.weight.copy_(weight)
-            new.bias.copy_(old.bias)
+            if new.bias is not None and old.bias is not None:
+                new.bias.copy_(old.bias)
         if new.track_running_stats and old.track_running_stats:
             new.running_mean.copy_(old.running_mean)
             new.num_batches_tracked.copy_(old.num_batches_tracked)
