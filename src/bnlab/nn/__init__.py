@@ -12,9 +12,11 @@ from bnlab.nn.noisy import (
     frozen_noise,
 )
 from bnlab.nn.renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from bnlab.nn.variants import VARIANTS, NormKind, Statistics, colors, labels, variant
 
 __all__ = [
     "NORM_KINDS",
+    "VARIANTS",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
@@ -35,8 +37,13 @@ __all__ = [
     "NoisyBatchNorm1d",
     "NoisyBatchNorm2d",
     "NoisyBatchNorm3d",
+    "NormKind",
+    "Statistics",
+    "colors",
     "convert_norm",
     "frozen_noise",
     "is_norm_layer",
+    "labels",
     "norm_layer",
+    "variant",
 ]
