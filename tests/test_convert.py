@@ -53,6 +53,8 @@ EXPECTED_CLASS = {
     "linf": bnn.LpBatchNorm,
     "ghost": bnn.GhostBatchNorm,
     "renorm": bnn.BatchRenorm,
+    "layer": bnn.LayerNorm,
+    "group": bnn.GroupNorm,
 }
 
 
@@ -129,9 +131,9 @@ def test_a_norm_layer_itself_is_converted():
 
 def test_unknown_kind_lists_the_known_ones():
     with pytest.raises(
-        ValueError, match="unknown norm kind 'layer'; known kinds: none, bn, noisy_bn"
+        ValueError, match="unknown norm kind 'instance'; known kinds: none, bn, noisy_bn"
     ):
-        bnn.convert_norm(mlp(), "layer")
+        bnn.convert_norm(mlp(), "instance")
 
 
 @pytest.mark.parametrize("kind", ["bn", "l1", "noisy_bn"])

@@ -3,6 +3,7 @@
 from bnlab.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.nn.convert import NORM_KINDS, convert_norm, is_norm_layer, norm_layer
 from bnlab.nn.ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from bnlab.nn.groupnorm import GroupNorm, LayerNorm
 from bnlab.nn.lp import LpBatchNorm, LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d
 from bnlab.nn.noisy import (
     NoisyBatchNorm,
@@ -29,6 +30,8 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "GroupNorm",
+    "LayerNorm",
     "LpBatchNorm",
     "LpBatchNorm1d",
     "LpBatchNorm2d",

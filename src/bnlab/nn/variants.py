@@ -20,6 +20,7 @@ from torch import nn
 from bnlab.functional import reference
 from bnlab.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.nn.ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from bnlab.nn.groupnorm import GroupNorm, LayerNorm
 from bnlab.nn.lp import LpBatchNorm, LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d
 from bnlab.nn.noisy import NoisyBatchNorm, NoisyBatchNorm1d, NoisyBatchNorm2d, NoisyBatchNorm3d
 from bnlab.nn.renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -70,6 +71,7 @@ class NormKind:
 
 
 _BATCH = Statistics("batch")
+_SAMPLE = Statistics("sample", running=None)
 
 
 def _lp(name: str, p: float, label: str, color: str) -> NormKind:
@@ -125,6 +127,8 @@ VARIANTS: Mapping[str, NormKind] = MappingProxyType(
                 "#bcbd22",
                 reference=reference.batch_renorm_forward,
             ),
+            NormKind("layer", (LayerNorm,) * 4, _SAMPLE, "Standard + LayerNorm", "#17becf"),
+            NormKind("group", (GroupNorm,) * 4, _SAMPLE, "Standard + GroupNorm", "#ff7f0e"),
         )
     }
 )
