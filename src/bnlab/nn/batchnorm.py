@@ -22,8 +22,8 @@ from bnlab.functional.kernels import native
 def _count_batch(counter: Tensor) -> None:
     """``counter.add_(1)``: through the native glue where it is loaded (a plain CPU counter in
     0.15 us against 1.5-3 us for the torch call, the same effect, version counter included;
-    any other counter through ``add_`` there), else through torch."""
-    glue = native.loaded()
+    any other counter through ``add_`` there), else (and under torch.compile) through torch."""
+    glue = None if torch.compiler.is_compiling() else native.loaded()
     if glue is not None:
         glue.count_batch(counter)
     else:
