@@ -395,3 +395,59 @@ def test_low_precision_matches_float64_reference_within_rounding(dtype):
     assert x.grad.dtype == dtype
     assert np.max(np.abs(x.grad.double().numpy() - dx_ref)) <= 8 * unit * np.max(np.abs(dx_ref))
     assert layer.running_mean.dtype == dtype
+
+
+# --- torch 2.13's bias=False and empty batches, for every variant -----------------------------
+
+VARIANT_KINDS = ("bn", "noisy_bn", "l1", "linf", "ghost", "renorm")
+
+
+@pytest.mark.parametrize("kind", VARIANT_KINDS)
+def test_affine_without_bias_has_a_weight_only(kind):
+    """``bias=False``: no bias parameter or state_dict entry; the output is the biased layer's
+    with a zero bias, and the weight's gradient is the same."""
+    torch.manual_seed(0)
+    plain = bnn.norm_layer(kind, 3, 2, bias=False, momentum=0.3)
+    biased = bnn.norm_layer(kind, 3, 2, momentum=0.3)
+    assert plain.bias is None and "bias" not in plain.state_dict()
+    assert [n for n, _ in plain.named_parameters()] == ["weight"]
+    assert "bias=False" in repr(plain)
+    with torch.no_grad():
+        for layer in (plain, biased):
+            layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    x = torch.randn(6, 3, 4, 4) * 2 + 1
+    seeds = (1, 1) if kind == "noisy_bn" else (None, None)
+    for layer, seed in zip((plain, biased), seeds, strict=True):
+        if seed is not None:
+            layer.generator = torch.Generator().manual_seed(seed)
+    ya, yb = plain(x), biased(x)
+    torch.testing.assert_close(ya, yb)
+    ya.sum().backward()
+    yb.sum().backward()
+    torch.testing.assert_close(plain.weight.grad, biased.weight.grad)
+    plain.eval()
+    biased.eval()
+    torch.testing.assert_close(plain(x), biased(x))
+
+
+@pytest.mark.parametrize("kind", VARIANT_KINDS)
+@pytest.mark.parametrize("track", [True, False])
+def test_empty_training_batch_gives_an_empty_output_like_torch(kind, track):
+    """torch.nn's rule: a batch of zero samples normalizes to an empty output that stays in the
+    graph (zero parameter gradients); the batch is counted, the running statistics stay."""
+    layer = bnn.norm_layer(kind, 5, 2, track_running_stats=track)
+    theirs = torch.nn.BatchNorm2d(5, track_running_stats=track)
+    before = {k: v.clone() for k, v in layer.named_buffers() if k != "num_batches_tracked"}
+    x = torch.randn(0, 5, 2, 2, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 5, 2, 2) and y.grad_fn is not None
+    y.sum().backward()
+    theirs(x).sum().backward()
+    assert torch.equal(layer.weight.grad, theirs.weight.grad)  # zeros, not None
+    assert torch.equal(layer.bias.grad, theirs.bias.grad)
+    for key, value in before.items():
+        assert torch.equal(getattr(layer, key), value), key
+    if track:
+        assert layer.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 1
+    layer.eval()
+    assert layer(torch.randn(0, 5, 2, 2)).shape == (0, 5, 2, 2)

@@ -53,6 +53,8 @@ EXPECTED_CLASS = {
     "linf": bnn.LpBatchNorm,
     "ghost": bnn.GhostBatchNorm,
     "renorm": bnn.BatchRenorm,
+    "layer": bnn.LayerNorm,
+    "group": bnn.GroupNorm,
 }
 
 
@@ -129,6 +131,17 @@ def test_a_norm_layer_itself_is_converted():
 
 def test_unknown_kind_lists_the_known_ones():
     with pytest.raises(
-        ValueError, match="unknown norm kind 'layer'; known kinds: none, bn, noisy_bn"
+        ValueError, match="unknown norm kind 'instance'; known kinds: none, bn, noisy_bn"
     ):
-        bnn.convert_norm(mlp(), "layer")
+        bnn.convert_norm(mlp(), "instance")
+
+
+@pytest.mark.parametrize("kind", ["bn", "l1", "noisy_bn"])
+def test_affine_without_bias_converts_to_a_layer_without_bias(kind):
+    source = nn.BatchNorm2d(3, bias=False)
+    with torch.no_grad():
+        source.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    layer = bnn.convert_norm(source, kind)
+    assert layer.bias is None and torch.equal(layer.weight, source.weight)
+    back = bnn.convert_norm(nn.Sequential(nn.BatchNorm1d(3, affine=False)), kind)[0]
+    assert back.weight is None and back.bias is None

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bnlab.models import MODELS, VGG, build_model, init_parameters
-from bnlab.nn import NORM_KINDS, BatchNorm, NoisyBatchNorm, is_norm_layer
+from bnlab.nn import NORM_KINDS, BatchNorm, NoisyBatchNorm, is_norm_layer, variant
 
 CASES = {
     "vgg_digits": ((1, 8, 8), 10),
@@ -35,7 +35,7 @@ def test_every_model_takes_every_norm_kind(name: str, norm: str) -> None:
     if norm == "none":
         assert norms == []
     else:
-        assert norms and all(isinstance(m, BatchNorm) for m in norms)
+        assert norms and all(isinstance(m, variant(norm).classes) for m in norms)
 
 
 def _count(model: nn.Module) -> int:

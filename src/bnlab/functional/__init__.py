@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from bnlab.functional import kernels, ops
+from bnlab.functional import kernels, operators, ops
 from bnlab.functional.distributed import ProcessGroup, all_reduce_sum, resolve_group
 from bnlab.functional.noise import NoiseDraw, NoiseSpec
 from bnlab.functional.noise import apply as _apply_noise
@@ -67,9 +67,11 @@ def kernels_enabled() -> bool:
 
 def _on_kernels(x: Tensor) -> bool:
     """Whether x goes to the fused kernels: enabled, CPU float32/float64, and no torch.func
-    transform or forward-mode AD active (a numba kernel has no batching or jvp rule)."""
+    transform or forward-mode AD active (a numba kernel has no batching or jvp rule); under
+    torch.compile only through the operators (:mod:`.operators`), never from here."""
     return (
-        _kernels_on
+        not torch.compiler.is_compiling()
+        and _kernels_on
         and kernels.supports(x)
         and not torch._C._are_functorch_transforms_active()
         and forward_ad._current_level < 0
@@ -177,6 +179,8 @@ def _normalize_eval(
 ) -> Tensor:
     """Eval-mode dispatch: y = weight (x - mean) / s + bias with s = sqrt(spread + eps)
     (``is_var``, BatchNorm's running_var) or s = spread (lp's running_scale)."""
+    if operators.wanted(x):
+        return operators.batch_norm_eval(x, mean, spread, weight, bias, eps, is_var)
     low = x.dtype in ops.LOW_PRECISION
     xc = x.float() if low else x
     if _on_kernels(xc):
@@ -262,6 +266,8 @@ def batch_norm(
             "batch_norm", input, running_mean, running_var, weight, bias, eps, True
         )
     group = resolve_group(process_group, sync_stats)
+    if group is None and noise is None and operators.wanted(input):
+        return operators.batch_norm(input, weight, bias, running_mean, running_var, momentum, eps)
     if group is None and _on_kernels(input):
         y = kernels.train_native(
             input, weight, bias, running_mean, running_var, momentum, ops.VARIANCE, eps, 2.0, None,

@@ -3,6 +3,7 @@
 from bnlab.nn.batchnorm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlab.nn.convert import NORM_KINDS, convert_norm, is_norm_layer, norm_layer
 from bnlab.nn.ghost import GhostBatchNorm, GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from bnlab.nn.groupnorm import GroupNorm, LayerNorm
 from bnlab.nn.lp import LpBatchNorm, LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d
 from bnlab.nn.noisy import (
     NoisyBatchNorm,
@@ -12,9 +13,11 @@ from bnlab.nn.noisy import (
     frozen_noise,
 )
 from bnlab.nn.renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from bnlab.nn.variants import VARIANTS, NormKind, Statistics, colors, labels, variant
 
 __all__ = [
     "NORM_KINDS",
+    "VARIANTS",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
@@ -27,6 +30,8 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "GroupNorm",
+    "LayerNorm",
     "LpBatchNorm",
     "LpBatchNorm1d",
     "LpBatchNorm2d",
@@ -35,8 +40,13 @@ __all__ = [
     "NoisyBatchNorm1d",
     "NoisyBatchNorm2d",
     "NoisyBatchNorm3d",
+    "NormKind",
+    "Statistics",
+    "colors",
     "convert_norm",
     "frozen_noise",
     "is_norm_layer",
+    "labels",
     "norm_layer",
+    "variant",
 ]

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import functional as F
+from bnlab.functional import ops
 from bnlab.functional.distributed import ProcessGroup
 from bnlab.functional.kernels import native
 
@@ -21,8 +22,8 @@ from bnlab.functional.kernels import native
 def _count_batch(counter: Tensor) -> None:
     """``counter.add_(1)``: through the native glue where it is loaded (a plain CPU counter in
     0.15 us against 1.5-3 us for the torch call, the same effect, version counter included;
-    any other counter through ``add_`` there), else through torch."""
-    glue = native.loaded()
+    any other counter through ``add_`` there), else (and under torch.compile) through torch."""
+    glue = None if torch.compiler.is_compiling() else native.loaded()
     if glue is not None:
         glue.count_batch(counter)
     else:
@@ -34,6 +35,7 @@ class BatchNorm(nn.Module):
 
     Args mirror ``torch.nn.BatchNorm2d``: ``num_features`` (C), ``eps``, ``momentum`` (``None``
     for a cumulative moving average), ``affine``, ``track_running_stats``, ``device``, ``dtype``.
+    ``bias=False`` (keyword, with ``affine``): a learnable weight without a bias, as torch 2.13.
     ``process_group`` and ``sync_stats``: when torch.distributed is initialized, training
     statistics are computed over all ranks of ``process_group`` (default: the world), like
     ``torch.nn.SyncBatchNorm``; ``sync_stats=False`` keeps them per process.
@@ -57,6 +59,7 @@ class BatchNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
+        bias: bool = True,
         process_group: ProcessGroup | None = None,
         sync_stats: bool = True,
     ) -> None:
@@ -77,7 +80,10 @@ class BatchNorm(nn.Module):
         self.sync_stats = sync_stats
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -113,12 +119,14 @@ class BatchNorm(nn.Module):
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
         )
 
     def _check_input(self, input: Tensor) -> None:
@@ -165,6 +173,10 @@ class BatchNorm(nn.Module):
                 )  # fmt: skip
         momentum = self._momentum_factor()
         use_batch_stats = self.training or self.running_mean is None
+        if use_batch_stats and input.numel() == 0:
+            # torch.nn's rule: an empty batch has no statistics to normalize with or to track;
+            # the output is empty, still in the graph (parameter gradients are zeros).
+            return ops.affine(input.clone(), self.weight, self.bias)
         track = not self.training or self.track_running_stats
         running_mean = self.running_mean if track else None
         running_scale = self.running_scale_buffer if track else None

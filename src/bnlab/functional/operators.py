@@ -1,0 +1,370 @@
+"""bnlab's normalizations as PyTorch operators (``torch.library``, namespace ``bnlab``).
+
+Three operators, each with a schema, a CPU implementation over the fused kernels
+(:mod:`bnlab.functional.kernels`; the torch-op formulas for what the kernels do not take:
+fp16/bf16, empty inputs), a torch-op implementation for every other device, a fake
+implementation (shapes and dtypes only, for ``torch.compile`` and export) and a registered
+autograd formula:
+
+- ``bnlab::batch_norm_train(x, weight, bias, eps) -> (y, stats)``: training-mode BatchNorm;
+  ``stats`` (5, 1, C) float64 holds the rows mean, biased variance, s = sqrt(var + eps) and
+  (for Batch Renormalization's layout) r = 1, d = 0, as the kernels write them. The running
+  buffers are moved outside the operator (:func:`batch_norm`), so the operator is functional
+  and its autograd formula can be registered.
+- ``bnlab::batch_norm_backward(dy, x, weight, stats, need_dx) -> (dx, dweight, dbias)``: the
+  fused backward; its own registered autograd is the double backward (Hessian-vector
+  products), through the differentiated torch-op formula of the backward.
+- ``bnlab::batch_norm_eval(x, mean, spread, weight, bias, eps, is_var) -> y``: normalization
+  with running statistics.
+
+The operators are what ``torch.compile(fullgraph=True)`` and ``torch.func.grad`` see: Dynamo
+records one node per layer and never traces into the kernels. Eager calls on the CPU keep the
+native glue's shorter path (:func:`wanted` says when the operators run instead), because a
+Python-defined operator costs some tens of microseconds per call, more than a small layer's
+whole step (see the README's benchmark section).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+from torch import Tensor
+
+from bnlab.functional import kernels, ops
+
+__all__ = ["batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_train", "wanted"]
+
+MEAN, SPREAD, SCALE, R, D = range(5)
+"""The rows of ``stats``, as the kernels write them."""
+
+
+def wanted(x: Tensor) -> bool:
+    """Whether a normalization of x goes through the operators: under ``torch.compile``
+    (Dynamo records the operator and never traces the kernels' Python) and on any device but
+    the CPU (the operators' torch-op implementation). Under a ``torch.func`` transform or
+    forward-mode AD the torch-op formulas of :mod:`bnlab.functional.ops` run instead: an
+    operator's registered autograd serves reverse mode outside torch.func only."""
+    if torch.compiler.is_compiling():
+        return True
+    if forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        return False
+    return not x.is_cpu
+
+
+def _compute(x: Tensor) -> Tensor:
+    """x in its compute precision (fp16/bf16 in float32)."""
+    return x.float() if x.dtype in ops.LOW_PRECISION else x
+
+
+def _on_loops(x: Tensor) -> bool:
+    from bnlab.functional import kernels_enabled
+
+    return kernels_enabled() and kernels.supports(x)
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("bnlab::batch_norm_train", mutates_args=())
+def batch_norm_train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """Training-mode BatchNorm of x (N, C, *) over the mini-batch: (y, stats (5, 1, C)
+    float64). This body is the torch-op implementation (every device but the CPU)."""
+    return _train_formulas(x, weight, bias, eps)
+
+
+def _train_formulas(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    xc = _compute(x)
+    y, stats = ops.train(xc, weight, bias, ops.NormSpec(eps))
+    return y.to(x.dtype), _stats_rows(stats.mean.double(), stats.spread.double(), eps)
+
+
+def _stats_rows(mean: Tensor, spread: Tensor, eps: float) -> Tensor:
+    """(5, G, C) float64 rows as the kernels write them, from (G, C) mean and variance."""
+    return torch.stack(
+        [mean, spread, torch.sqrt(spread + eps), torch.ones_like(mean), torch.zeros_like(mean)]
+    )
+
+
+@batch_norm_train.register_kernel("cpu")
+def _batch_norm_train_cpu(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    if not _on_loops(x):
+        return _train_formulas(x, weight, bias, eps)
+    with torch.no_grad():  # the glue would otherwise wire its own autograd node
+        y, stats, _ = kernels.train_normalize(x, weight, bias, ops.NormSpec(eps))
+    base = stats.mean._base  # the glue returns views of the loop's (5, G, C) rows
+    if base is not None and base.shape == (5, *stats.mean.shape):
+        return y, base
+    return y, _stats_rows(stats.mean, stats.spread, eps)
+
+
+@batch_norm_train.register_fake
+def _batch_norm_train_fake(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), x.new_empty((5, 1, x.shape[1]), dtype=torch.float64)
+
+
+def _train_setup(ctx: Any, inputs: tuple[object, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, weight, _, eps = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.eps = eps
+
+
+def _train_backward(
+    ctx: Any, dy: Tensor | None, _dstats: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    x, weight, stats = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if dy is None:
+        return None, None, None, None
+    dx, dweight, dbias = batch_norm_backward(dy, x, weight, stats, ctx.eps, bool(needs[0]))
+    return (
+        dx if needs[0] else None,
+        dweight.to(weight.dtype) if needs[1] else None,
+        dbias if needs[2] else None,
+        None,
+    )
+
+
+batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup)
+
+
+# --- backward and double backward ------------------------------------------------------------
+
+
+def _backward_formula(
+    dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm's backward as tensor formulas (Ioffe & Szegedy 2015, reference.py's
+    batch_norm_backward): dbias = sum dy, dweight = sum dy x_hat,
+    dx = (w / s) (dy - dbias / m - x_hat dweight / m)."""
+    dims = ops.reduce_dims(x)
+    m = x.numel() // x.shape[1]
+    x_hat = (x - ops.channel_view(mean, x)) / ops.channel_view(scale, x)
+    dbias = dy.sum(dims)
+    dweight = (dy * x_hat).sum(dims)
+    gain = 1.0 / scale if weight is None else weight.to(scale.dtype) / scale
+    inner = dy - ops.channel_view(dbias / m, x) - x_hat * ops.channel_view(dweight / m, x)
+    return ops.channel_view(gain, x) * inner, dweight, dbias
+
+
+@torch.library.custom_op("bnlab::batch_norm_backward", mutates_args=())
+def batch_norm_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, eps: float, need_dx: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of :func:`batch_norm_train`: (dx, dweight, dbias), dx in x's dtype (zeros
+    when not ``need_dx``), dweight and dbias in x's compute dtype. This body is the torch-op
+    implementation (every device but the CPU)."""
+    return _backward_formulas(dy, x, weight, stats, need_dx)
+
+
+def _backward_formulas(
+    dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, need_dx: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    xc, dyc = _compute(x), _compute(dy)
+    mean, scale = stats[MEAN, 0].to(xc.dtype), stats[SCALE, 0].to(xc.dtype)
+    dx, dweight, dbias = _backward_formula(dyc, xc, weight, mean, scale)
+    return (dx.to(x.dtype) if need_dx else torch.zeros_like(x)), dweight, dbias
+
+
+@batch_norm_backward.register_kernel("cpu")
+def _batch_norm_backward_cpu(
+    dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, eps: float, need_dx: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    if not _on_loops(x):
+        return _backward_formulas(dy, x, weight, stats, need_dx)
+    x, plan = kernels._planned(x, None)
+    # The loops' backward behind the Python Function (FusedTrainNorm), given what its forward
+    # would have kept; the weight's stand-in gives dweight and dbias in x's dtype.
+    w = weight if weight is not None else torch.ones(x.shape[1], dtype=x.dtype)
+    spec = ops.NormSpec(eps)
+    ctx = SimpleNamespace(
+        saved_tensors=(x, w, w),
+        needs_input_grad=(need_dx, True, True),
+        state=(spec, plan, stats.numpy(), kernels._noise_args(None)),
+    )
+    with torch.no_grad():
+        dx, dweight, dbias, *_ = kernels.FusedTrainNorm.backward(ctx, dy)
+    assert dweight is not None and dbias is not None  # the stand-in weight asks for both
+    return (torch.zeros_like(x) if dx is None else dx), dweight, dbias
+
+
+@batch_norm_backward.register_fake
+def _batch_norm_backward_fake(
+    dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, eps: float, need_dx: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    c = x.shape[1]
+    dtype = _compute(x).dtype
+    return torch.empty_like(x), x.new_empty(c, dtype=dtype), x.new_empty(c, dtype=dtype)
+
+
+def _backward_setup(ctx: Any, inputs: tuple[object, ...], output: object) -> None:
+    dy, x, weight, _, eps, _ = inputs
+    ctx.save_for_backward(dy, x, weight)
+    ctx.eps = eps
+
+
+def _double_backward(
+    ctx: Any, ddx: Tensor | None, ddweight: Tensor | None, ddbias: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+    """Gradients of (dx, dweight, dbias) with respect to (dy, x, weight): the torch-op formula
+    of the backward, with the statistics recomputed differentiably from x, differentiated on
+    detached copies (dy depends on x through the first backward's graph, which must not be
+    walked again). Second derivatives are exact; a third is not taken through here."""
+    saved = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    with torch.enable_grad():
+        dy, x, weight = (None if t is None else t.detach().requires_grad_() for t in saved)
+        assert dy is not None and x is not None
+        xc = _compute(x)
+        stats = ops.batch_stats(xc, ctx.eps)
+        outs = _backward_formula(_compute(dy), xc, weight, stats.mean, stats.scale)
+        pairs = [
+            (o, g) for o, g in zip(outs, (ddx, ddweight, ddbias), strict=True) if g is not None
+        ]
+        inputs = [
+            t for t, need in zip((dy, x, weight), needs, strict=True) if need and t is not None
+        ]
+        grads = iter(
+            torch.autograd.grad(
+                [o for o, _ in pairs], inputs, [g.to(o.dtype) for o, g in pairs], allow_unused=True
+            )
+        )
+    result = [
+        next(grads) if need and t is not None else None
+        for t, need in zip((dy, x, weight), needs, strict=True)
+    ]
+    return result[0], result[1], result[2], None, None, None
+
+
+batch_norm_backward.register_autograd(_double_backward, setup_context=_backward_setup)
+
+
+# --- eval ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("bnlab::batch_norm_eval", mutates_args=())
+def batch_norm_eval(
+    x: Tensor,
+    mean: Tensor,
+    spread: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    is_var: bool,
+) -> Tensor:
+    """y = weight (x - mean) / s + bias, s = sqrt(spread + eps) (``is_var``) or spread. This body
+    is the torch-op implementation (every device but the CPU)."""
+    return _eval_formulas(x, mean, spread, weight, bias, eps, is_var)
+
+
+def _eval_formulas(
+    x: Tensor,
+    mean: Tensor,
+    spread: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    is_var: bool,
+) -> Tensor:
+    xc = _compute(x)
+    return ops.normalize(
+        xc, mean.to(xc.dtype), _eval_scale(spread, eps, is_var, xc), weight, bias
+    ).to(x.dtype)
+
+
+def _eval_scale(spread: Tensor, eps: float, is_var: bool, like: Tensor) -> Tensor:
+    spread = spread.to(like.dtype)
+    return torch.sqrt(spread + eps) if is_var else spread
+
+
+@batch_norm_eval.register_kernel("cpu")
+def _batch_norm_eval_cpu(
+    x: Tensor,
+    mean: Tensor,
+    spread: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    is_var: bool,
+) -> Tensor:
+    if not _on_loops(x):
+        return _eval_formulas(x, mean, spread, weight, bias, eps, is_var)
+    with torch.no_grad():
+        return kernels.eval_normalize(x, mean, spread, weight, bias, eps, is_var)
+
+
+@batch_norm_eval.register_fake
+def _batch_norm_eval_fake(
+    x: Tensor,
+    mean: Tensor,
+    spread: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    is_var: bool,
+) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _eval_setup(ctx: Any, inputs: tuple[object, ...], output: object) -> None:
+    x, mean, spread, weight, _, eps, is_var = inputs
+    ctx.save_for_backward(x, mean, spread, weight)
+    ctx.eps, ctx.is_var = eps, is_var
+
+
+def _eval_backward(
+    ctx: Any, dy: Tensor
+) -> tuple[Tensor | None, None, None, Tensor | None, Tensor | None, None, None]:
+    """A per-channel affine map: torch ops, so differentiable again."""
+    x, mean, spread, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    xc = _compute(x)
+    inv = ops.channel_view(1.0 / _eval_scale(spread, ctx.eps, ctx.is_var, xc), xc)
+    dims = ops.reduce_dims(x)
+    dx = dweight = dbias = None
+    if needs[0]:
+        gain = inv if weight is None else inv * ops.channel_view(weight.to(xc.dtype), xc)
+        dx = (_compute(dy) * gain).to(x.dtype)
+    if needs[3]:
+        x_hat = (xc - ops.channel_view(mean.to(xc.dtype), xc)) * inv
+        dweight = (_compute(dy) * x_hat).sum(dims).to(weight.dtype)
+    if needs[4]:
+        dbias = dy.sum(dims)
+    return dx, None, None, dweight, dbias, None, None
+
+
+batch_norm_eval.register_autograd(_eval_backward, setup_context=_eval_setup)
+
+
+# --- what bnlab.functional calls -------------------------------------------------------------
+
+
+def batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """Training-mode BatchNorm through ``bnlab::batch_norm_train``; the running buffers (if
+    given) move by ``momentum`` towards the batch mean and unbiased variance, in place."""
+    ops.check_batch_size(x.numel() // x.shape[1], x)
+    y, stats = batch_norm_train(x, weight, bias, eps)
+    if running_mean is not None or running_var is not None:
+        count = x.numel() // x.shape[1]
+        batch = ops.GroupStats(stats[MEAN], stats[SPREAD], (count,))
+        update = ops.RunningUpdate(running_mean, running_var, momentum, ops.VARIANCE)
+        ops.update_from_stats(update, batch, ops.NormSpec(eps))
+    return y

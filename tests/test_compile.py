@@ -1,0 +1,80 @@
+"""torch.compile(fullgraph=True) of models with bnlab norm layers: no graph break, and the
+compiled training step and eval give the eager numbers (outputs, gradients, running buffers)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bnlab.nn as bnn
+from helpers import rel_err
+
+COMPILED_KINDS = ("bn", "l1", "linf", "ghost", "layer", "group")
+
+
+def _model(kinds: tuple[str, ...]) -> nn.Module:
+    """Conv, then each kind's layer in turn (with a ReLU), then a Linear and a BatchNorm1d."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 8, 3, padding=1)]
+    for kind in kinds:
+        options = {"virtual_batch_size": 4} if kind == "ghost" else {}
+        layers += [bnn.norm_layer(kind, 8, 2, **options), nn.ReLU()]
+    layers += [nn.Flatten(), nn.Linear(8 * 4 * 4, 6), bnn.BatchNorm1d(6)]
+    return nn.Sequential(*layers)
+
+
+def _compare_training_and_eval(kinds: tuple[str, ...], backend: str = "inductor") -> None:
+    torch.manual_seed(0)
+    eager = _model(kinds)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
+    for step in range(2):  # twice: the running buffers (and num_batches_tracked) move twice
+        x = torch.randn(16, 3, 4, 4) * (step + 1) + 0.5
+        ya, yb = eager(x), compiled(x)
+        assert rel_err(yb, ya) <= 1e-5
+        ya.square().mean().backward()
+        yb.square().mean().backward()
+        for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
+            assert rel_err(q.grad, p.grad) <= 1e-5, name
+            p.grad = q.grad = None
+    for (name, a), b in zip(eager.named_buffers(), compiled_model.buffers(), strict=True):
+        assert rel_err(b, a) <= 1e-5, name
+    eager.eval()
+    compiled_model.eval()
+    x = torch.randn(16, 3, 4, 4)
+    assert rel_err(compiled(x), eager(x)) <= 1e-5
+
+
+def test_compiled_model_with_every_kind_matches_eager_without_graph_breaks():
+    """Dynamo and AOTAutograd (the operators' fake and autograd registrations, buffer
+    mutation) over every kind; inductor's code generation is the next test's, for BatchNorm."""
+    torch._dynamo.reset()
+    _compare_training_and_eval(COMPILED_KINDS, backend="aot_eager")
+
+
+@pytest.mark.slow
+def test_inductor_compiled_batch_norm_matches_eager():
+    torch._dynamo.reset()
+    _compare_training_and_eval(("bn",))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="renorm: the compiled weight gradients differ from eager by ~4% (also with the "
+    "aot_eager backend); r and d read the running buffers the same step updates in place",
+)
+def test_compiled_batch_renorm_matches_eager():
+    torch._dynamo.reset()
+    _compare_training_and_eval(("renorm",), backend="aot_eager")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=torch._dynamo.exc.Unsupported,
+    reason="noisy BatchNorm draws its key through the native glue or .item(): a graph break",
+)
+def test_compiled_noisy_batch_norm_has_no_graph_break():
+    torch._dynamo.reset()
+    _compare_training_and_eval(("noisy_bn",), backend="eager")

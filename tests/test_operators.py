@@ -1,0 +1,139 @@
+"""The bnlab:: operators (bnlab.functional.operators): registration (opcheck), gradients in
+float64 (gradcheck, gradgradcheck), the CPU kernels against the torch-op implementation, and
+torch.nn's numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bnlab.functional as F
+from bnlab.functional import operators
+from helpers import TOL, rel_err
+
+OPS = torch.ops.bnlab
+
+
+def _inputs(shape, dtype=torch.float64, channels_last=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=dtype) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    weight = torch.rand(c, generator=gen, dtype=dtype) + 0.5
+    bias = torch.randn(c, generator=gen, dtype=dtype)
+    return x, weight, bias
+
+
+CASES = [
+    pytest.param((6, 3, 4, 4), torch.float64, False, id="nchw-f64"),
+    pytest.param((6, 3, 4, 4), torch.float32, True, id="channels_last-f32"),
+    pytest.param((5, 4), torch.float32, False, id="2d-f32"),
+    pytest.param((4, 2, 9, 9), torch.float64, False, id="planar-f64"),  # 81 >= 64: planar loops
+]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "channels_last"), CASES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_opcheck_batch_norm_train(shape, dtype, channels_last, affine):
+    x, weight, bias = _inputs(shape, dtype, channels_last)
+    args = (x, weight, bias, 1e-5) if affine else (x, None, None, 1e-3)
+    torch.library.opcheck(OPS.batch_norm_train.default, args)
+
+
+@pytest.mark.parametrize(("shape", "dtype", "channels_last"), CASES)
+def test_opcheck_batch_norm_backward(shape, dtype, channels_last):
+    x, weight, _ = _inputs(shape, dtype, channels_last)
+    _, stats = OPS.batch_norm_train(x, weight, None, 1e-5)
+    dy = torch.randn_like(x)
+    torch.library.opcheck(OPS.batch_norm_backward.default, (dy, x, weight, stats, 1e-5, True))
+    torch.library.opcheck(OPS.batch_norm_backward.default, (dy, x, None, stats, 1e-5, False))
+
+
+@pytest.mark.parametrize(("shape", "dtype", "channels_last"), CASES)
+@pytest.mark.parametrize("is_var", [True, False])
+def test_opcheck_batch_norm_eval(shape, dtype, channels_last, is_var):
+    x, weight, bias = _inputs(shape, dtype, channels_last)
+    mean, spread = torch.randn_like(weight), torch.rand_like(weight) + 0.5
+    torch.library.opcheck(
+        OPS.batch_norm_eval.default, (x, mean, spread, weight, bias, 1e-5, is_var)
+    )
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_gradients_and_second_derivatives_are_exact(kernels):
+    """Through the CPU kernels and through the torch-op implementation, float64."""
+    x, weight, bias = (t.requires_grad_() for t in _inputs((5, 3, 3, 2)))
+    with F.use_kernels(kernels):
+        train = lambda x, w, b: operators.batch_norm_train(x, w, b, 1e-5)[0]  # noqa: E731
+        assert torch.autograd.gradcheck(train, (x, weight, bias))
+        assert torch.autograd.gradgradcheck(train, (x, weight, bias))
+        mean, spread = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+        evaluate = lambda x, w, b: operators.batch_norm_eval(x, mean, spread, w, b, 1e-5, True)  # noqa: E731
+        assert torch.autograd.gradcheck(evaluate, (x, weight, bias))
+        assert torch.autograd.gradgradcheck(evaluate, (x, weight, bias))
+
+
+@pytest.mark.parametrize(("shape", "dtype", "channels_last"), CASES)
+def test_cpu_kernels_match_the_torch_op_implementation_and_torch_nn(shape, dtype, channels_last):
+    x, weight, bias = _inputs(shape, dtype, channels_last)
+    dy = torch.randn_like(x)
+    outs = {}
+    for kernels in (True, False):
+        with F.use_kernels(kernels):
+            y, stats = OPS.batch_norm_train(x, weight, bias, 1e-5)
+            grads = OPS.batch_norm_backward(dy, x, weight, stats, 1e-5, True)
+            outs[kernels] = (y, stats, *grads)
+    tol = TOL[dtype]
+    for a, b in zip(outs[True], outs[False], strict=True):
+        assert rel_err(a, b) <= tol
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, weight, bias))
+    want = torch.nn.functional.batch_norm(xr, None, None, wr, br, True, eps=1e-5)
+    want.backward(dy)
+    y, _, dx, dweight, dbias = outs[True]
+    assert y.stride() == x.stride() and dx.stride() == x.stride()
+    for got, expected in ((y, want), (dx, xr.grad), (dweight, wr.grad), (dbias, br.grad)):
+        assert rel_err(got, expected) <= tol
+
+
+def test_low_precision_runs_in_float32_on_the_cpu():
+    x, weight, bias = _inputs((8, 3, 4, 4), torch.float32)
+    y, stats = OPS.batch_norm_train(x.bfloat16(), weight, bias, 1e-5)
+    want = torch.nn.functional.batch_norm(x.bfloat16().float(), None, None, weight, bias, True)
+    assert y.dtype == torch.bfloat16 and stats.dtype == torch.float64
+    assert rel_err(y, want) <= 2 * torch.finfo(torch.bfloat16).eps * want.abs().max()
+
+
+def test_hessian_vector_product_through_the_operator_matches_torch_nn():
+    x, weight, bias = _inputs((6, 3, 4, 4))
+    v = torch.randn_like(x)
+    results = []
+    for train in (
+        lambda x, w, b: operators.batch_norm_train(x, w, b, 1e-5)[0],
+        lambda x, w, b: torch.nn.functional.batch_norm(x, None, None, w, b, True, eps=1e-5),
+    ):
+        xr, wr, br = (t.clone().requires_grad_() for t in (x, weight, bias))
+        loss = (train(xr, wr, br) ** 3).sum()
+        grads = torch.autograd.grad(loss, (xr, wr, br), create_graph=True)
+        results.append(torch.autograd.grad(grads[0], (xr, wr, br), v))
+    for ours, theirs in zip(*results, strict=True):
+        assert rel_err(ours, theirs) <= 1e-10
+
+
+def test_running_buffers_move_like_torch_nn():
+    x, weight, bias = _inputs((6, 3, 4, 4))
+    ours = (torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5)
+    theirs = tuple(t.clone() for t in ours)
+    y = operators.batch_norm(x, weight, bias, *ours, 0.3, 1e-5)
+    want = torch.nn.functional.batch_norm(x, *theirs, weight, bias, True, 0.3, 1e-5)
+    assert rel_err(y, want) <= 1e-12
+    for a, b in zip(ours, theirs, strict=True):
+        assert rel_err(a, b) <= 1e-12
+
+
+def test_eager_cpu_calls_keep_the_native_path_and_other_cases_take_the_operators():
+    x = torch.randn(4, 3, 2, 2)
+    assert not operators.wanted(x)
+    assert operators.wanted(torch.randn(4, 3, 2, 2, device="meta"))
+    with torch.autograd.forward_ad.dual_level():
+        assert not operators.wanted(x)  # no jvp rule: the torch-op formulas
