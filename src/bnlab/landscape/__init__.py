@@ -14,17 +14,30 @@ with ``to_dict()`` / ``to_json()``.
 - :func:`hvp`, :func:`top_eigenvalues` (Lanczos), :func:`hutchinson_trace`,
   :func:`spectral_density` (SLQ), :func:`curvature_along_gradient` (Theorem 4.2); whole model or
   per parameter group (``groups="layer"``, ``"block"``, a mapping or a function).
+- :func:`sharpness`: the top eigenvalue tracked cheaply (warm-started), edge of stability.
+- ``operator="ggn" | "fisher" | "empirical_fisher"``: Gauss-Newton and Fisher next to the Hessian.
+- :func:`across_ranks`: a rank's share of the data; probes all-reduce over torch.distributed.
 - :func:`gradient_bound`: Theorem 4.1 per BatchNorm layer.
 - :func:`loss_surface`: 1-D/2-D surfaces along filter-normalized or given directions.
 """
 
 from bnlab.landscape.bound import gradient_bound
-from bnlab.landscape.evaluation import Batch, BatchOrLoader, Grouping, LossFn, Mode
+from bnlab.landscape.evaluation import (
+    Batch,
+    BatchOrLoader,
+    Curvature,
+    Grouping,
+    LossFn,
+    Mode,
+    RankShare,
+    across_ranks,
+)
 from bnlab.landscape.gradient_path import DEFAULT_ETAS, gradient_path
 from bnlab.landscape.hessian import (
     curvature_along_gradient,
     hutchinson_trace,
     hvp,
+    sharpness,
     spectral_density,
     top_eigenvalues,
 )
@@ -38,6 +51,7 @@ from bnlab.landscape.results import (
     GradientPath,
     LayerShift,
     LossSurface,
+    Sharpness,
     SpectralDensity,
     TraceEstimate,
     to_json,
@@ -50,6 +64,7 @@ __all__ = [
     "BatchNormGradientBound",
     "BatchOrLoader",
     "CovariateShift",
+    "Curvature",
     "CurvatureAlongGradient",
     "Eigenpairs",
     "GradientBound",
@@ -59,8 +74,11 @@ __all__ = [
     "LossFn",
     "LossSurface",
     "Mode",
+    "RankShare",
+    "Sharpness",
     "SpectralDensity",
     "TraceEstimate",
+    "across_ranks",
     "curvature_along_gradient",
     "filter_normalized_direction",
     "gradient_bound",
@@ -69,6 +87,7 @@ __all__ = [
     "hvp",
     "internal_covariate_shift",
     "loss_surface",
+    "sharpness",
     "spectral_density",
     "to_json",
     "top_eigenvalues",

@@ -23,6 +23,7 @@ __all__ = [
     "GradientPath",
     "LayerShift",
     "LossSurface",
+    "Sharpness",
     "SpectralDensity",
     "TraceEstimate",
     "to_json",
@@ -126,9 +127,40 @@ class Eigenpairs(Result):
     dimension: int
     mode: str
     num_batches: int
+    operator: str = "hessian"
     eigenvectors: list[dict[str, Tensor]] = field(
         default_factory=list, repr=False, metadata={"json": False}
     )
+
+
+@dataclass
+class Sharpness(Result):
+    """The top eigenvalue of the training loss's Hessian (Cohen et al. 2021): gradient descent
+    with step size lr is stable on the local quadratic iff ``sharpness < 2 / lr``.
+
+    ``residual`` bounds ||H u - lambda u|| (and so the eigenvalue's error); ``warm_started``
+    says Lanczos started from a previous eigenvector; ``eigenvector`` (not in JSON) is what to
+    pass as ``previous`` next time.
+    """
+
+    sharpness: float
+    residual: float
+    iterations: int
+    hvp_count: int
+    converged: bool
+    warm_started: bool
+    tol: float
+    dimension: int
+    mode: str
+    num_batches: int
+    operator: str = "hessian"
+    eigenvector: dict[str, Tensor] = field(
+        default_factory=dict, repr=False, metadata={"json": False}
+    )
+
+    def stable(self, lr: float) -> bool:
+        """Whether gradient descent with step size ``lr`` is stable on the local quadratic."""
+        return self.sharpness < 2.0 / lr
 
 
 @dataclass
@@ -149,6 +181,7 @@ class TraceEstimate(Result):
     num_batches: int
     group_traces: dict[str, float] = field(default_factory=dict)
     group_standard_errors: dict[str, float] = field(default_factory=dict)
+    operator: str = "hessian"
 
 
 @dataclass
@@ -168,6 +201,7 @@ class SpectralDensity(Result):
     dimension: int
     mode: str
     num_batches: int
+    operator: str = "hessian"
 
     def moment(self, k: int) -> float:
         """Estimate of tr(H^k) / n."""
