@@ -90,6 +90,9 @@ PROBES = {
     "empirical_fisher_density": lambda m, b: L.spectral_density(
         m, CE, b, iterations=4, operator="empirical_fisher"
     ),
+    "effective_lr": lambda m, b: L.effective_learning_rates(
+        m, CE, b, lr=0.1, previous={n: p.detach() + 1 for n, p in m.named_parameters()}
+    ),
     "bound": lambda m, b: L.gradient_bound(m, CE, b),
     "surface": lambda m, b: L.loss_surface(m, CE, b, [-0.5, 0.5], [0.0, 1.0]),
 }

@@ -17,6 +17,8 @@ with ``to_dict()`` / ``to_json()``.
 - :func:`sharpness`: the top eigenvalue tracked cheaply (warm-started), edge of stability.
 - ``operator="ggn" | "fisher" | "empirical_fisher"``: Gauss-Newton and Fisher next to the Hessian.
 - :func:`across_ranks`: a rank's share of the data; probes all-reduce over torch.distributed.
+- :func:`effective_learning_rates`: ||w||, lr/||w||^2, angular updates and <g, w> of the layers
+  followed by a normalization (scale invariance).
 - :func:`gradient_bound`: Theorem 4.1 per BatchNorm layer.
 - :func:`loss_surface`: 1-D/2-D surfaces along filter-normalized or given directions.
 """
@@ -46,9 +48,11 @@ from bnlab.landscape.results import (
     BatchNormGradientBound,
     CovariateShift,
     CurvatureAlongGradient,
+    EffectiveLearningRates,
     Eigenpairs,
     GradientBound,
     GradientPath,
+    LayerScale,
     LayerShift,
     LossSurface,
     Sharpness,
@@ -56,6 +60,7 @@ from bnlab.landscape.results import (
     TraceEstimate,
     to_json,
 )
+from bnlab.landscape.scale_invariance import effective_learning_rates
 from bnlab.landscape.surface import filter_normalized_direction, loss_surface
 
 __all__ = [
@@ -66,10 +71,12 @@ __all__ = [
     "CovariateShift",
     "Curvature",
     "CurvatureAlongGradient",
+    "EffectiveLearningRates",
     "Eigenpairs",
     "GradientBound",
     "GradientPath",
     "Grouping",
+    "LayerScale",
     "LayerShift",
     "LossFn",
     "LossSurface",
@@ -80,6 +87,7 @@ __all__ = [
     "TraceEstimate",
     "across_ranks",
     "curvature_along_gradient",
+    "effective_learning_rates",
     "filter_normalized_direction",
     "gradient_bound",
     "gradient_path",

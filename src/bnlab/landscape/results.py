@@ -18,9 +18,11 @@ __all__ = [
     "BatchNormGradientBound",
     "CovariateShift",
     "CurvatureAlongGradient",
+    "EffectiveLearningRates",
     "Eigenpairs",
     "GradientBound",
     "GradientPath",
+    "LayerScale",
     "LayerShift",
     "LossSurface",
     "Sharpness",
@@ -299,3 +301,43 @@ class LossSurface(Result):
     directions: list[dict[str, Tensor]] = field(
         default_factory=list, repr=False, metadata={"json": False}
     )
+
+
+@dataclass
+class LayerScale(Result):
+    """One layer's weights w (weight and bias together) seen as scale-invariant parameters.
+
+    ``effective_lr`` = lr / ||w||^2; ``grad_dot_weight`` = <g, w> and ``cosine`` its normalized
+    value (0 iff the loss is invariant to the scale of w; ``scale_invariant``: |cos| <= tol);
+    ``predicted_angular_update`` = atan(lr ||g|| / ||w||), the angle (radians) an SGD step turns
+    w by when g is orthogonal to w; ``angular_update`` the angle between the previous step's w
+    and this one (None without ``previous``). ``normalized_by``: the normalization layer that
+    takes this layer's output (None for a layer named by the caller that feeds none).
+    """
+
+    layer: str
+    parameters: list[str]
+    normalized_by: str | None
+    norm: float
+    effective_lr: float
+    gradient_norm: float
+    grad_dot_weight: float
+    cosine: float
+    scale_invariant: bool
+    predicted_angular_update: float
+    angular_update: float | None
+
+
+@dataclass
+class EffectiveLearningRates(Result):
+    """Effective learning rates of the layers followed by a normalization (van Laarhoven 2017)."""
+
+    layers: list[LayerScale]
+    lr: float
+    loss: float
+    tol: float
+    mode: str
+    num_batches: int
+
+    def by_layer(self) -> dict[str, LayerScale]:
+        return {s.layer: s for s in self.layers}
