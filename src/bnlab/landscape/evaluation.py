@@ -205,6 +205,12 @@ def leave_as_found(model: nn.Module) -> Iterator[None]:
                     b.copy_(saved)
 
 
+def _shares_statistics(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.SyncBatchNorm) or getattr(m, "sync_stats", False) for m in model.modules()
+    )
+
+
 def flat(tensors: Iterable[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -326,10 +332,12 @@ class Objective:
         for i, w in enumerate(self.weights):
             leaves = {n: point[n].detach().requires_grad_(True) for n in names}
             loss = self.loss_on(i, {**point, **leaves})
-            parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            # The weight goes into the graph, not onto the result: layers that share batch
+            # statistics across ranks mix the ranks' upstream gradients in their backward.
+            parts = torch.autograd.grad(w * loss, list(leaves.values()), allow_unused=True)
             for n, g in zip(names, parts, strict=True):
                 if g is not None:
-                    grads[n].add_(g, alpha=w)
+                    grads[n].add_(g)
             total += w * float(loss.detach())
         if self.distributed:
             total = float(self._reduce(torch.tensor(total, dtype=torch.float64)))
@@ -339,7 +347,7 @@ class Objective:
         self, index: int, names: tuple[str, ...]
     ) -> tuple[list[Tensor], list[Tensor]]:
         leaves = [self.params[n].detach().requires_grad_(True) for n in names]
-        loss = self.loss_on(index, dict(zip(names, leaves, strict=True)))
+        loss = self.weights[index] * self.loss_on(index, dict(zip(names, leaves, strict=True)))
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         grads = tuple(
             torch.zeros_like(leaf) if g is None else g
@@ -356,7 +364,7 @@ class Objective:
         names = tuple(names or self.names)
         out = {n: torch.zeros_like(self.params[n]) for n in names}
         vs = [vector[n].to(self.params[n].dtype) for n in names]
-        for i, w in enumerate(self.weights):
+        for i in range(self.num_batches):
             if self.num_batches == 1:
                 if names not in self._hvp_cache:
                     self._hvp_cache.clear()  # one group's graph alive at a time
@@ -375,7 +383,7 @@ class Objective:
             )
             for n, h in zip(names, parts, strict=True):
                 if h is not None:
-                    out[n].add_(h, alpha=w)
+                    out[n].add_(h)
         self.hvps += 1
         return self._reduce_params(out)
 
@@ -387,14 +395,14 @@ class Objective:
         out = {n: torch.zeros_like(self.params[n]) for n in names}
         primal = {n: self.params[n] for n in names}
         tangent = {n: vector[n].to(self.params[n].dtype) for n in names}
-        for i, w in enumerate(self.weights):
+        for i in range(self.num_batches):
 
             def loss_of(p: Params, index: int = i) -> Tensor:
-                return self.loss_on(index, p)
+                return self.weights[index] * self.loss_on(index, p)
 
             hv = torch.func.jvp(torch.func.grad(loss_of), (primal,), (tangent,))[1]
             for n in names:
-                out[n].add_(hv[n], alpha=w)
+                out[n].add_(hv[n])
         self.hvps += 1
         return self._reduce_params(out)
 
@@ -481,11 +489,11 @@ class Objective:
                 along = (rows * jv.reshape(1, len(outputs), -1)).sum(-1, keepdim=True)
                 middle = (len(outputs) * (rows * along).mean(0)).reshape(outputs.shape)
             parts = torch.autograd.grad(
-                outputs, leaves, middle.to(outputs.dtype), allow_unused=True
+                outputs, leaves, w * middle.to(outputs.dtype), allow_unused=True
             )
             for n, h in zip(names, parts, strict=True):
                 if h is not None:
-                    out[n].add_(h, alpha=w)
+                    out[n].add_(h)
         self.hvps += 1
         return self._reduce_params(out)
 
@@ -505,6 +513,12 @@ class Objective:
         names = list(names)
         shapes = [self.params[n].shape for n in names]
         sizes = [math.prod(s) for s in shapes]
+        if self.distributed and self.mode == "train" and _shares_statistics(self.model):
+            raise ValueError(
+                "curvature across ranks through normalization layers whose training statistics "
+                "span the ranks (bnlab BN with sync_stats=True, SyncBatchNorm) is not supported: "
+                "their double backward is per rank; use sync_stats=False or mode='eval'"
+            )
         if method not in ("reverse", "forward"):
             raise ValueError(f'method must be "reverse" or "forward", got {method!r}')
         if curvature not in CURVATURES:
