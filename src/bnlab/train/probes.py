@@ -118,6 +118,8 @@ def _registry() -> dict[str, Callable[..., Measure]]:
         "spectral_density": _adapter(landscape.spectral_density),
         "curvature_along_gradient": _adapter(landscape.curvature_along_gradient),
         "gradient_bound": _adapter(landscape.gradient_bound),
+        "sharpness": _adapter(landscape.sharpness),
+        "effective_learning_rates": _adapter(landscape.effective_learning_rates),
     }
 
 
