@@ -1,4 +1,5 @@
-"""bnlab's Hessian probes side by side with PyHessian: ``python benchmarks/bench_hessian.py``.
+"""bnlab's Hessian probes against PyHessian, hessian-eigenthings and curvlinops (+ scipy eigsh):
+``python benchmarks/bench_hessian.py``.
 
 The same as ``bnlab bench hessian`` (options: ``--help``); see ``bnlab.bench.hessian``.
 """

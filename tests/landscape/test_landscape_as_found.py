@@ -81,6 +81,18 @@ PROBES = {
     "hutchinson": lambda m, b: L.hutchinson_trace(m, CE, b, samples=3, groups="layer"),
     "density": lambda m, b: L.spectral_density(m, CE, b, iterations=5),
     "curvature": lambda m, b: L.curvature_along_gradient(m, CE, b, groups="block"),
+    "sharpness": lambda m, b: L.sharpness(m, CE, b, max_iterations=5),
+    "sharpness_warm": lambda m, b: L.sharpness(
+        m, CE, b, max_iterations=5, previous=L.sharpness(m, CE, b, max_iterations=3)
+    ),
+    "ggn_eigenvalues": lambda m, b: L.top_eigenvalues(m, CE, b, max_iterations=5, operator="ggn"),
+    "fisher_trace": lambda m, b: L.hutchinson_trace(m, CE, b, samples=3, operator="fisher"),
+    "empirical_fisher_density": lambda m, b: L.spectral_density(
+        m, CE, b, iterations=4, operator="empirical_fisher"
+    ),
+    "effective_lr": lambda m, b: L.effective_learning_rates(
+        m, CE, b, lr=0.1, previous={n: p.detach() + 1 for n, p in m.named_parameters()}
+    ),
     "bound": lambda m, b: L.gradient_bound(m, CE, b),
     "surface": lambda m, b: L.loss_surface(m, CE, b, [-0.5, 0.5], [0.0, 1.0]),
 }

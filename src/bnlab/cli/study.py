@@ -117,7 +117,13 @@ def report(folder: Path) -> None:
     required=True,
     help="FILE.py:FACTORY, a function that returns a torch.nn.Module with normalization layers.",
 )
-@click.option("--data", default="digits", show_default=True, help=_DATA_HELP)
+@click.option(
+    "--data",
+    default="digits",
+    show_default=True,
+    help=f"{_DATA_HELP} | FILE.py:FACTORY (a function returning your (train, test) Datasets "
+    "or DataLoaders)",
+)
 @click.option(
     "--norms",
     default="none,bn",
@@ -156,8 +162,8 @@ def measure(
         study = measure_study(
             model_spec, data, parse_norms(norms), steps=steps, seeds=seeds, lr=lr, device=device
         )
-        check_data(study)
         with user_model_of(study):
+            check_data(study)
             write_manifest(study, out)
         return study
 

@@ -14,18 +14,33 @@ with ``to_dict()`` / ``to_json()``.
 - :func:`hvp`, :func:`top_eigenvalues` (Lanczos), :func:`hutchinson_trace`,
   :func:`spectral_density` (SLQ), :func:`curvature_along_gradient` (Theorem 4.2); whole model or
   per parameter group (``groups="layer"``, ``"block"``, a mapping or a function).
+- :func:`sharpness`: the top eigenvalue tracked cheaply (warm-started), edge of stability.
+- ``operator="ggn" | "fisher" | "empirical_fisher"``: Gauss-Newton and Fisher next to the Hessian.
+- :func:`across_ranks`: a rank's share of the data; probes all-reduce over torch.distributed.
+- :func:`effective_learning_rates`: ||w||, lr/||w||^2, angular updates and <g, w> of the layers
+  followed by a normalization (scale invariance).
 - :func:`gradient_bound`: Theorem 4.1 per BatchNorm layer.
 - :func:`loss_surface`: 1-D/2-D surfaces along filter-normalized or given directions.
 """
 
 from bnlab.landscape.activation_curvature import activation_curvature
 from bnlab.landscape.bound import gradient_bound
-from bnlab.landscape.evaluation import Batch, BatchOrLoader, Grouping, LossFn, Mode
+from bnlab.landscape.evaluation import (
+    Batch,
+    BatchOrLoader,
+    Curvature,
+    Grouping,
+    LossFn,
+    Mode,
+    RankShare,
+    across_ranks,
+)
 from bnlab.landscape.gradient_path import DEFAULT_ETAS, gradient_path
 from bnlab.landscape.hessian import (
     curvature_along_gradient,
     hutchinson_trace,
     hvp,
+    sharpness,
     spectral_density,
     top_eigenvalues,
 )
@@ -34,15 +49,19 @@ from bnlab.landscape.results import (
     BatchNormGradientBound,
     CovariateShift,
     CurvatureAlongGradient,
+    EffectiveLearningRates,
     Eigenpairs,
     GradientBound,
     GradientPath,
+    LayerScale,
     LayerShift,
     LossSurface,
+    Sharpness,
     SpectralDensity,
     TraceEstimate,
     to_json,
 )
+from bnlab.landscape.scale_invariance import effective_learning_rates
 from bnlab.landscape.surface import filter_normalized_direction, loss_surface
 
 __all__ = [
@@ -51,19 +70,26 @@ __all__ = [
     "BatchNormGradientBound",
     "BatchOrLoader",
     "CovariateShift",
+    "Curvature",
     "CurvatureAlongGradient",
+    "EffectiveLearningRates",
     "Eigenpairs",
     "GradientBound",
     "GradientPath",
     "Grouping",
+    "LayerScale",
     "LayerShift",
     "LossFn",
     "LossSurface",
     "Mode",
+    "RankShare",
+    "Sharpness",
     "SpectralDensity",
     "TraceEstimate",
+    "across_ranks",
     "activation_curvature",
     "curvature_along_gradient",
+    "effective_learning_rates",
     "filter_normalized_direction",
     "gradient_bound",
     "gradient_path",
@@ -71,6 +97,7 @@ __all__ = [
     "hvp",
     "internal_covariate_shift",
     "loss_surface",
+    "sharpness",
     "spectral_density",
     "to_json",
     "top_eigenvalues",

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -41,17 +42,49 @@ Grouping = str | Mapping[str, Sequence[str]] | Callable[[str], str]
 """``"layer"`` (the module owning each parameter), ``"block"`` (the top-level child), a mapping
 group -> parameter names or name prefixes, or a function parameter name -> group name."""
 Params = dict[str, Tensor]
+Curvature = Literal["hessian", "ggn", "fisher", "empirical_fisher"]
+"""The curvature matrix a probe measures: the Hessian H, the generalized Gauss-Newton
+G = J^T H_L J (J: Jacobian of the outputs, H_L: Hessian of the loss w.r.t. the outputs), the
+Monte-Carlo Fisher (labels drawn from the model's softmax) or the empirical Fisher (the true
+labels): F = 1/N sum_n J_n^T r_n r_n^T J_n with r_n the gradient of sample n's loss."""
+CURVATURES = ("hessian", "ggn", "fisher", "empirical_fisher")
 
 __all__ = [
+    "CURVATURES",
     "Batch",
     "BatchOrLoader",
+    "Curvature",
     "Grouping",
     "LossFn",
     "Mode",
     "Objective",
+    "RankShare",
+    "across_ranks",
     "leave_as_found",
     "resolve_groups",
 ]
+
+
+class RankShare:
+    """This process's share of the data of a ``torch.distributed`` job; see :func:`across_ranks`."""
+
+    def __init__(self, data: BatchOrLoader, group: Any = None) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(
+                "across_ranks needs an initialized torch.distributed process group "
+                "(call torch.distributed.init_process_group first)"
+            )
+        self.data = data
+        self.group = group
+
+
+def across_ranks(batch_or_loader: BatchOrLoader, group: Any = None) -> RankShare:
+    """Mark ``batch_or_loader`` as this rank's share of the data: a probe given it averages its
+    losses, gradients and curvature products over all ranks of ``group`` (default: the world),
+    weighted by sample counts (an all-reduce per quantity), so every rank measures the landscape
+    of the union of the shares and gets the same result. Every rank must call the same probe
+    with the same arguments. Raises ValueError without an initialized process group."""
+    return RankShare(batch_or_loader, group)
 
 
 def _is_batch(data: Any) -> bool:
@@ -172,6 +205,12 @@ def leave_as_found(model: nn.Module) -> Iterator[None]:
                     b.copy_(saved)
 
 
+def _shares_statistics(model: nn.Module) -> bool:
+    return any(
+        isinstance(m, nn.SyncBatchNorm) or getattr(m, "sync_stats", False) for m in model.modules()
+    )
+
+
 def flat(tensors: Iterable[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -201,9 +240,12 @@ class Objective:
         self.model = model
         self.loss_fn = loss_fn
         self.mode = mode
-        self.batches = collect_batches(batch_or_loader, num_batches)
+        self.distributed = isinstance(batch_or_loader, RankShare)
+        self.group = batch_or_loader.group if isinstance(batch_or_loader, RankShare) else None
+        data = batch_or_loader.data if isinstance(batch_or_loader, RankShare) else batch_or_loader
+        self.batches = collect_batches(data, num_batches)
         sizes = [_batch_size(b) for b in self.batches]
-        total = float(sum(sizes))
+        total = float(self._reduce(torch.tensor(float(sum(sizes)), dtype=torch.float64)))
         self.weights = [s / total for s in sizes]
         self.names = [n for n, _ in named]
         self.params: Params = {n: p.detach() for n, p in named}
@@ -238,14 +280,31 @@ class Objective:
             for i in range(torch.cuda.device_count()):
                 torch.cuda.default_generators[i].manual_seed(self.seeds[index])
 
-    def loss_on(self, index: int, params: Mapping[str, Tensor]) -> Tensor:
-        """The loss of batch ``index`` at ``params`` (names missing from it take the point w)."""
-        inputs, targets = self.batches[index]
+    def _reduce(self, tensor: Tensor) -> Tensor:
+        """Sum over the ranks (in place) when the data is a :class:`RankShare`; else as is."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def _reduce_params(self, params: Params) -> Params:
+        if self.distributed and params:
+            names = list(params)
+            total = self._reduce(flat(params[n] for n in names))
+            params = self.unflatten(total, names)
+        return params
+
+    def outputs_on(self, index: int, params: Mapping[str, Tensor]) -> Any:
+        """The model's outputs on batch ``index`` at ``params`` (missing names take the point w)."""
+        inputs, _ = self.batches[index]
         state = {**self.constants, **self.params, **params}
         state.update({n: b.clone() for n, b in self.buffers.items()})
         self._seed(index)
-        outputs = functional_call(self.model, state, (inputs,))
-        loss = self.loss_fn(outputs, targets)
+        return functional_call(self.model, state, (inputs,))
+
+    def loss_on(self, index: int, params: Mapping[str, Tensor]) -> Tensor:
+        """The loss of batch ``index`` at ``params`` (names missing from it take the point w)."""
+        outputs = self.outputs_on(index, params)
+        loss = self.loss_fn(outputs, self.batches[index][1])
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError(
                 f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
@@ -257,7 +316,10 @@ class Objective:
     def loss(self, params: Mapping[str, Tensor] | None = None) -> float:
         """Average loss at ``params`` (default w), without building a graph."""
         with torch.no_grad():
-            return sum(w * float(self.loss_on(i, params or {})) for i, w in enumerate(self.weights))
+            total = sum(
+                w * float(self.loss_on(i, params or {})) for i, w in enumerate(self.weights)
+            )
+        return float(self._reduce(torch.tensor(total, dtype=torch.float64)))
 
     def loss_and_gradient(
         self, params: Mapping[str, Tensor] | None = None, names: Sequence[str] | None = None
@@ -270,18 +332,22 @@ class Objective:
         for i, w in enumerate(self.weights):
             leaves = {n: point[n].detach().requires_grad_(True) for n in names}
             loss = self.loss_on(i, {**point, **leaves})
-            parts = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            # The weight goes into the graph, not onto the result: layers that share batch
+            # statistics across ranks mix the ranks' upstream gradients in their backward.
+            parts = torch.autograd.grad(w * loss, list(leaves.values()), allow_unused=True)
             for n, g in zip(names, parts, strict=True):
                 if g is not None:
-                    grads[n].add_(g, alpha=w)
+                    grads[n].add_(g)
             total += w * float(loss.detach())
-        return total, grads
+        if self.distributed:
+            total = float(self._reduce(torch.tensor(total, dtype=torch.float64)))
+        return total, self._reduce_params(grads)
 
     def _gradient_graph(
         self, index: int, names: tuple[str, ...]
     ) -> tuple[list[Tensor], list[Tensor]]:
         leaves = [self.params[n].detach().requires_grad_(True) for n in names]
-        loss = self.loss_on(index, dict(zip(names, leaves, strict=True)))
+        loss = self.weights[index] * self.loss_on(index, dict(zip(names, leaves, strict=True)))
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         grads = tuple(
             torch.zeros_like(leaf) if g is None else g
@@ -298,7 +364,7 @@ class Objective:
         names = tuple(names or self.names)
         out = {n: torch.zeros_like(self.params[n]) for n in names}
         vs = [vector[n].to(self.params[n].dtype) for n in names]
-        for i, w in enumerate(self.weights):
+        for i in range(self.num_batches):
             if self.num_batches == 1:
                 if names not in self._hvp_cache:
                     self._hvp_cache.clear()  # one group's graph alive at a time
@@ -317,9 +383,9 @@ class Objective:
             )
             for n, h in zip(names, parts, strict=True):
                 if h is not None:
-                    out[n].add_(h, alpha=w)
+                    out[n].add_(h)
         self.hvps += 1
-        return out
+        return self._reduce_params(out)
 
     def hvp_forward(
         self, vector: Mapping[str, Tensor], names: Sequence[str] | None = None
@@ -329,25 +395,152 @@ class Objective:
         out = {n: torch.zeros_like(self.params[n]) for n in names}
         primal = {n: self.params[n] for n in names}
         tangent = {n: vector[n].to(self.params[n].dtype) for n in names}
-        for i, w in enumerate(self.weights):
+        for i in range(self.num_batches):
 
             def loss_of(p: Params, index: int = i) -> Tensor:
-                return self.loss_on(index, p)
+                return self.weights[index] * self.loss_on(index, p)
 
             hv = torch.func.jvp(torch.func.grad(loss_of), (primal,), (tangent,))[1]
             for n in names:
-                out[n].add_(hv[n], alpha=w)
+                out[n].add_(hv[n])
         self.hvps += 1
-        return out
+        return self._reduce_params(out)
 
-    def operator(self, names: Sequence[str], method: str = "reverse") -> Callable[[Tensor], Tensor]:
-        """v -> H_gg v on flat vectors over the parameters ``names`` (in that order)."""
+    def _jacobian_vector(
+        self, index: int, names: Sequence[str], vs: Sequence[Tensor]
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Leaves, outputs and J v on batch ``index``, J the Jacobian of the outputs w.r.t. the
+        parameters ``names``. J v by reverse mode only: J^T u is linear in a dummy u, and its
+        gradient w.r.t. u along v is J v (so every layer with a double backward works)."""
+        leaves = [self.params[n].detach().requires_grad_(True) for n in names]
+        outputs = self.outputs_on(index, dict(zip(names, leaves, strict=True)))
+        if not isinstance(outputs, Tensor):
+            raise ValueError(
+                "a Gauss-Newton or Fisher operator needs a model that returns one tensor, got "
+                f"{type(outputs).__name__}"
+            )
+        u = torch.zeros_like(outputs, requires_grad=True)
+        jtu = torch.autograd.grad(outputs, leaves, u, create_graph=True, allow_unused=True)
+        used = [(t, v) for t, v in zip(jtu, vs, strict=True) if t is not None and t.requires_grad]
+        if not used:
+            return leaves, outputs, torch.zeros_like(outputs)
+        jv = torch.autograd.grad([t for t, _ in used], u, [v for _, v in used], retain_graph=True)[
+            0
+        ]
+        return leaves, outputs, jv
+
+    def output_gradients(
+        self, curvature: str, generator: torch.Generator | None, samples: int
+    ) -> list[Tensor]:
+        """Per batch, the gradients of the loss w.r.t. the outputs at w for the labels of the
+        Fisher: ``(samples, *outputs.shape)`` for ``"fisher"`` (labels drawn from
+        softmax(outputs), once per probe, so the operator is one fixed matrix), ``(1, ...)`` for
+        ``"empirical_fisher"`` (the true labels)."""
+        if samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {samples}")
+        result = []
+        for i, (_, targets) in enumerate(self.batches):
+            with torch.no_grad():
+                outputs = self.outputs_on(i, {})
+            if curvature == "empirical_fisher":
+                labels = [targets]
+            else:
+                if not isinstance(outputs, Tensor) or outputs.dim() != 2:
+                    shape = tuple(outputs.shape) if isinstance(outputs, Tensor) else None
+                    raise ValueError(
+                        'operator="fisher" draws labels from softmax(outputs): it needs '
+                        f"(batch, classes) logits and a cross-entropy loss, got outputs {shape}"
+                    )
+                probs = torch.softmax(outputs.double(), dim=1)
+                labels = [
+                    torch.multinomial(probs, 1, generator=generator).squeeze(1).to(targets.device)
+                    for _ in range(samples)
+                ]
+            grads = []
+            for y in labels:
+                o = outputs.detach().requires_grad_(True)
+                grads.append(torch.autograd.grad(self.loss_fn(o, y), o)[0])
+            result.append(torch.stack(grads))
+        return result
+
+    def gauss_newton_product(
+        self,
+        vector: Mapping[str, Tensor],
+        names: Sequence[str],
+        output_gradients: list[Tensor] | None = None,
+    ) -> Params:
+        """G v = J^T H_L J v (``output_gradients`` None) or, with the per-batch output gradients
+        G_s of :meth:`output_gradients`, the Fisher F v = N J^T mean_s[G_s <G_s, J v>_rows] (a
+        mean-reduced loss has G_s = r / N, r the per-sample gradients, N the batch size)."""
+        names = tuple(names)
+        out = {n: torch.zeros_like(self.params[n]) for n in names}
+        vs = [vector[n].to(self.params[n].dtype) for n in names]
+        for i, w in enumerate(self.weights):
+            leaves, outputs, jv = self._jacobian_vector(i, names, vs)
+            if output_gradients is None:
+                o = outputs.detach().requires_grad_(True)
+                g = torch.autograd.grad(self.loss_fn(o, self.batches[i][1]), o, create_graph=True)
+                if g[0].requires_grad:
+                    middle = torch.autograd.grad(g[0], o, jv)[0]
+                else:  # the loss is linear in the outputs
+                    middle = torch.zeros_like(outputs)
+            else:
+                rows = output_gradients[i].reshape(output_gradients[i].shape[0], len(outputs), -1)
+                along = (rows * jv.reshape(1, len(outputs), -1)).sum(-1, keepdim=True)
+                middle = (len(outputs) * (rows * along).mean(0)).reshape(outputs.shape)
+            parts = torch.autograd.grad(
+                outputs, leaves, w * middle.to(outputs.dtype), allow_unused=True
+            )
+            for n, h in zip(names, parts, strict=True):
+                if h is not None:
+                    out[n].add_(h)
+        self.hvps += 1
+        return self._reduce_params(out)
+
+    def operator(
+        self,
+        names: Sequence[str],
+        method: str = "reverse",
+        curvature: str = "hessian",
+        *,
+        generator: torch.Generator | None = None,
+        mc_samples: int = 1,
+    ) -> Callable[[Tensor], Tensor]:
+        """v -> C_gg v on flat vectors over the parameters ``names`` (in that order), C the
+        ``curvature`` matrix (:data:`Curvature`); ``generator`` draws the Fisher's labels.
+        Raises ValueError for an unknown method or curvature, or ``method="forward"`` with a
+        curvature other than the Hessian."""
         names = list(names)
         shapes = [self.params[n].shape for n in names]
         sizes = [math.prod(s) for s in shapes]
-        product = {"reverse": self.hvp, "forward": self.hvp_forward}.get(method)
-        if product is None:
+        if self.distributed and self.mode == "train" and _shares_statistics(self.model):
+            raise ValueError(
+                "curvature across ranks through normalization layers whose training statistics "
+                "span the ranks (bnlab BN with sync_stats=True, SyncBatchNorm) is not supported: "
+                "their double backward is per rank; use sync_stats=False or mode='eval'"
+            )
+        if method not in ("reverse", "forward"):
             raise ValueError(f'method must be "reverse" or "forward", got {method!r}')
+        if curvature not in CURVATURES:
+            raise ValueError(
+                f"operator must be one of {', '.join(map(repr, CURVATURES))}, got {curvature!r}"
+            )
+        product: Callable[[Mapping[str, Tensor], Sequence[str]], Params]
+        if curvature == "hessian":
+            product = self.hvp if method == "reverse" else self.hvp_forward
+        elif method != "reverse":
+            raise ValueError(
+                f'method="forward" applies to operator="hessian" only, not {curvature!r}'
+            )
+        else:
+            fisher = (
+                None
+                if curvature == "ggn"
+                else self.output_gradients(curvature, generator, mc_samples)
+            )
+
+            def product(vector: Mapping[str, Tensor], names: Sequence[str]) -> Params:
+                return self.gauss_newton_product(vector, names, fisher)
 
         def apply(v: Tensor) -> Tensor:
             parts = torch.split(v, sizes)

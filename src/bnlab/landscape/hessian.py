@@ -4,8 +4,11 @@ the curvature along the gradient, for the whole model or per parameter group.
 A per-group quantity is that of the diagonal block H_gg (the Hessian w.r.t. the group's
 parameters, the others held at w). Hessian-vector products go by double backward
 (``method="reverse"``, default) or forward-over-reverse (``method="forward"``,
-``torch.func.jvp`` of ``torch.func.grad``). All probes take ``seed`` for their random vectors
-(a private generator: the global RNG is left alone) and return convergence and cost figures.
+``torch.func.jvp`` of ``torch.func.grad``). ``operator=`` picks the matrix: the Hessian
+(default), the generalized Gauss-Newton ``"ggn"``, the Monte-Carlo ``"fisher"`` or the
+``"empirical_fisher"`` (see :data:`bnlab.landscape.evaluation.Curvature`). All probes take
+``seed`` for their random vectors (a private generator: the global RNG is left alone) and
+return convergence and cost figures.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import Tensor, nn
 
 from bnlab.landscape.evaluation import (
     BatchOrLoader,
+    Curvature,
     Grouping,
     LossFn,
     Mode,
@@ -31,6 +35,7 @@ from bnlab.landscape.lanczos import quadrature, top_eigenpairs
 from bnlab.landscape.results import (
     CurvatureAlongGradient,
     Eigenpairs,
+    Sharpness,
     SpectralDensity,
     TraceEstimate,
 )
@@ -39,6 +44,7 @@ __all__ = [
     "curvature_along_gradient",
     "hutchinson_trace",
     "hvp",
+    "sharpness",
     "spectral_density",
     "top_eigenvalues",
 ]
@@ -68,8 +74,12 @@ def hvp(
     num_batches: int | None = None,
     mode: Mode = "train",
     method: Method = "reverse",
+    operator: Curvature = "hessian",
+    mc_samples: int = 1,
+    seed: int = 0,
 ) -> dict[str, Tensor]:
-    """H v at the model's parameters w, averaged over the batches.
+    """H v at the model's parameters w, averaged over the batches (or G v, F v with
+    ``operator``; the Fisher's labels are drawn with ``seed``, ``mc_samples`` per input).
 
     ``vector``: a dict with a tensor for every trainable parameter (``model.named_parameters()``
     names and shapes), or a flat tensor of their total size in that order. Returns a dict of
@@ -79,8 +89,15 @@ def hvp(
     with leave_as_found(model):
         objective = Objective(model, loss_fn, batch_or_loader, num_batches=num_batches, mode=mode)
         full = objective.vector(vector, "vector", complete=True)
-        product = objective.hvp if method == "reverse" else objective.hvp_forward
-        return product(full, objective.names)
+        ref = _reference(objective)
+        matvec = objective.operator(
+            objective.names,
+            method,
+            operator,
+            generator=_generator(seed, ref),
+            mc_samples=mc_samples,
+        )
+        return objective.unflatten(matvec(flat(full[n] for n in objective.names)), objective.names)
 
 
 @overload
@@ -98,6 +115,9 @@ def top_eigenvalues(
     which: Literal["largest", "smallest"] = ...,
     seed: int = ...,
     method: Method = ...,
+    operator: Curvature = ...,
+    mc_samples: int = ...,
+    start: Mapping[str, Tensor] | Tensor | None = ...,
 ) -> Eigenpairs: ...
 
 
@@ -116,6 +136,9 @@ def top_eigenvalues(
     which: Literal["largest", "smallest"] = ...,
     seed: int = ...,
     method: Method = ...,
+    operator: Curvature = ...,
+    mc_samples: int = ...,
+    start: None = ...,
 ) -> dict[str, Eigenpairs]: ...
 
 
@@ -133,9 +156,13 @@ def top_eigenvalues(
     which: Literal["largest", "smallest"] = "largest",
     seed: int = 0,
     method: Method = "reverse",
+    operator: Curvature = "hessian",
+    mc_samples: int = 1,
+    start: Mapping[str, Tensor] | Tensor | None = None,
 ) -> Eigenpairs | dict[str, Eigenpairs]:
-    """The k largest (algebraic) Hessian eigenvalues and eigenvectors by Lanczos with full
-    reorthogonalization, from a Gaussian start vector drawn with ``seed``.
+    """The k largest (algebraic) Hessian (or ``operator``) eigenvalues and eigenvectors by
+    Lanczos with full reorthogonalization, from ``start`` (a warm start, e.g. an earlier
+    eigenvector; whole model only) or a Gaussian vector drawn with ``seed``.
 
     Stops when every Ritz residual ||H u - lambda u|| is at most ``tol * |lambda|`` (the
     eigenvalue error is at most the residual, and typically its square over the spectral gap)
@@ -150,9 +177,17 @@ def top_eigenvalues(
         raise ValueError(f"tol must be positive, got {tol}")
     if max_iterations is not None and max_iterations < k:
         raise ValueError(f"max_iterations must be at least k = {k}, got {max_iterations}")
+    if start is not None and groups is not None:
+        raise ValueError("start (a warm start) is for the whole model; pass groups=None with it")
     with leave_as_found(model):
         objective = Objective(model, loss_fn, batch_or_loader, num_batches=num_batches, mode=mode)
         resolved = resolve_groups(objective.names, groups)
+        first = None
+        if start is not None:
+            given = objective.vector(start, "start", complete=True)
+            first = flat(given[n] for n in objective.names)
+            if not bool(torch.isfinite(first).all()) or float(first.norm()) == 0:
+                raise ValueError("start must be a finite, nonzero vector")
         results: dict[str, Eigenpairs] = {}
         for group, names in resolved.items():
             dim = objective.dimension(names)
@@ -163,11 +198,14 @@ def top_eigenvalues(
                 )
             ref = objective.params[names[0]]
             gen = _generator(seed, ref)
-            start = torch.randn(dim, dtype=ref.dtype, device=ref.device, generator=gen)
+            random_start = torch.randn(dim, dtype=ref.dtype, device=ref.device, generator=gen)
             hvps_before = objective.hvps
+            matvec = objective.operator(
+                names, method, operator, generator=gen, mc_samples=mc_samples
+            )
             found = top_eigenpairs(
-                objective.operator(names, method),
-                start,
+                matvec,
+                random_start if first is None else first,
                 k,
                 tol=tol,
                 max_iterations=max_iterations or min(dim, 200),
@@ -186,6 +224,7 @@ def top_eigenvalues(
                 dimension=dim,
                 mode=mode,
                 num_batches=objective.num_batches,
+                operator=operator,
                 eigenvectors=vectors,
             )
     return results["all"] if groups is None else results
@@ -220,8 +259,11 @@ def hutchinson_trace(
     tol: float | None = None,
     seed: int = 0,
     method: Method = "reverse",
+    operator: Curvature = "hessian",
+    mc_samples: int = 1,
 ) -> TraceEstimate:
-    """Hutchinson's estimate of tr(H) = E[v^T H v] with its standard error.
+    """Hutchinson's estimate of tr(H) = E[v^T H v] (or of the ``operator``'s trace) with its
+    standard error.
 
     ``samples`` HVPs with Rademacher (exact for a diagonal H) or Gaussian vectors; with ``tol``,
     stops early once standard_error <= tol * |trace| (after at least 10 samples). With
@@ -241,12 +283,12 @@ def hutchinson_trace(
         dim = objective.dimension()
         ref = _reference(objective)
         gen = _generator(seed, ref)
-        operator = objective.operator(names, method)
+        matvec = objective.operator(names, method, operator, generator=gen, mc_samples=mc_samples)
         totals: list[float] = []
         per_group: dict[str, list[float]] = {g: [] for g in resolved}
         for _ in range(samples):
             v = _probe_vector(dim, distribution, ref, gen)
-            hv = operator(v)
+            hv = matvec(v)
             totals.append(float(torch.dot(v, hv)))
             vs, hvs = objective.unflatten(v, names), objective.unflatten(hv, names)
             for group, members in resolved.items():
@@ -266,6 +308,7 @@ def hutchinson_trace(
             dimension=dim,
             mode=mode,
             num_batches=objective.num_batches,
+            operator=operator,
             group_traces={g: e[0] for g, e in estimates.items()},
             group_standard_errors={g: e[1] for g, e in estimates.items()},
         )
@@ -284,6 +327,8 @@ def spectral_density(
     groups: None = ...,
     seed: int = ...,
     method: Method = ...,
+    operator: Curvature = ...,
+    mc_samples: int = ...,
 ) -> SpectralDensity: ...
 
 
@@ -300,6 +345,8 @@ def spectral_density(
     groups: Grouping,
     seed: int = ...,
     method: Method = ...,
+    operator: Curvature = ...,
+    mc_samples: int = ...,
 ) -> dict[str, SpectralDensity]: ...
 
 
@@ -315,9 +362,12 @@ def spectral_density(
     groups: Grouping | None = None,
     seed: int = 0,
     method: Method = "reverse",
+    operator: Curvature = "hessian",
+    mc_samples: int = 1,
 ) -> SpectralDensity | dict[str, SpectralDensity]:
-    """The Hessian's eigenvalue density by stochastic Lanczos quadrature (Ghorbani et al. 2019):
-    ``runs`` Lanczos runs of ``iterations`` steps from normalized Rademacher vectors.
+    """The Hessian's (or the ``operator``'s) eigenvalue density by stochastic Lanczos quadrature
+    (Ghorbani et al. 2019): ``runs`` Lanczos runs of ``iterations`` steps from normalized
+    Rademacher vectors.
 
     The result's weights sum to 1, ``moment(k)`` estimates tr(H^k)/n (exactly v^T H^k v / n per
     run for k < 2 * iterations), ``density(grid)`` smooths it. Raises ValueError for
@@ -334,12 +384,14 @@ def spectral_density(
             dim = objective.dimension(names)
             ref = objective.params[names[0]]
             gen = _generator(seed, ref)
-            operator = objective.operator(names, method)
+            matvec = objective.operator(
+                names, method, operator, generator=gen, mc_samples=mc_samples
+            )
             hvps_before = objective.hvps
             all_nodes, all_weights, steps = [], [], 0
             for _ in range(runs):
                 start = _probe_vector(dim, "rademacher", ref, gen)
-                nodes, weights, steps = quadrature(operator, start, iterations, generator=gen)
+                nodes, weights, steps = quadrature(matvec, start, iterations, generator=gen)
                 all_nodes.append(nodes)
                 all_weights.append(weights)
             results[group] = SpectralDensity(
@@ -351,8 +403,64 @@ def spectral_density(
                 dimension=dim,
                 mode=mode,
                 num_batches=objective.num_batches,
+                operator=operator,
             )
     return results["all"] if groups is None else results
+
+
+def sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch_or_loader: BatchOrLoader,
+    *,
+    previous: Sharpness | Mapping[str, Tensor] | Tensor | None = None,
+    num_batches: int | None = None,
+    mode: Mode = "train",
+    tol: float = 1e-3,
+    max_iterations: int | None = None,
+    seed: int = 0,
+    method: Method = "reverse",
+    operator: Curvature = "hessian",
+) -> Sharpness:
+    """The sharpness of the training loss (Cohen et al. 2021, "edge of stability"): its top
+    Hessian eigenvalue lambda_max, on the full batch or averaged over the loader's batches.
+
+    Gradient descent with step size lr is stable on a quadratic iff lambda_max < 2 / lr. To
+    track it every few steps cheaply, pass the last result (or its eigenvector) as
+    ``previous``: Lanczos starts from that eigenvector, which after a small step is already
+    close to the new one. Stops at a Ritz residual <= ``tol * lambda`` (the eigenvalue's error is
+    at most the residual). Raises ValueError for a ``previous`` vector that does not fit.
+    """
+    start: Mapping[str, Tensor] | Tensor | None
+    start = previous.eigenvector if isinstance(previous, Sharpness) else previous
+    found = top_eigenvalues(
+        model,
+        loss_fn,
+        batch_or_loader,
+        k=1,
+        num_batches=num_batches,
+        mode=mode,
+        tol=tol,
+        max_iterations=max_iterations,
+        seed=seed,
+        method=method,
+        operator=operator,
+        start=start,
+    )
+    return Sharpness(
+        sharpness=found.eigenvalues[0],
+        residual=found.residuals[0],
+        iterations=found.iterations,
+        hvp_count=found.hvp_count,
+        converged=found.converged,
+        warm_started=start is not None,
+        tol=tol,
+        dimension=found.dimension,
+        mode=mode,
+        num_batches=found.num_batches,
+        operator=operator,
+        eigenvector=found.eigenvectors[0],
+    )
 
 
 @overload

@@ -18,11 +18,14 @@ __all__ = [
     "BatchNormGradientBound",
     "CovariateShift",
     "CurvatureAlongGradient",
+    "EffectiveLearningRates",
     "Eigenpairs",
     "GradientBound",
     "GradientPath",
+    "LayerScale",
     "LayerShift",
     "LossSurface",
+    "Sharpness",
     "SpectralDensity",
     "TraceEstimate",
     "to_json",
@@ -126,9 +129,40 @@ class Eigenpairs(Result):
     dimension: int
     mode: str
     num_batches: int
+    operator: str = "hessian"
     eigenvectors: list[dict[str, Tensor]] = field(
         default_factory=list, repr=False, metadata={"json": False}
     )
+
+
+@dataclass
+class Sharpness(Result):
+    """The top eigenvalue of the training loss's Hessian (Cohen et al. 2021): gradient descent
+    with step size lr is stable on the local quadratic iff ``sharpness < 2 / lr``.
+
+    ``residual`` bounds ||H u - lambda u|| (and so the eigenvalue's error); ``warm_started``
+    says Lanczos started from a previous eigenvector; ``eigenvector`` (not in JSON) is what to
+    pass as ``previous`` next time.
+    """
+
+    sharpness: float
+    residual: float
+    iterations: int
+    hvp_count: int
+    converged: bool
+    warm_started: bool
+    tol: float
+    dimension: int
+    mode: str
+    num_batches: int
+    operator: str = "hessian"
+    eigenvector: dict[str, Tensor] = field(
+        default_factory=dict, repr=False, metadata={"json": False}
+    )
+
+    def stable(self, lr: float) -> bool:
+        """Whether gradient descent with step size ``lr`` is stable on the local quadratic."""
+        return self.sharpness < 2.0 / lr
 
 
 @dataclass
@@ -149,6 +183,7 @@ class TraceEstimate(Result):
     num_batches: int
     group_traces: dict[str, float] = field(default_factory=dict)
     group_standard_errors: dict[str, float] = field(default_factory=dict)
+    operator: str = "hessian"
 
 
 @dataclass
@@ -168,6 +203,7 @@ class SpectralDensity(Result):
     dimension: int
     mode: str
     num_batches: int
+    operator: str = "hessian"
 
     def moment(self, k: int) -> float:
         """Estimate of tr(H^k) / n."""
@@ -266,3 +302,43 @@ class LossSurface(Result):
     directions: list[dict[str, Tensor]] = field(
         default_factory=list, repr=False, metadata={"json": False}
     )
+
+
+@dataclass
+class LayerScale(Result):
+    """One layer's weights w (weight and bias together) seen as scale-invariant parameters.
+
+    ``effective_lr`` = lr / ||w||^2; ``grad_dot_weight`` = <g, w> and ``cosine`` its normalized
+    value (0 iff the loss is invariant to the scale of w; ``scale_invariant``: |cos| <= tol);
+    ``predicted_angular_update`` = atan(lr ||g|| / ||w||), the angle (radians) an SGD step turns
+    w by when g is orthogonal to w; ``angular_update`` the angle between the previous step's w
+    and this one (None without ``previous``). ``normalized_by``: the normalization layer that
+    takes this layer's output (None for a layer named by the caller that feeds none).
+    """
+
+    layer: str
+    parameters: list[str]
+    normalized_by: str | None
+    norm: float
+    effective_lr: float
+    gradient_norm: float
+    grad_dot_weight: float
+    cosine: float
+    scale_invariant: bool
+    predicted_angular_update: float
+    angular_update: float | None
+
+
+@dataclass
+class EffectiveLearningRates(Result):
+    """Effective learning rates of the layers followed by a normalization (van Laarhoven 2017)."""
+
+    layers: list[LayerScale]
+    lr: float
+    loss: float
+    tol: float
+    mode: str
+    num_batches: int
+
+    def by_layer(self) -> dict[str, LayerScale]:
+        return {s.layer: s for s in self.layers}

@@ -5,13 +5,18 @@ a model of ``bnlab.models`` for the duration of the measurement; each norm kind 
 is made by ``bnlab.nn.convert_norm`` on a fresh model. The runs train in this process (a sweep's
 worker processes would not know the user's file) and produce the same folder, and so the same
 report, as ``bnlab reproduce`` restricted to the claims the chosen norms can answer.
+
+``--data`` may be the user's own ``FILE.py:FACTORY`` too: a function returning ``(train, test)``
+``torch.utils.data.Dataset``s or DataLoaders of ``(input, target)`` pairs, read once into
+tensors (integer targets: classification; float targets: regression) and registered as a
+dataset of ``bnlab.data`` while the study runs.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnlab.data import load_dataset
+from bnlab.data import Dataset, load_dataset
 from bnlab.nn import NORM_KINDS, convert_norm, is_norm_layer
 from bnlab.studies.santurkar import (
     ARMS,
@@ -30,36 +35,128 @@ from bnlab.studies.santurkar import (
     landscape_probes,
     layer_slots,
 )
-from bnlab.train import SweepConfig
+from bnlab.train import ProbeConfig, SweepConfig
 
 USER_MODEL = "user_model"
 
 Factory = Callable[[], nn.Module]
 
 
-def load_factory(spec: str) -> Factory:
-    """The callable ``FACTORY`` of ``FILE.py:FACTORY``. Raises ValueError naming what is wrong
-    (no colon, missing file, import error, no such attribute, not callable)."""
+def load_factory(spec: str, option: str = "--model") -> Callable[[], Any]:
+    """The callable ``FACTORY`` of ``FILE.py:FACTORY``. Raises ValueError naming ``option`` and
+    what is wrong (no colon, missing file, import error, no such attribute, not callable)."""
     path_text, sep, attribute = spec.rpartition(":")
     if not sep or not path_text or not attribute:
-        raise ValueError(f"--model expects FILE.py:FACTORY, got {spec!r}")
+        raise ValueError(f"{option} expects FILE.py:FACTORY, got {spec!r}")
     path = Path(path_text)
     if not path.is_file():
-        raise ValueError(f"--model: no such file {str(path)!r}")
+        raise ValueError(f"{option}: no such file {str(path)!r}")
     module_spec = importlib.util.spec_from_file_location(f"bnlab_user_{path.stem}", path)
     if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"--model: cannot import {str(path)!r} as a Python file")
+        raise ValueError(f"{option}: cannot import {str(path)!r} as a Python file")
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as error:
         raise ValueError(
-            f"--model: importing {path} failed: {type(error).__name__}: {error}"
+            f"{option}: importing {path} failed: {type(error).__name__}: {error}"
         ) from error
     factory = getattr(module, attribute, None)
     if not callable(factory):
-        raise ValueError(f"--model: {path} has no callable {attribute!r}")
+        raise ValueError(f"{option}: {path} has no callable {attribute!r}")
     return factory
+
+
+def is_user_data(spec: str) -> bool:
+    """Whether a ``--data`` spec names the user's ``FILE.py:FACTORY``."""
+    return spec.rpartition(":")[0].endswith(".py")
+
+
+def _as_tensors(data: Any, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``(input, target)`` pairs of a Dataset or DataLoader, concatenated."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data import Dataset as TorchDataset
+
+    if isinstance(data, TorchDataset):
+        data = DataLoader(data, batch_size=512, shuffle=False)
+    elif not isinstance(data, DataLoader):
+        raise ValueError(
+            f"--data: the {which} part is a {type(data).__name__}, not a torch.utils.data "
+            "Dataset or DataLoader"
+        )
+    xs, ys = [], []
+    for item in data:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(f"--data: {which} items must be (input, target) pairs")
+        xs.append(torch.as_tensor(item[0]))
+        ys.append(torch.as_tensor(item[1]))
+    if not xs:
+        raise ValueError(f"--data: the {which} set is empty")
+    try:
+        return torch.cat(xs), torch.cat(ys)
+    except RuntimeError as error:
+        raise ValueError(f"--data: the {which} batches do not stack: {error}") from error
+
+
+def user_dataset(spec: str) -> Dataset:
+    """The user's ``FILE.py:FACTORY`` data as a bnlab Dataset. Raises ValueError naming what
+    is wrong (the factory, its return value, shapes or target types)."""
+    factory = load_factory(spec, "--data")
+    try:
+        made = factory()
+    except Exception as error:
+        raise ValueError(f"--data: {spec} raised {type(error).__name__}: {error}") from error
+    if not (isinstance(made, (tuple, list)) and len(made) == 2):
+        raise ValueError(
+            f"--data: {spec} must return (train, test) Datasets or DataLoaders, got "
+            f"{type(made).__name__}"
+        )
+    x_train, y_train = _as_tensors(made[0], "train")
+    x_test, y_test = _as_tensors(made[1], "test")
+    if x_train.shape[1:] != x_test.shape[1:] or y_train.shape[1:] != y_test.shape[1:]:
+        raise ValueError(
+            f"--data: train and test shapes differ: inputs {tuple(x_train.shape[1:])} vs "
+            f"{tuple(x_test.shape[1:])}, targets {tuple(y_train.shape[1:])} vs "
+            f"{tuple(y_test.shape[1:])}"
+        )
+    if y_train.is_floating_point():
+        y_train, y_test = (y.reshape(len(y), -1).float() for y in (y_train, y_test))
+        task, outputs = "regression", int(y_train.shape[1])
+    elif y_train.dim() == 1 and not y_train.is_complex() and y_train.dtype != torch.bool:
+        if int(min(y_train.min(), y_test.min())) < 0:
+            raise ValueError("--data: class labels must be >= 0")
+        task, outputs = "classification", int(max(y_train.max(), y_test.max())) + 1
+        y_train, y_test = y_train.long(), y_test.long()
+    else:
+        raise ValueError(
+            "--data: targets must be integer class labels of shape (N,) or float regression "
+            f"targets, got {y_train.dtype} of shape {tuple(y_train.shape)}"
+        )
+    return Dataset(
+        name=spec,
+        x_train=x_train.float(),
+        y_train=y_train,
+        x_test=x_test.float(),
+        y_test=y_test,
+        task=task,  # type: ignore[arg-type]
+        num_outputs=outputs,
+    )
+
+
+@contextmanager
+def registered_data(spec: str) -> Iterator[None]:
+    """The user's ``FILE.py:FACTORY`` as a dataset ``load_dataset(spec)`` knows, in the block
+    (a file loader of ``bnlab.data`` keyed by the file, the factory in the place of a path)."""
+    from bnlab.data import FROM_FILES
+
+    path = spec.rpartition(":")[0]
+    if ":" in path:
+        raise ValueError(f"--data: the file path may not contain ':', got {path!r}")
+    FROM_FILES[path] = lambda attribute: user_dataset(f"{path}:{attribute}")
+    try:
+        yield
+    finally:
+        FROM_FILES.pop(path, None)
 
 
 def _builder(factory: Factory) -> Callable[..., nn.Module]:
@@ -164,6 +261,21 @@ def measure_study(
         raise ValueError(
             f"--steps and --seeds must be >= 1 and --lr > 0; got {steps}, {seeds}, {lr}"
         )
+    with ExitStack() as stack:
+        if is_user_data(data):
+            stack.enter_context(registered_data(data))
+        return _measure_study(model_spec, data, norms, steps, seeds, lr, device)
+
+
+def _measure_study(
+    model_spec: str,
+    data: str,
+    norms: Sequence[str],
+    steps: int,
+    seeds: int,
+    lr: float,
+    device: str,
+) -> Study:
     factory = load_factory(model_spec)
     check_model(factory, data)
     arm_of = {kind: arm for arm, kind in ARMS.items()}
@@ -192,7 +304,11 @@ def measure_study(
         base = replace(
             base,
             threads=1,  # in-process runs of a small model: more threads only contend
-            probes=landscape_probes(settings),
+            probes=[
+                *landscape_probes(settings),
+                ProbeConfig("sharpness", settings.curvature_every, {"max_iterations": 30}),
+                ProbeConfig("effective_learning_rates", settings.probe_every, {"lr": lr}),
+            ],
         )
         sweep = SweepConfig(base, {"model.norm": list(norms), "seed": list(settings.seeds)})
     return Study(
@@ -216,9 +332,11 @@ def measure_study(
 
 @contextmanager
 def user_model_of(study: Study) -> Iterator[None]:
-    """Register the study's user model (if any) while its runs train and are measured."""
-    if not study.model_spec:
-        yield
-        return
-    with registered_model(load_factory(study.model_spec)):
+    """Register the study's user model and data (if any) while its runs train and are
+    measured."""
+    with ExitStack() as stack:
+        if study.model_spec:
+            stack.enter_context(registered_model(load_factory(study.model_spec)))
+        if is_user_data(study.data):
+            stack.enter_context(registered_data(study.data))
         yield

@@ -182,6 +182,8 @@ def _registry() -> dict[str, Callable[..., Measure]]:
         "activation_curvature": _adapter(landscape.activation_curvature),
         "activation_distribution": _activation_factory,
         "gradient_bound": _adapter(landscape.gradient_bound),
+        "sharpness": _adapter(landscape.sharpness),
+        "effective_learning_rates": _adapter(landscape.effective_learning_rates),
     }
 
 
