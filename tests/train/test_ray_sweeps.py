@@ -189,3 +189,20 @@ def test_a_ray_option_without_backend_ray_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert result.stderr == "error: --gpus-per-run needs --backend ray\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_address_where_no_cluster_answers_is_one_line_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a fresh process would be
+    config = write_config(tmp_path / "s.toml", tiny_config())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        ["sweep", str(config), "--out", str(out), "--backend", "ray", "--address", "127.0.0.1:1"],
+    )
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: --address 127.0.0.1:1: no Ray cluster answers there")
+    assert result.stderr.count("\n") == 1
+    assert not out.exists()

@@ -58,26 +58,27 @@ def backend_options(command: F) -> F:
 def backend_from_options(options: Mapping[str, Any], device: str) -> RayBackend | None:
     """None for the local pool, else the RayBackend ``options`` (backend, address,
     cpus_per_run, gpus_per_run) describe for runs on ``device``. A Ray option without
-    ``--backend ray``, or ``--backend ray`` without Ray installed, prints one ``error:`` line
-    and exits with status 2."""
+    ``--backend ray``, ``--backend ray`` without Ray installed, or an ``--address`` where no
+    cluster answers, prints one ``error:`` line and exits with status 2. Connects to Ray."""
     ray_only = {f"--{k.replace('_', '-')}": v for k, v in options.items() if k != "backend"}
     if options["backend"] == "local":
         given = [name for name, value in ray_only.items() if value is not None]
         if given:
             _fail(f"{given[0]} needs --backend ray")
         return None
-    from bnlab.train.ray_backend import RayBackend, RayUnavailableError, require_ray
+    from bnlab.train.ray_backend import RayBackend, RayConnectError, RayUnavailableError
 
-    try:
-        require_ray()
-    except RayUnavailableError as error:
-        _fail(str(error))
     gpus = options["gpus_per_run"]
-    return RayBackend(
+    backend = RayBackend(
         address=options["address"],
         cpus_per_run=options["cpus_per_run"] or 1.0,
         gpus_per_run=float(device.startswith("cuda")) if gpus is None else gpus,
     )
+    try:
+        backend.connect()
+    except (RayUnavailableError, RayConnectError) as error:
+        _fail(str(error))
+    return backend
 
 
 def _fail(message: str) -> NoReturn:

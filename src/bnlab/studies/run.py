@@ -174,7 +174,8 @@ def _run(
 
     for i, experiment in enumerate(study.experiments, start=2):
         count = int(np.prod([len(v) for v in experiment.sweep.grid.values()]))
-        _say(f"[{i}/{phases}] training {experiment.name}: {count} runs, {jobs} at a time", progress)
+        at = f"{jobs} at a time" if backend is None else "as Ray tasks"
+        _say(f"[{i}/{phases}] training {experiment.name}: {count} runs, {at}", progress)
         start = time.perf_counter()
         folder = out / "runs" / experiment.name
         _train(experiment, folder, jobs, bool(study.model_spec), progress, backend)

@@ -33,7 +33,7 @@ import socket
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -55,6 +55,10 @@ class RayUnavailableError(ImportError):
 
     def __init__(self) -> None:
         super().__init__(f"--backend ray needs Ray, which is not installed: {INSTALL_HINT}")
+
+
+class RayConnectError(ValueError):
+    """No Ray cluster answers at the address given."""
 
 
 def require_ray() -> ModuleType:
@@ -98,10 +102,13 @@ class RayBackend:
         return max(1, int(self.cpus_per_run))
 
     def connect(self) -> ModuleType:
-        """Connect this process to the cluster (once) and return the ``ray`` module."""
+        """Connect this process to the cluster (once) and return the ``ray`` module. Raises
+        RayConnectError when nothing listens at the address (Ray itself would wait for ever)."""
         ray = require_ray()
         if not ray.is_initialized():
             address = self.address or os.environ.get("RAY_ADDRESS")
+            if address:
+                _check_reachable(address)
             local = {} if address else {"include_dashboard": False}
             ray.init(address=address, configure_logging=False, **local)
         return ray
@@ -134,18 +141,13 @@ class RayBackend:
             retry_exceptions=False,  # a run's own errors are results, not reasons to retry
         )
         environment = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-        refs = {
-            task.remote(
-                name,
-                config_to_dict(config),
-                str(out / name),
-                self.threads,
-                environment,
-                board,
-                self.lock_wait_s,
-            ): name
-            for name, config in todo
-        }
+        # absolute paths and the driver's directory: relative --out and data paths mean on
+        # every node what they mean here (the filesystem is shared at the same path)
+        place = _Place(os.getcwd(), os.path.abspath(out), environment)
+        refs = {}  # task -> run name
+        for name, config in todo:
+            data = config_to_dict(config)
+            refs[task.remote(name, data, place, self.threads, board, self.lock_wait_s)] = name
         view = ClusterView(len(todo) + done, done, progress)
         results: dict[str, RunResult] = {}
         pending = list(refs)
@@ -155,7 +157,7 @@ class RayBackend:
                 for ref in ready:
                     name = refs[ref]
                     try:
-                        results[name] = ray.get(ref)
+                        results[name] = replace(ray.get(ref), run_dir=out / name)
                     except ray.exceptions.RayError as error:  # retries spent, node lost, ...
                         results[name] = _record_failure(out / name, _first_line(error))
                     view.ended(name, results[name])
@@ -234,6 +236,21 @@ class ClusterView:
         self.bar.close()
 
 
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Raise RayConnectError unless something accepts a TCP connection at ``host:port``
+    (``auto`` and ``ray://`` addresses are left to Ray)."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        raise RayConnectError(
+            f"--address {address}: no Ray cluster answers there ({error}); start one with "
+            "`ray start --head` and give the address it prints"
+        ) from error
+
+
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
@@ -257,17 +274,29 @@ def _record_failure(run_dir: Path, reason: str) -> RunResult:
 # -- what runs on a cluster node
 
 
+@dataclass(frozen=True)
+class _Place:
+    """Where the driver is: its working directory, the sweep's folder (absolute) and the
+    environment variables every run sees."""
+
+    cwd: str
+    out: str
+    environment: Mapping[str, str]
+
+
 def _run_task(
     name: str,
     config_data: dict[str, Any],
-    run_dir: str,
+    place: _Place,
     threads: int,
-    environment: Mapping[str, str],
     board: Any,
     lock_wait_s: float,
 ) -> RunResult:
     """One run, as a Ray task: wait while another process still holds the run, then train it
     in a worker process as the local pool does, reporting progress to ``board``."""
+    if os.path.isdir(place.cwd):
+        os.chdir(place.cwd)  # the trainer starts here (multiprocessing passes the directory)
+    run_dir = os.path.join(place.out, name)
     run = Path(run_dir)
     deadline = time.monotonic() + lock_wait_s
     while lock_holder(run) is not None and time.monotonic() < deadline:
@@ -284,7 +313,7 @@ def _run_task(
     messages = context.Queue()
     process = context.Process(
         target=_train_tied_to_parent,
-        args=(config_data, run_dir, messages, threads, {**os.environ, **environment}),
+        args=(config_data, run_dir, messages, threads, {**os.environ, **place.environment}),
         name=f"bnlab-ray-{name}",
     )
     process.start()
