@@ -12,9 +12,11 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
+
+from bnlab.cli.backend import backend_from_options, backend_options
 
 T = TypeVar("T")
 
@@ -70,16 +72,27 @@ _DATA_HELP = "digits | cancer | mouse | cifar10:PATH | mnist:PATH"
     help="paper: the paper's own VGG-16 (15,000 steps) and DLN (10,000 steps) protocol; needs "
     "--data cifar10:PATH and is meant for --device cuda (the estimated time is printed first).",
 )
+@backend_options
 def reproduce(
-    data: str, quick: bool, seeds: int | None, jobs: int, out: Path, device: str, protocol: str
+    data: str,
+    quick: bool,
+    seeds: int | None,
+    jobs: int,
+    out: Path,
+    device: str,
+    protocol: str,
+    **backend: Any,
 ) -> None:
     """Reproduce Santurkar et al. (2018): train, probe, judge the 11 claims, write the report."""
     from bnlab.report import build_report
     from bnlab.studies import Study, run_study, santurkar_study
     from bnlab.studies.run import check_data, write_manifest
 
+    ray_backend = backend_from_options(backend, device)
+
     def prepare() -> Study:
-        _check_device(device)
+        if ray_backend is None:  # on Ray the runs' nodes have the GPUs, not this one
+            _check_device(device)
         study = santurkar_study(data, quick=quick, seeds=seeds, device=device, protocol=protocol)
         check_data(study)
         return study
@@ -94,7 +107,7 @@ def reproduce(
             f"{steps:,} steps in all, {jobs} at a time; from 3 timed steps of each model)"
         )
     _user_input(lambda: write_manifest(study, out))
-    run_study(study, out, jobs=jobs)
+    run_study(study, out, jobs=jobs, backend=ray_backend)
     report = build_report(out)
     click.echo(f"report: {report}")
     click.echo(f"claims: {out / 'claims.json'}, summary: {out / 'summary.md'}")

@@ -14,6 +14,8 @@ from typing import Any, TextIO, TypeVar
 
 import click
 
+from bnlab.cli.backend import backend_from_options, backend_options
+
 T = TypeVar("T")
 
 
@@ -155,8 +157,14 @@ def _status_line(run_dir: Path) -> str:
 @click.option("--jobs", "-j", type=int, default=1, show_default=True, help="Worker processes.")
 @_set_option
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+@backend_options
 def sweep(
-    config: Path, out: Path | None, jobs: int, overrides: tuple[str, ...], progress: bool
+    config: Path,
+    out: Path | None,
+    jobs: int,
+    overrides: tuple[str, ...],
+    progress: bool,
+    **backend: Any,
 ) -> None:
     """Run every point of CONFIG's [sweep.grid]; finished runs are skipped, others resumed."""
     from bnlab.train import load_sweep_config
@@ -166,8 +174,9 @@ def sweep(
     if jobs < 1:
         click.echo(f"error: --jobs must be >= 1, got {jobs}", err=True)
         sys.exit(2)
+    ray_backend = backend_from_options(backend, loaded.base.device)
     target = out or Path("runs") / config.stem
-    results = run_sweep(loaded, target, jobs=jobs, progress=progress)
+    results = run_sweep(loaded, target, jobs=jobs, progress=progress, backend=ray_backend)
     for name, result in results.items():
         line = f"{result.state:9s} step {result.step:6d}  {target / name}"
         click.echo(f"{line}  ({result.reason})" if result.state == "locked" else line)

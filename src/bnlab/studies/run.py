@@ -18,7 +18,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from bnlab.studies.measurements import measure_experiment
 from bnlab.studies.santurkar import Experiment, Study
 from bnlab.train import run_names, sweep, train
 from bnlab.train.store import write_atomic
+
+if TYPE_CHECKING:
+    from bnlab.train.ray_backend import RayBackend
 
 CONDITIONING_FEATURES = {"mouse": ["height (m)", "age (days)"]}
 
@@ -90,16 +93,24 @@ def _feature_names(name: str, count: int) -> list[str]:
     return [f"x{i}" for i in range(count)]
 
 
-def run_study(study: Study, out: str | Path, *, jobs: int = 1, progress: bool = True) -> Path:
+def run_study(
+    study: Study,
+    out: str | Path,
+    *,
+    jobs: int = 1,
+    progress: bool = True,
+    backend: RayBackend | None = None,
+) -> Path:
     """Run every part of ``study`` into ``out`` (layout in the module docstring) and return it.
 
     Raises ValueError for bad input (unknown dataset, missing file, a folder of another study,
-    jobs < 1) before anything is trained.
+    jobs < 1) before anything is trained. ``backend``: train the runs as tasks on a Ray cluster
+    (bnlab.train.ray_backend) instead of ``jobs`` local processes.
     """
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     with user_model_of(study):
-        return _run(study, Path(out), jobs, progress)
+        return _run(study, Path(out), jobs, progress, backend)
 
 
 def _keep_torch_threads_pinned() -> None:
@@ -112,13 +123,18 @@ def _keep_torch_threads_pinned() -> None:
 
 
 def _train(
-    experiment: Experiment, folder: Path, jobs: int, in_process: bool, progress: bool
+    experiment: Experiment,
+    folder: Path,
+    jobs: int,
+    in_process: bool,
+    progress: bool,
+    backend: RayBackend | None,
 ) -> None:
     """A sweep in worker processes, or (for a user's model, which workers cannot import) one run
     after another in this process; either way finished runs are skipped."""
     if not in_process:
         _keep_torch_threads_pinned()
-        sweep(experiment.sweep, folder, jobs=jobs, progress=progress)
+        sweep(experiment.sweep, folder, jobs=jobs, progress=progress, backend=backend)
         return
     for name, config in run_names(experiment.sweep):
         train(config, folder / name, progress=progress)
@@ -152,7 +168,9 @@ def landscape_experiments(study: Study) -> list[Experiment]:
     ]
 
 
-def _run(study: Study, out: Path, jobs: int, progress: bool) -> Path:
+def _run(
+    study: Study, out: Path, jobs: int, progress: bool, backend: RayBackend | None
+) -> Path:
     check_data(study)
     write_manifest(study, out)
     _keep_torch_threads_pinned()
@@ -170,10 +188,11 @@ def _run(study: Study, out: Path, jobs: int, progress: bool) -> Path:
 
     for i, experiment in enumerate(study.experiments, start=2):
         count = int(np.prod([len(v) for v in experiment.sweep.grid.values()]))
-        _say(f"[{i}/{phases}] training {experiment.name}: {count} runs, {jobs} at a time", progress)
+        at = f"{jobs} at a time" if backend is None else "as Ray tasks"
+        _say(f"[{i}/{phases}] training {experiment.name}: {count} runs, {at}", progress)
         start = time.perf_counter()
         folder = out / "runs" / experiment.name
-        _train(experiment, folder, jobs, bool(study.model_spec), progress)
+        _train(experiment, folder, jobs, bool(study.model_spec), progress, backend)
         timing[f"training:{experiment.name}"] = time.perf_counter() - start
 
     _say(f"[{phases}/{phases}] measurements on the landscape runs' checkpoints", progress)

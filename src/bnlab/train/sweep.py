@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bnlab.train.config import (
     ConfigError,
@@ -43,6 +43,9 @@ from bnlab.train.config import (
 from bnlab.train.lock import RunLock, RunLockedError, lock_holder
 from bnlab.train.loop import RunResult
 from bnlab.train.store import FINAL_STATES, RunStore, read_status
+
+if TYPE_CHECKING:
+    from bnlab.train.ray_backend import RayBackend
 
 LOCKED_EXIT = 75  # a worker's exit code for "the run's lock is held by another process"
 
@@ -148,12 +151,17 @@ def _worker(
 
 
 def sweep(
-    config: SweepConfig, out_dir: str | Path, jobs: int = 1, progress: bool = True
+    config: SweepConfig,
+    out_dir: str | Path,
+    jobs: int = 1,
+    progress: bool = True,
+    backend: RayBackend | None = None,
 ) -> dict[str, RunResult]:
     """Run every grid point of ``config`` into ``out_dir/<name>`` with ``jobs`` worker
     processes; returns name -> RunResult (state finished, diverged, failed, or locked: held by
     another process). Finished and diverged runs are skipped, unfinished ones resumed, locked
-    ones left alone."""
+    ones left alone. With a ``backend`` (:class:`bnlab.train.ray_backend.RayBackend`) the runs
+    train as tasks on a Ray cluster instead, and ``jobs`` is unused."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     out = Path(out_dir)
@@ -170,6 +178,9 @@ def sweep(
             results[name] = _locked(out / name, *holder)
         else:
             todo.append((name, run_config))
+    if backend is not None:  # each run a task on a Ray cluster instead of a local process
+        results.update(backend.run(todo, out, progress=progress, done=len(results)))
+        return {name: results[name] for name, _ in points}
 
     from tqdm.auto import tqdm
 
