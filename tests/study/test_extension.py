@@ -20,6 +20,8 @@ def test_progressive_sharpening_needs_a_rise_from_below_the_limit():
     rising = [2, 2.2, 3, 5, 8, 12, 16, 19, 20, 21, 19, 20]
     assert progressive_sharpening(rising, lr)
     assert not progressive_sharpening([18, 17, 15, 12, 10, 9, 8, 8], lr)  # falling
+    # a high first value (before a fast early drop) is no rise
+    assert not progressive_sharpening([19, 9, 8.5, 8, 7, 6, 5, 5, 5, 4, 4, 4, 4, 4], lr)
     assert not progressive_sharpening([19, 25, 30, 32, 35, 36], lr)  # started at the limit
     assert not progressive_sharpening([2, 3, 4], lr)  # too short
 

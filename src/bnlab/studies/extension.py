@@ -137,13 +137,15 @@ def train_full_batch(
 
 
 def progressive_sharpening(sharpness: Sequence[float], lr: float) -> bool:
-    """The sharpness rises before it meets the stability limit: its peak is at least 1.5 times
-    its start (the first tenth of the measurements' median), and it started below 0.8 * 2/lr."""
+    """The sharpness rises before it meets the stability limit: its peak after the first tenth
+    of the measurements is at least 1.5 times its start (the first tenth's median), and it
+    started below 0.8 * 2/lr."""
     if len(sharpness) < 5:
         return False
-    head = sorted(sharpness[: max(len(sharpness) // 10, 1)])
+    cut = max(len(sharpness) // 10, 1)
+    head = sorted(sharpness[:cut])
     start = head[len(head) // 2]
-    return start < 0.8 * 2 / lr and max(sharpness) >= 1.5 * start
+    return start < 0.8 * 2 / lr and max(sharpness[cut:]) >= 1.5 * start
 
 
 def hovers_at_edge(sharpness: Sequence[float], lr: float, *, band: float = 0.2) -> bool:
