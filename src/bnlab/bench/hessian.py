@@ -136,11 +136,14 @@ def clustered_case(seed: int, dim: int = 200) -> Case:
     )
 
 
-def make_cases(*, epochs: int, seed: int, top_k: int) -> list[Case]:
+def make_cases(*, epochs: int, seed: int, top_k: int, samples: int | None = None) -> list[Case]:
+    """The three cases; the CNN is trained on all digits and measured on the first ``samples``
+    (default: all 1797)."""
     x, y = digits()
     torch.manual_seed(seed)
     model = small_cnn()
     train_briefly(model, x, y, epochs=epochs, batch_size=64, seed=seed)
+    x, y = x[:samples], y[:samples]
     cases = []
     modes: tuple[Mode, ...] = ("eval", "train")
     for mode in modes:
@@ -488,10 +491,13 @@ def run_comparison(
     trace_max_samples: int = 400,
     epochs: int = 3,
     seed: int = 0,
+    samples: int | None = None,
     tools: tuple[str, ...] = TOOLS,
+    progress: Callable[[str], None] | None = None,
 ) -> Comparison:
-    """Build the cases and measure every tool on each (see the module docstring)."""
-    cases = make_cases(epochs=epochs, seed=seed, top_k=top_k)
+    """Build the cases and measure every tool on each (see the module docstring);
+    ``progress`` gets a line per result as it is measured."""
+    cases = make_cases(epochs=epochs, seed=seed, top_k=top_k, samples=samples)
     result = Comparison(
         tol=tol,
         trace_tol=trace_tol,
@@ -504,8 +510,12 @@ def run_comparison(
         for k in sorted({1, top_k}):
             for tool in tools:
                 result.eigen.append(compare_eigenvalues(tool, case, k, tol, seed))
+                if progress is not None:
+                    progress(str(result.eigen[-1]))
         if case.name != "clustered":
             result.traces += compare_traces(case, trace_tol, seed, trace_max_samples)
+            if progress is not None:
+                progress("\n".join(str(t) for t in result.traces[-4:]))
     return result
 
 
@@ -574,6 +584,12 @@ def format_report(r: Comparison) -> str:
 )
 @click.option("--epochs", default=3, show_default=True, help="Training epochs before measuring.")
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=16),
+    default=None,
+    help="Measure the CNN on the first SAMPLES digits (default: all 1797).",
+)
 @click.option("--threads", default=1, show_default=True, help="torch intra-op threads.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 def command(
@@ -582,6 +598,7 @@ def command(
     trace_tol: float,
     epochs: int,
     seed: int,
+    samples: int | None,
     threads: int,
     json_path: str | None,
 ) -> None:
@@ -598,7 +615,15 @@ def command(
     if not (0 < tol < 1 and 0 < trace_tol < 1 and top_k >= 1):
         raise click.ClickException("--tol and --trace-tol must be in (0, 1), --top-k >= 1")
     torch.set_num_threads(threads)
-    result = run_comparison(tol=tol, top_k=top_k, trace_tol=trace_tol, epochs=epochs, seed=seed)
+    result = run_comparison(
+        tol=tol,
+        top_k=top_k,
+        trace_tol=trace_tol,
+        epochs=epochs,
+        seed=seed,
+        samples=samples,
+        progress=lambda line: click.echo(line, err=True),
+    )
     click.echo(format_report(result))
     if json_path is not None:
         import json

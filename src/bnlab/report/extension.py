@@ -1,0 +1,128 @@
+"""The extension section: edge of stability and effective learning rates, from the stored runs.
+
+Reads the run records ``bnlab.studies.extension`` wrote under ``OUT/extension`` (nothing is
+trained here) and draws two figures; :func:`verdicts` states per run whether it showed
+progressive sharpening and whether it hovered at 2/lr (the rules are in the study module).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bnlab.report.document import FigureFile, write_atomic
+
+__all__ = ["edge_of_stability", "effective_learning_rate", "load_runs", "verdicts"]
+
+
+def load_runs(out: Path) -> list[dict[str, Any]]:
+    """The extension's run records in ``out/extension`` (empty if it has none)."""
+    folder = out / "extension"
+    if not folder.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("norm=*.json"))]
+
+
+def _save(fig: Figure, out_dir: Path, name: str, title: str, caption: str) -> FigureFile:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buffer, format="png", dpi=90)
+    path = out_dir / "figures" / f"{name}.png"
+    write_atomic(path, buffer.getvalue())
+    return FigureFile(name=name, title=title, caption=caption, path=path)
+
+
+def edge_of_stability(runs: Sequence[Mapping[str, Any]], out_dir: Path) -> FigureFile | None:
+    """Sharpness over training in units of the stability limit 2/lr (1 = the edge), one panel
+    per norm kind, one colour per learning rate."""
+    plain = [r for r in runs if r["weight_decay"] == 0 and r["steps"]]
+    norms = sorted({r["norm"] for r in plain})
+    if not norms:
+        return None
+    fig = Figure(figsize=(5 * len(norms), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(norms), squeeze=False)[0]
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for ax, norm in zip(axes, norms, strict=True):
+        for i, run in enumerate(
+            sorted((r for r in plain if r["norm"] == norm), key=lambda r: r["lr"])
+        ):
+            color = colors[i % len(colors)]
+            relative = [s * run["lr"] / 2 for s in run["sharpness"]]
+            ax.plot(run["steps"], relative, color=color, label=f"lr {run['lr']:.3g}")
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step (full-batch GD)")
+        ax.set_ylabel("sharpness / (2 / lr)")
+        ax.set_title("standard" if norm == "none" else norm.upper())
+        ax.legend(fontsize=8)
+    return _save(
+        fig,
+        out_dir,
+        "extension_edge_of_stability",
+        "Edge of stability: sharpness against 2/lr",
+        "Full-batch gradient descent on a fixed digits subset; the sharpness (Lanczos, "
+        "warm-started) over the stability limit 2/lr; dashed: the edge (1). Learning rates are "
+        "fractions of each arm's limit at initialization.",
+    )
+
+
+def effective_learning_rate(runs: Sequence[Mapping[str, Any]], out_dir: Path) -> FigureFile | None:
+    """lr / ||w||^2 of each layer before a normalization over training, with and without
+    weight decay (the BN runs at the middle learning rate)."""
+    with_layers = [r for r in runs if r["layers"]]
+    if not with_layers:
+        return None
+    fractions = sorted({r["fraction"] for r in with_layers if r["weight_decay"] > 0})
+    if not fractions:
+        fractions = sorted({r["fraction"] for r in with_layers})
+    middle = fractions[len(fractions) // 2]
+    chosen = [r for r in with_layers if r["fraction"] == middle]
+    fig = Figure(figsize=(6, 3.6), layout="constrained")
+    ax = fig.subplots()
+    for run in sorted(chosen, key=lambda r: r["weight_decay"]):
+        style = "-" if run["weight_decay"] == 0 else "--"
+        for layer, entry in run["layers"].items():
+            ax.plot(
+                run["steps"],
+                entry["effective_lr"],
+                linestyle=style,
+                label=f"layer {layer}, wd {run['weight_decay']:g}",
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("effective lr = lr / ||w||^2")
+    ax.legend(fontsize=8)
+    return _save(
+        fig,
+        out_dir,
+        "extension_effective_lr",
+        "Effective learning rate of scale-invariant weights",
+        f"BN runs at lr = {middle:g} of the initial limit: each layer before a BN layer "
+        "(weight and bias), without "
+        "(solid) and with (dashed) weight decay.",
+    )
+
+
+def verdicts(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per run: progressive sharpening and hovering at 2/lr, as the rules found."""
+    lines = []
+    for r in sorted(runs, key=lambda r: (r["norm"], r["fraction"], r["weight_decay"])):
+        shown = r["sharpness"]
+        if "progressive_sharpening" not in r or not shown:
+            continue
+        lines.append(
+            f"{r['norm']}, lr {r['lr']:.3g} ({r['fraction']:g} of the initial limit), "
+            f"wd {r['weight_decay']:g}: sharpness "
+            f"{shown[0]:.3g} -> max {max(shown):.3g} -> {shown[-1]:.3g} "
+            f"(2/lr = {2 / r['lr']:.3g}); "
+            f"progressive sharpening: {'yes' if r['progressive_sharpening'] else 'no'}; "
+            f"hovers at 2/lr: {'yes' if r['hovers_at_edge'] else 'no'}"
+            + ("; diverged" if r["diverged"] else "")
+        )
+    return lines
