@@ -17,16 +17,7 @@ from click.testing import CliRunner
 
 from bnlab.cli import main
 from bnlab.train import RunLock, RunLockedError, lock_holder, read_status
-from train.train_cases import run_cli, tiny_config, write_config
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under ``folder``: its bytes and modification time."""
-    return {
-        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+from train.train_cases import run_cli, snapshot, tiny_config, write_config
 
 
 def _wait_for_rows(run: Path, process: subprocess.Popen[str], timeout: float = 180) -> None:
@@ -76,7 +67,7 @@ def test_a_second_writer_stops_at_once_and_a_killed_writer_leaves_no_lock(
         _wait_for_rows(run, first)
         os.kill(first.pid, signal.SIGSTOP)
         assert (run / "lock").read_text() == f"{socket.gethostname()} {first.pid}\n"
-        before = _snapshot(run)
+        before = snapshot(run)
         second = run_cli("train", str(path), "--run-dir", str(run), "--no-progress")
         assert second.returncode == 2, second.stderr[-2000:]
         assert second.stdout == ""
@@ -85,7 +76,7 @@ def test_a_second_writer_stops_at_once_and_a_killed_writer_leaves_no_lock(
             "(bnlab allows one writer per run directory); wait for it to end or stop it, "
             "then run again\n"
         )
-        assert _snapshot(run) == before
+        assert snapshot(run) == before
     finally:
         first.kill()  # SIGKILL, also for a stopped process
         first.communicate()

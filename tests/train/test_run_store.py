@@ -16,6 +16,7 @@ from bnlab.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from bnlab.train.store import RunStoreWarning
 
 
 def test_rows_are_appended_flushed_and_read_back(tmp_path: Path) -> None:
@@ -38,7 +39,8 @@ def test_a_torn_last_line_is_ignored_and_truncation_drops_it(tmp_path: Path) -> 
         handle.write('{"step": 6, "kind": "tr')
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4, 5]
     store = RunStore(tmp_path)
-    store.truncate_metrics(3)
+    with pytest.warns(RunStoreWarning, match="dropped 1 damaged line"):
+        store.truncate_metrics(3)
     store.append(4, "train", loss=40.0)
     store.close()
     text = (tmp_path / "metrics.jsonl").read_text()

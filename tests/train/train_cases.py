@@ -36,14 +36,21 @@ def write_config(path: Path, config: TrainConfig) -> Path:
     return path
 
 
-def run_cli(
-    *args: str, kill_at: str | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """``python -m bnlab ARGS`` in a fresh process; ``kill_at`` arms the SIGKILL test hook."""
-    env = dict(os.environ)
-    env.pop("BNLAB_TEST_KILL_AT", None)
+def _fault_env(kill_at: str | None, disk_full_at: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BNLAB_TEST_")}
     if kill_at is not None:
         env["BNLAB_TEST_KILL_AT"] = kill_at
+    if disk_full_at is not None:
+        env["BNLAB_TEST_DISK_FULL_AT"] = disk_full_at
+    return env
+
+
+def run_cli(
+    *args: str, kill_at: str | None = None, disk_full_at: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m bnlab ARGS`` in a fresh process; ``kill_at`` arms the SIGKILL test hook,
+    ``disk_full_at`` the full-disk one (bnlab.train.faults)."""
+    env = _fault_env(kill_at, disk_full_at)
     return subprocess.run(
         [sys.executable, "-m", "bnlab", *args],
         env=env,
@@ -52,6 +59,15 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -73,23 +89,27 @@ def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
             assert a[key] == b[key], key
 
 
-def _train_child(config_data: dict[str, Any], run_dir: str, kill_at: str | None) -> None:
+def _train_child(config_data: dict[str, Any], run_dir: str, env: dict[str, str]) -> None:
     from bnlab.train import train
 
-    os.environ.pop("BNLAB_TEST_KILL_AT", None)
-    if kill_at is not None:
-        os.environ["BNLAB_TEST_KILL_AT"] = kill_at
+    os.environ.clear()
+    os.environ.update(env)
     train(config_from_dict(config_data), run_dir, progress=False)
 
 
-def train_in_child(config: TrainConfig, run_dir: Path, kill_at: str | None = None) -> int | None:
+def train_in_child(
+    config: TrainConfig,
+    run_dir: Path,
+    kill_at: str | None = None,
+    disk_full_at: str | None = None,
+) -> int | None:
     """Train in a separate process (forked from a fork server that has the trainer imported,
-    so it starts fast); ``kill_at`` arms the SIGKILL test hook. Returns the exit code."""
+    so it starts fast); ``kill_at`` arms the SIGKILL test hook, ``disk_full_at`` the full-disk
+    one. Returns the exit code."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["bnlab.train.loop"])
-    process = context.Process(
-        target=_train_child, args=(config_to_dict(config), str(run_dir), kill_at)
-    )
+    env = _fault_env(kill_at, disk_full_at)
+    process = context.Process(target=_train_child, args=(config_to_dict(config), str(run_dir), env))
     process.start()
     process.join(timeout=300)
     return process.exitcode

@@ -7,9 +7,10 @@ exits with status 2.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import click
 
@@ -18,14 +19,28 @@ from bnlab.cli.backend import backend_from_options, backend_options
 T = TypeVar("T")
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 def _or_exit(call: Callable[[], T]) -> T:
-    """Run ``call``; a ConfigError, a dataset file error or a run directory another process
-    holds becomes one line and exit 2."""
+    """Run ``call``, each warning (a repaired run store, a skipped damaged checkpoint) on one
+    line; a ConfigError, a dataset file error or a run directory another process holds
+    becomes one line and exit 2."""
     from bnlab.data import DataFileError
     from bnlab.train import ConfigError, RunLockedError
 
     try:
-        return call()
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return call()
     except (ConfigError, DataFileError, RunLockedError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
@@ -102,9 +117,26 @@ def train(
             sys.exit(code)
         result: Any = _status_line(out)
     else:
-        result = _or_exit(lambda: train_run(loaded, out, progress=progress))
+        try:
+            result = _or_exit(lambda: train_run(loaded, out, progress=progress))
+        except OSError as error:
+            _disk_full_exit(error, out)
         result = f"{result.state} at step {result.step}"
     click.echo(f"{out}: {result}")
+
+
+def _disk_full_exit(error: OSError, run_dir: Path) -> None:
+    """A full disk (or quota) ends the run ``failed``: one line, exit 1; anything else raises."""
+    from bnlab.train.store import DISK_FULL
+
+    if error.errno not in DISK_FULL:
+        raise error
+    click.echo(
+        f"error: {run_dir} failed ({_status_line(run_dir)}): {error.strerror}: "
+        f"{error.filename}; free space and run the same command again to resume",
+        err=True,
+    )
+    sys.exit(1)
 
 
 def _status_line(run_dir: Path) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from bnlab.train.faults import kill_point
-from bnlab.train.store import fsync_dir
+from bnlab.train.store import write_atomic
 
 MAGIC = b"BNLABCKPT1\n"
 _NAME = re.compile(r"^step-(\d{8})\.ckpt$")
@@ -29,7 +28,12 @@ class CheckpointWarning(UserWarning):
 
 
 class CorruptCheckpoint(ValueError):
-    """A checkpoint file that is truncated, altered, or not a bnlab checkpoint."""
+    """A checkpoint file that is truncated, altered, or not a bnlab checkpoint; ``reason``
+    says which."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.reason = reason
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
@@ -50,23 +54,14 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``state`` as the checkpoint of ``step`` (temp file + fsync + rename), then delete
-    all but the newest ``keep`` checkpoints."""
+    all but the newest ``keep`` checkpoints. A failed write (OSError, e.g. a full disk) removes
+    its temp file and raises; the older checkpoints stay."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     data = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
     path = checkpoint_path(folder, step)
-    temp = folder / f".{path.name}.tmp"
-    with open(temp, "wb") as handle:
-        if kill_point("checkpoint", step):  # test hook: die half-way through the write
-            handle.write(data[: len(data) // 2])
-            handle.flush()
-            kill_point("checkpoint", step, fire=True)
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fsync_dir(folder)
+    write_atomic(path, data, where="checkpoint", step=step)  # a failure leaves the older ones
     for _, old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -77,24 +72,33 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     data = path.read_bytes()
     header = len(MAGIC) + 65
     if not data.startswith(MAGIC) or len(data) < header or data[header - 1 : header] != b"\n":
-        raise CorruptCheckpoint(f"{path}: not a bnlab checkpoint (bad header)")
+        raise CorruptCheckpoint(path, "not a bnlab checkpoint (bad header)")
     digest, payload = data[len(MAGIC) : header - 1].decode(errors="replace"), data[header:]
     if hashlib.sha256(payload).hexdigest() != digest:
-        raise CorruptCheckpoint(f"{path}: checksum mismatch (truncated or corrupted)")
+        raise CorruptCheckpoint(path, "checksum mismatch: truncated or corrupted")
     state: dict[str, Any] = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     return state
 
 
-def load_latest(folder: Path) -> tuple[int, dict[str, Any]] | None:
+def load_latest(folder: Path, warn: bool = True) -> tuple[int, dict[str, Any]] | None:
     """(step, state) of the newest readable checkpoint in ``folder``, or None. A damaged one
-    raises a warning and the one before it is tried."""
-    for step, path in reversed(list_checkpoints(folder)):
+    raises a CheckpointWarning (unless ``warn`` is False) and the one before it is tried."""
+    found = list_checkpoints(folder)
+    for step, path in reversed(found):
         try:
             return step, read_checkpoint(path)
-        except (CorruptCheckpoint, OSError, RuntimeError) as error:
-            warnings.warn(
-                f"skipping damaged checkpoint {path}: {error}; trying the previous one",
-                CheckpointWarning,
-                stacklevel=2,
-            )
+        except (CorruptCheckpoint, OSError, RuntimeError, pickle.UnpicklingError) as error:
+            if warn:
+                reason = error.reason if isinstance(error, CorruptCheckpoint) else str(error)
+                warnings.warn(
+                    f"skipping damaged checkpoint {path} ({reason}); trying the previous one",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+    if found and warn:
+        warnings.warn(
+            f"no readable checkpoint in {folder}; the run starts again from step 0",
+            CheckpointWarning,
+            stacklevel=2,
+        )
     return None

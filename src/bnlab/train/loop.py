@@ -15,7 +15,8 @@ import math
 import os
 import random
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,18 @@ from torch.utils.data import DistributedSampler
 from bnlab.data import Dataset, load_dataset
 from bnlab.models import build_model
 from bnlab.train.checkpoint import load_latest, save_checkpoint
-from bnlab.train.config import ConfigError, TrainConfig, to_toml
+from bnlab.train.config import ConfigError, TrainConfig, config_from_dict, to_toml, tomllib
 from bnlab.train.faults import kill_point
 from bnlab.train.lock import RunLock, RunLockedError
 from bnlab.train.probes import LossFn, ProbeContext, ProbeHook, make_probe
 from bnlab.train.schedule import build_scheduler
-from bnlab.train.store import FINAL_STATES, RunStore, read_status
+from bnlab.train.store import (
+    FINAL_STATES,
+    RunStore,
+    RunStoreWarning,
+    read_status,
+    status_damage,
+)
 
 Progress = Callable[[int, int], None]
 
@@ -239,13 +246,71 @@ def evaluate(
     return result
 
 
-def _check_run_dir(store: RunStore, config_text: str) -> None:
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _differences(before: str, after: str) -> str:
+    """The keys on which two configs' TOML texts differ: ``optim.lr 0.1 -> 0.5, ...``."""
+    old, new = _flatten(tomllib.loads(before)), _flatten(tomllib.loads(after))
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "-") != new.get(k, "-"))
+    shown = [f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys[:3]]
+    return ", ".join(shown) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _check_run_dir(
+    store: RunStore, config_text: str, latest: tuple[int, dict[str, Any]] | None
+) -> None:
+    """Refuse to mix two configurations in one run: the config the run's newest checkpoint
+    was trained with (or, before any, its config.toml) must be ``config_text``. A config.toml
+    edited after the run started is refused, or restored when the checkpoint matches."""
+    trained = latest[1].get("config") if latest is not None else None
     existing = store.read_config_text()
-    if existing is not None and existing != config_text:
+    if trained is None and existing is not None:  # no record but the file (older checkpoints)
+        try:
+            same = config_from_dict(tomllib.loads(existing)) == config_from_dict(
+                tomllib.loads(config_text)
+            )
+        except (tomllib.TOMLDecodeError, ConfigError) as error:
+            if latest is not None:
+                raise ConfigError(
+                    "run_dir",
+                    f"{store.root / 'config.toml'} is damaged ({error}) and the run's "
+                    "checkpoints do not record their config; restore the file to resume",
+                ) from error
+            warnings.warn(  # nothing trained yet to mix with
+                f"{store.root / 'config.toml'} is damaged ({error}); rewritten",
+                RunStoreWarning,
+                stacklevel=3,
+            )
+            return
+        if not same:
+            raise ConfigError(
+                "run_dir",
+                f"{store.root} holds a run of a different config; resume it with its own "
+                "config.toml or choose another run directory",
+            )
+        return
+    if trained is not None and trained != config_text:
         raise ConfigError(
             "run_dir",
-            f"{store.root} holds a run of a different config; resume it with its own "
-            "config.toml or choose another run directory",
+            f"{store.root} holds a run of a different config: its checkpoint of step "
+            f"{latest[0] if latest else 0} was trained with {_differences(trained, config_text)}"
+            "; resume it with that config (restore its config.toml, or --set the old values) "
+            "or train this one in another run directory",
+        )
+    if trained is not None and existing is not None and existing != trained:
+        warnings.warn(
+            f"{store.root / 'config.toml'} was edited after the run started; restored to the "
+            "config its checkpoints were trained with",
+            RunStoreWarning,
+            stacklevel=3,
         )
 
 
@@ -279,19 +344,37 @@ def train(
         if status is not None and status["state"] in FINAL_STATES:
             return RunResult(run_dir, status["state"], int(status["step"]))
         store = RunStore(run_dir, writer=rank == 0)
-        _check_run_dir(store, config_text)
+        latest = load_latest(store.checkpoints, warn=rank == 0)
+        _check_run_dir(store, config_text, latest)
+        damage = status_damage(run_dir)
+        if damage and rank == 0:
+            warnings.warn(
+                f"{store.status_path} is damaged ({damage}); rebuilt from the newest checkpoint",
+                RunStoreWarning,
+                stacklevel=2,
+            )
         store.write_config(config_text)
         try:
             session = _Session.build(config, store, device, rank, world, list(hooks))
-            return session.run(progress)
+            return session.run(progress, latest)
         except Exception as error:
-            last = read_status(run_dir)
-            step = int(last["step"]) if last else 0
-            store.set_status("failed", step, error=f"{type(error).__name__}: {error}")
-            store.write_traceback(traceback.format_exc())
+            _record_failure(store, error)
             raise
         finally:
             store.close()
+
+
+def _record_failure(store: RunStore, error: Exception) -> None:
+    """Mark the run ``failed`` at its last recorded step with the error, and keep the
+    traceback where the disk allows; the error itself is the caller's to raise."""
+    store.close()  # a metrics file that failed mid-row goes first
+    last = read_status(store.root)
+    step = int(last["step"]) if last else 0
+    try:
+        store.set_status("failed", step, error=f"{type(error).__name__}: {error}")
+        store.write_traceback(traceback.format_exc())
+    except OSError:  # a full disk: the error still propagates, and the run resumes
+        pass
 
 
 @contextmanager
@@ -432,10 +515,9 @@ class _Session:
             hooks=[make_probe(p.name, p.every, p.options) for p in config.probes] + hooks,
         )
 
-    def resume(self) -> int:
-        """Load the newest good checkpoint (if any), drop the metric rows after it, and return
-        its step (0 for a fresh start)."""
-        latest = load_latest(self.store.checkpoints)
+    def resume(self, latest: tuple[int, dict[str, Any]] | None) -> int:
+        """Load ``latest`` (the newest good checkpoint, if any), drop the metric rows after it,
+        and return its step (0 for a fresh start)."""
         start = 0
         if latest is not None:
             start, state = latest
@@ -453,9 +535,11 @@ class _Session:
         self.store.set_status("running", start)
         return start
 
-    def run(self, progress: bool | Progress) -> RunResult:
+    def run(
+        self, progress: bool | Progress, latest: tuple[int, dict[str, Any]] | None
+    ) -> RunResult:
         config, store = self.config, self.store
-        start = self.resume()
+        start = self.resume(latest)
         bar = None
         report: Progress | None = progress if callable(progress) else None
         if progress is True and self.rank == 0:
@@ -533,6 +617,7 @@ class _Session:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(),
+            "config": to_toml(self.config),  # a resume under an edited config is refused
             "data_order": {"seed": self.config.seed, "next_epoch": epoch, "next_batch": batch},
         }
         save_checkpoint(self.store.checkpoints, step, state, keep=self.config.checkpoint.keep)

@@ -16,15 +16,19 @@ Metrics rows use Python's JSON dialect: non-finite floats are written ``NaN``/``
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import platform
 import sys
 import time
-from collections.abc import Iterator, Mapping
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from bnlab.train.faults import write_through
 
 STATES: tuple[str, ...] = ("running", "finished", "diverged", "failed")
 FINAL_STATES: tuple[str, ...] = ("finished", "diverged")
@@ -41,16 +45,33 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, where: str = "file", step: int = 0) -> None:
     """Write ``data`` to ``path`` through a temp file, fsync and rename: readers see the old
-    file or the new one, never a part."""
+    file or the new one, never a part. A failed write (a full disk) removes its temp file and
+    raises, leaving the old file. ``where``/``step`` name the write for the fault hooks."""
     temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as handle:
+    try:
+        with open(temp, "wb") as handle:
+            write_through(handle, data, where, step)
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+DISK_FULL: tuple[int, ...] = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _overwrite_in_place(path: Path, data: bytes) -> None:
+    """Rewrite the small file ``path`` without a temp file: on a full disk its own blocks take
+    the new bytes. Not atomic; only for recording a failure when nothing else can be written."""
+    with open(path, "r+b") as handle:
         handle.write(data)
+        handle.truncate()
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temp, path)
-    fsync_dir(path.parent)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -65,37 +86,70 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _parse_lines(text: str) -> Iterator[dict[str, Any]]:
-    """Complete rows of a metrics file; a torn last line (no newline or bad JSON) is skipped."""
-    for line in text.splitlines(keepends=True):
-        if not line.endswith("\n"):
-            return
+class RunStoreWarning(UserWarning):
+    """A damaged run-store file (a torn metrics row, an unreadable status.json, an edited
+    config.toml) was repaired."""
+
+
+def _parse_rows(data: bytes) -> tuple[list[dict[str, Any]], int]:
+    """The complete rows of a metrics file and the number of damaged lines skipped: a torn
+    last line (no newline), bytes that are not UTF-8 JSON, JSON that is not a row."""
+    rows, damaged = [], 0
+    for line in data.splitlines(keepends=True):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            yield row
+            row = json.loads(line.decode()) if line.endswith(b"\n") else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            damaged += 1
+    return rows, damaged
 
 
 def read_metrics(run_dir: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
     """The metric rows of a run (all, or those of ``kind``: "train", "eval", "probe"), in the
-    order written. A run without metrics gives []."""
+    order written; damaged lines (a torn last row of a running or killed run) are skipped. A
+    run without metrics gives []."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = list(_parse_lines(path.read_text()))
+    rows, _ = _parse_rows(path.read_bytes())
     return rows if kind is None else [r for r in rows if r.get("kind") == kind]
 
 
-def read_status(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's status.json as a dict, or None when the run has not started."""
-    path = Path(run_dir) / "status.json"
+def _load_status(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """(status, "") for a good status.json; (None, what is wrong) for a damaged one; (None, "")
+    for none."""
     try:
-        status: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return status
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, ""
+    try:
+        status = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, "empty" if not data.strip() else "not JSON"
+    if not isinstance(status, dict):
+        return None, f"not a JSON object: {type(status).__name__}"
+    if status.get("state") not in STATES:
+        return None, f"unknown state {status.get('state')!r}"
+    step = status.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None, f"bad step {step!r}"
+    if not is_finite_number(status.get("started", 0)):
+        status.pop("started")
+    return status, ""
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's status.json as a dict (``state`` one of STATES, ``step`` >= 0), or None when
+    the run has not started or the file is damaged (:func:`status_damage` says how)."""
+    return _load_status(Path(run_dir) / "status.json")[0]
+
+
+def status_damage(run_dir: str | Path) -> str:
+    """What is wrong with the run's status.json ("empty", "not JSON", ...), "" if nothing."""
+    return _load_status(Path(run_dir) / "status.json")[1]
 
 
 class RunStore:
@@ -113,7 +167,7 @@ class RunStore:
         self.status_path = self.root / "status.json"
         self._metrics: Any = None
         previous = read_status(self.root)
-        self._started = float(previous["started"]) if previous else time.time()
+        self._started = float(previous.get("started", time.time())) if previous else time.time()
         if writer:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
 
@@ -159,7 +213,14 @@ class RunStore:
         now = time.time()
         status = {"state": state, "step": step, "started": self._started, "updated": now}
         status.update(extra)
-        write_atomic(self.status_path, (json.dumps(status, indent=2) + "\n").encode())
+        data = (json.dumps(status, indent=2) + "\n").encode()
+        try:
+            write_atomic(self.status_path, data, where="status", step=step)
+        except OSError as error:
+            # a full disk must not hide how the run ended: status.json's own blocks take it
+            if error.errno not in DISK_FULL or not self.status_path.exists():
+                raise
+            _overwrite_in_place(self.status_path, data)
 
     def write_traceback(self, text: str) -> None:
         if self.writer:
@@ -172,10 +233,17 @@ class RunStore:
         if not self.writer:
             return
         self.close()
-        kept = []
+        rows: list[dict[str, Any]] = []
         if self.metrics_path.exists():
-            rows = _parse_lines(self.metrics_path.read_text())
-            kept = [r for r in rows if isinstance(r.get("step"), int) and r["step"] <= last_step]
+            rows, damaged = _parse_rows(self.metrics_path.read_bytes())
+            if damaged:
+                warnings.warn(
+                    f"{self.metrics_path}: dropped {damaged} damaged line(s) (a row torn by a "
+                    "crash or a full disk); the rows up to the checkpoint are kept",
+                    RunStoreWarning,
+                    stacklevel=2,
+                )
+        kept = [r for r in rows if r["step"] <= last_step]
         write_atomic(self.metrics_path, "".join(self._line(r) for r in kept).encode())
 
     @staticmethod
@@ -186,17 +254,13 @@ class RunStore:
         """Append the row ``{"step", "kind", **values}`` and flush it to the OS."""
         row = {"step": step, "kind": kind, **values}
         if self.writer:
-            from bnlab.train.faults import kill_point
-
             if self._metrics is None:
-                self._metrics = open(self.metrics_path, "a")  # kept open: one row per flush
-            line = self._line(row)
-            if kill_point("metrics", step):  # test hook: tear the line, then die
-                self._metrics.write(line[: len(line) // 2])
-                self._metrics.flush()
-                kill_point("metrics", step, fire=True)
-            self._metrics.write(line)
-            self._metrics.flush()
+                self._metrics = open(self.metrics_path, "ab")  # kept open: one row per flush
+            try:
+                write_through(self._metrics, self._line(row).encode(), "metrics", step)
+            except OSError:
+                self.close()  # a torn last row is left; readers skip it, resume drops it
+                raise
         return row
 
     def sync(self) -> None:
@@ -206,9 +270,14 @@ class RunStore:
             os.fsync(self._metrics.fileno())
 
     def close(self) -> None:
+        """Close the metrics file; a failure to flush its rest (a full disk) is not raised:
+        the rows that matter are complete on disk, a torn tail is dropped on resume."""
         if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
+            handle, self._metrics = self._metrics, None
+            try:
+                handle.close()
+            except OSError:
+                pass
 
 
 def is_finite_number(value: Any) -> bool:

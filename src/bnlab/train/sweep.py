@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,7 +145,7 @@ def _worker(
         sys.exit(LOCKED_EXIT)  # another process took the run since the sweep looked
     except BaseException:
         # train() records its own errors; this also covers those raised before it could
-        with RunLock(run_dir):
+        with RunLock(run_dir), suppress(OSError):
             RunStore(run_dir).write_traceback(traceback.format_exc())
         raise
 
