@@ -3,6 +3,8 @@ global batch, and a distributed run killed after a checkpoint resumes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,38 @@ def test_two_processes_match_one_process_and_resume(tmp_path: Path) -> None:
             torch.testing.assert_close(weights_2[key], value, rtol=0, atol=1e-5, msg=key)
         else:
             assert torch.equal(weights_2[key], value), key
+
+
+_RANK_THEN_THREADS = """
+import os, sys
+from bnlab.train.distributed import main
+main(sys.argv[1:])
+tasks = os.listdir("/proc/self/task")
+names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in tasks)
+print("threads at exit of rank", os.environ["RANK"], names, flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_a_rank_leaves_no_native_thread_running_into_interpreter_teardown(tmp_path: Path) -> None:
+    # A rank's gloo threads (gloo_tcp_loop, pt_gloo_runloop) must be joined by
+    # destroy_process_group, not torn down with the interpreter, where a rank aborted now and
+    # then ("terminate called without an active exception"). They outlived it when
+    # torch._dynamo was first imported after init_process_group and kept the group alive.
+    path = write_config(tmp_path / "config.toml", tiny_config(**{"steps": 2, "eval_every": 0}))
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_THEN_THREADS)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    run = subprocess.run(
+        [*torchrun, "--standalone", str(script), str(path), str(tmp_path / "run"), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("threads at exit"))
+    assert lines == [
+        "threads at exit of rank 0 ['python']",
+        "threads at exit of rank 1 ['python']",
+    ], run.stdout

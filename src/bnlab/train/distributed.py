@@ -16,7 +16,6 @@ same module works under a hand-written torchrun command on several machines::
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -83,17 +82,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if dist.is_initialized():
             dist.barrier()  # rank 0 may still be writing; leave together
     finally:
+        # frees the gloo backend and joins its threads while the interpreter is whole (it
+        # must drop the last reference to the group: see loop._distributed_setup)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
-    # A rank that trained and left the process group cleanly skips the interpreter's teardown.
-    # Under load a rank has been seen to abort with "terminate called without an active
-    # exception" (SIGABRT, twice in many CI runs, cause not found), which fails the whole
-    # torchrun job; C++ threads torn down at exit are a known source of that message, and
-    # os._exit rules them out. Errors still raise out of main() before this point.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

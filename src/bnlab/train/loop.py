@@ -210,6 +210,13 @@ def _distributed_setup(device: str) -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, 0
+    # torch._dynamo, imported lazily by DDP and the optimizers, keeps ten references to the
+    # default process group when it is first imported after init_process_group (torch 2.13);
+    # destroy_process_group then cannot free the gloo backend, whose threads (gloo_tcp_loop,
+    # pt_gloo_runloop) run on into interpreter teardown, where a rank now and then aborted
+    # ("terminate called without an active exception"). Imported first, it holds none.
+    import torch._dynamo  # noqa: F401
+
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
