@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from bnlab.cli import main
-from bnlab.train import SweepConfig, read_metrics, read_status, sweep
+from bnlab.train import SweepConfig, read_metrics, read_status, run_names, sweep
 from bnlab.train.lock import lock_holder
 from train.train_cases import assert_same_weights, final_weights, tiny_config, write_config
 
@@ -115,14 +115,16 @@ def _ray_worker_of(run_dir: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_killed_ray_worker_is_rerun_and_its_run_resumes_bitwise(
+def test_a_killed_ray_worker_is_rerun_and_resumes_bitwise_and_a_crash_fails_only_its_run(
     ray_cluster: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from bnlab.train.ray_backend import RayBackend
 
     steps = 40
-    config = _sweep_config(steps, {"seed": [0, 1]})
-    target = tmp_path / "ray" / "seed=0"
+    missing = tmp_path / "no-such-folder"
+    config = _sweep_config(steps, {"data.spec": ["digits", f"mnist:{missing}"]})
+    crashing = next(name for name, _ in run_names(config) if name != "spec=digits")
+    target = tmp_path / "ray" / "spec=digits"
     killed: list[int] = []
 
     def kill_mid_run() -> None:
@@ -143,14 +145,19 @@ def test_a_killed_ray_worker_is_rerun_and_its_run_resumes_bitwise(
     view = capsys.readouterr().err
 
     assert killed, "the run ended before the test could kill its worker"
-    assert {r.state for r in results.values()} == {"finished"}
+    assert {n: r.state for n, r in results.items()} == {
+        "spec=digits": "finished",
+        crashing: "failed",
+    }
+    assert "not a folder" in (tmp_path / "ray" / crashing / "traceback.txt").read_text()
+    assert f"{crashing}: failed at step 0" in view
     resumed_from = _env(target)["resumed_from"]
     assert 4 <= resumed_from < steps  # Ray's retry resumed from a checkpoint, not from scratch
-    assert "retry 1 of seed=0: started on" in view
-    alone = SweepConfig(config.base, {"seed": [0]})  # the killed run, uninterrupted
+    assert "retry 1 of spec=digits: started on" in view
+    alone = SweepConfig(config.base, {"data.spec": ["digits"]})  # the killed run, uninterrupted
     reference = sweep(alone, tmp_path / "local", jobs=1, progress=False)
-    assert [(n, r.state) for n, r in reference.items()] == [("seed=0", "finished")]
-    _assert_same_runs(tmp_path / "ray", tmp_path / "local", ["seed=0"])
+    assert [(n, r.state) for n, r in reference.items()] == [("spec=digits", "finished")]
+    _assert_same_runs(tmp_path / "ray", tmp_path / "local", ["spec=digits"])
 
 
 def _env(run_dir: Path) -> dict[str, Any]:
@@ -206,3 +213,18 @@ def test_an_address_where_no_cluster_answers_is_one_line_and_exit_2(
     assert result.stderr.startswith("error: --address 127.0.0.1:1: no Ray cluster answers there")
     assert result.stderr.count("\n") == 1
     assert not out.exists()
+
+
+def test_a_node_that_does_not_share_the_run_store_fails_the_run_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    from bnlab.train.config import config_to_dict
+    from bnlab.train.ray_backend import _Place, _run_task
+
+    unshared = tmp_path / "not-mounted-here"
+    place = _Place(str(tmp_path), str(unshared), {})
+    result = _run_task("seed=0", config_to_dict(tiny_config()), place, 1, None, 0.0)
+    assert (result.state, result.step) == ("failed", 0)
+    assert result.reason.startswith(f"{unshared} does not exist on ")
+    assert "every node mounts at the same path" in result.reason
+    assert not unshared.exists()

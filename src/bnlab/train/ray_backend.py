@@ -294,10 +294,18 @@ def _run_task(
 ) -> RunResult:
     """One run, as a Ray task: wait while another process still holds the run, then train it
     in a worker process as the local pool does, reporting progress to ``board``."""
-    if os.path.isdir(place.cwd):
-        os.chdir(place.cwd)  # the trainer starts here (multiprocessing passes the directory)
     run_dir = os.path.join(place.out, name)
     run = Path(run_dir)
+    if not os.path.isdir(place.out):  # the driver made it: this node does not share it
+        return RunResult(
+            run,
+            "failed",
+            0,
+            f"{place.out} does not exist on {socket.gethostname()}: the run store must be on a "
+            "filesystem every node mounts at the same path",
+        )
+    if os.path.isdir(place.cwd):
+        os.chdir(place.cwd)  # the trainer starts here (multiprocessing passes the directory)
     deadline = time.monotonic() + lock_wait_s
     while lock_holder(run) is not None and time.monotonic() < deadline:
         time.sleep(0.5)  # a killed attempt's trainer, or its NFS lock, is still going away
