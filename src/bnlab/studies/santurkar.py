@@ -131,7 +131,7 @@ VGG_QUICK = replace(
     learning_rates=(0.1, 1.0),
     init_scales=(1.0, 10.0),
     probe_every=15,
-    curvature_every=30,
+    curvature_every=60,  # one Lanczos run, at the end: the quick study's budget is 90 s
     ics_rates=(),
 )
 VGG_PAPER = replace(
@@ -177,7 +177,7 @@ DLN_QUICK = replace(
     steps=300,
     seeds=(0, 1),
     probe_every=60,
-    curvature_every=150,
+    curvature_every=300,
     activation_every=30,
     ics_rates=(),
 )
