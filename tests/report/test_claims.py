@@ -306,3 +306,14 @@ def test_notes_come_from_the_numbers(claim: Callable[[StudyEvidence], Any]) -> N
     # the notes quote the measured medians, e.g. BN's ICS 0.2 in claim 4
     if claim is claim_4:
         assert "0.202" in text and "0.505" in text
+
+
+def test_claim_3_notes_follow_the_measured_accuracies() -> None:
+    # noisy BN at chance: the note says it did not train, and offers no "easy data" hypothesis
+    acc = {"noisy_bn": 0.1, "bn": 0.96, "standard": 0.2}
+    notes = " ".join(claim_3(evidence({"accuracy": acc, "shift": SHIFT})).notes)
+    assert "Noisy BN did not train" in notes and "Hypothesis" not in notes
+    # every arm near the top: the hypothesis is offered, labelled, with the measured gap
+    acc = {"noisy_bn": 0.97, "bn": 0.98, "standard": 0.975}
+    notes = " ".join(claim_3(evidence({"accuracy": acc, "shift": SHIFT})).notes)
+    assert "Hypothesis (untested)" in notes and "+0.005" in notes

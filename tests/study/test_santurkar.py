@@ -103,3 +103,19 @@ def test_paper_protocol_needs_cifar10_and_is_the_papers_length() -> None:
 def test_feature_vector_data_get_an_mlp() -> None:
     study = santurkar_study("cancer", quick=True)
     assert study.experiments[0].sweep.base.model.name == "mlp"
+
+
+def test_time_estimate_counts_every_run_and_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnlab.studies import estimate
+
+    study = santurkar_study("digits", quick=True, seeds=1)
+    assert estimate.step_seconds(study.experiments[0].sweep.base) > 0  # a real timed step
+    monkeypatch.setattr(estimate, "step_seconds", lambda config: 0.01)
+    seconds, runs, steps = estimate.estimate_seconds(study, jobs=2)
+    configs = [c for e in study.experiments for _, c in run_names(e.sweep)]
+    assert runs == len(configs) and steps == sum(c.steps for c in configs)
+    probed = sum(
+        c.steps for e in study.experiments if e.sweep.base.probes for _, c in run_names(e.sweep)
+    )
+    expected = 0.01 * (steps + estimate.PROBE_OVERHEAD * probed) / 2
+    assert seconds == pytest.approx(expected)

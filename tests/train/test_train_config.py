@@ -101,7 +101,7 @@ def test_integers_are_accepted_where_floats_are_expected() -> None:
         ({"steps": 1.5}, "steps", "expected an integer"),
         ({"model": {"norm": "batchnorm"}}, "model.norm", "allowed values: none, bn, noisy_bn"),
         ({"model": {"name": "resnet"}}, "model.name", "allowed values: vgg"),
-        ({"model": {"options": {"depth": 3}}}, "model.options.depth", "allowed: none"),
+        ({"model": {"options": {"depth": 3}}}, "model.options.depth", "allowed: init"),
         ({"optim": {"name": "Sgd"}}, "optim.name", "allowed values: .*SGD"),
         ({"schedule": {"name": "linear"}}, "schedule.name", "allowed values: constant, step"),
         ({"data": {"spec": "svhn"}}, "data.spec", "known datasets: digits"),

@@ -335,7 +335,15 @@ def claim_3(evidence: StudyEvidence) -> ClaimResult:
     slots = evidence.settings.get("highlight_slots", [])
     hypothesis = []
     gap = acc["bn"].median - acc["standard"].median
-    if judged.parts["noisy BN more accurate than standard"] is not Verdict.REPRODUCED:
+    if acc["noisy_bn"].median < TRAINS_ACCURACY:
+        hypothesis.append(
+            f"Noisy BN did not train: final test accuracy {acc['noisy_bn'].median:.3g}, below "
+            f"{TRAINS_ACCURACY:.0%}; its noise constants are in the protocol table."
+        )
+    elif (
+        judged.parts["noisy BN more accurate than standard"] is not Verdict.REPRODUCED
+        and gap < ACCURACY_TOLERANCE
+    ):
         hypothesis.append(
             "Hypothesis (untested): the data set leaves little room above the standard "
             f"network (BN - standard accuracy gap measured here: {gap:+.3f}); the paper's "

@@ -6,8 +6,8 @@ samples, whichever is larger (the DLN's whole data set):
 
 - Theorem 4.1 (``gradient_bound``) for models with plain BN layers, and for the first seed of
   the standard and BN arms a 2-D loss surface and a spectral density;
-- the cost of one call of each training-time probe on the final weights, so the report can
-  estimate where the time went when the run store does not record probe times.
+- for those two runs, the cost of one call of each training-time probe on the final weights,
+  so the report can estimate where the time went (the run store does not record probe times).
 
 Activation distributions are not measured here: the ``activation_distribution`` probe records
 them during training, from the step's own forward pass.
@@ -122,7 +122,8 @@ def measure_run(run_dir: Path, *, detailed: bool) -> dict[str, Any]:
                 model, loss_fn, batch, iterations=40, seed=0
             ).to_dict(),
         )
-    results["probe_seconds_per_call"] = _probe_costs(config, model, loss_fn, batch)
+        # one timed call of each probe: on the detailed runs only (it costs a probe schedule)
+        results["probe_seconds_per_call"] = _probe_costs(config, model, loss_fn, batch)
     results["seconds"] = seconds
     return results
 
