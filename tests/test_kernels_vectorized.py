@@ -145,7 +145,11 @@ def _tied_input(first: tuple[int, int], second: tuple[int, int], shape) -> torch
         ((40, 2, 24, 24), True, (3, 1), (35, 2)),  # parallel row blocks, the tie across them
     ],
 )
-def test_rows_linf_arg_max_takes_the_first_tied_value(shape, channels_last, first, second):
+@pytest.mark.parametrize("centered", [True, False])
+def test_rows_linf_arg_max_takes_the_first_tied_value(
+    shape, channels_last, first, second, centered
+):
+    """Centred: the tie is of |x - mean|; the paper's form: of |x| (+3 and -3 exactly)."""
     x = _tied_input(first, second, shape)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -153,14 +157,16 @@ def test_rows_linf_arg_max_takes_the_first_tied_value(shape, channels_last, firs
     assert abs(3.0 - mean) == abs(-3.0 - mean)  # a real tie in float64
     weight, bias = torch.tensor([1.5, 0.7], dtype=x.dtype), torch.tensor([0.2, -1.0], dtype=x.dtype)
     dy = torch.randn(shape, dtype=x.dtype, generator=torch.Generator().manual_seed(5))
-    spec = ops.NormSpec(1e-5, math.inf)
+    spec = ops.NormSpec(1e-5, math.inf, centered=centered)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the last case then runs in parallel blocks of rows
     try:
         _, dx, dw, db = _train(x, weight, bias, spec, dy, True)
     finally:
         torch.set_num_threads(threads)
-    _, cache = R.lp_batch_norm_forward(x.numpy(), weight.numpy(), bias.numpy(), 1e-5, math.inf)
+    _, cache = R.lp_batch_norm_forward(
+        x.numpy(), weight.numpy(), bias.numpy(), 1e-5, math.inf, centered=centered
+    )
     dx_ref, dw_ref, db_ref = R.lp_batch_norm_backward(dy.numpy(), cache)
     assert rel_err(dx, dx_ref) <= 1e-10
     assert rel_err(dw, dw_ref) <= 1e-10 and rel_err(db, db_ref) <= 1e-10

@@ -4,6 +4,7 @@ identities. Everything else in the suite is checked against this module."""
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -84,44 +85,66 @@ def test_channel_axis_is_respected(axis):
     np.testing.assert_allclose(dx, fd, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("p", [1, 2, math.inf])
 @pytest.mark.parametrize("shape", [(6, 3), (4, 2, 3, 2)])
-def test_lp_backward_matches_finite_differences(p, shape):
+def test_lp_backward_matches_finite_differences(p, shape, centered):
     rng = np.random.default_rng(1)
     x = rng.normal(0.5, 2.0, size=shape)
     c = shape[1]
     gamma, beta, dy = rng.normal(size=c), rng.normal(size=c), rng.normal(size=shape)
-    _, cache = R.lp_batch_norm_forward(x, gamma, beta, eps=1e-3, p=p)
+    _, cache = R.lp_batch_norm_forward(x, gamma, beta, eps=1e-3, p=p, centered=centered)
     dx, dgamma, dbeta = R.lp_batch_norm_backward(dy, cache)
-    fd = _finite_difference(lambda t: R.lp_batch_norm_forward(t, gamma, beta, 1e-3, p)[0], x, dy)
+    fd = _finite_difference(
+        lambda t: R.lp_batch_norm_forward(t, gamma, beta, 1e-3, p, centered=centered)[0], x, dy
+    )
     np.testing.assert_allclose(dx, fd, rtol=1e-5, atol=1e-7)
     axes = tuple(a for a in range(x.ndim) if a != 1)
     np.testing.assert_allclose(dbeta, dy.sum(axis=axes), rtol=1e-12)
     np.testing.assert_allclose(dgamma, (dy * cache.x_hat).sum(axis=axes), rtol=1e-12)
 
 
+@pytest.mark.parametrize("centered", [False, True])
 @pytest.mark.parametrize("p", [1, 2, math.inf])
-def test_lp_spread_definitions(p):
+def test_lp_spread_definitions(p, centered):
+    """Santurkar et al. 3.3: the paper's form divides x - mean by the lp norm average of x
+    "before shifting the mean"; the centred form by that of x - mean."""
     rng = np.random.default_rng(2)
     x = rng.normal(3.0, 2.0, size=(50, 2))
-    _, cache = R.lp_batch_norm_forward(x, np.ones(2), np.zeros(2), eps=0.0, p=p)
-    xc = x - x.mean(axis=0)
+    y, cache = R.lp_batch_norm_forward(x, np.ones(2), np.zeros(2), eps=0.0, p=p, centered=centered)
+    v = x - x.mean(axis=0) if centered else x
     expected = {
-        1: np.abs(xc).mean(axis=0),
-        2: np.sqrt((xc**2).mean(axis=0)),
-        math.inf: np.abs(xc).max(axis=0),
+        1: np.abs(v).mean(axis=0),
+        2: np.sqrt((v**2).mean(axis=0)),
+        math.inf: np.abs(v).max(axis=0),
     }[p]
     np.testing.assert_allclose(cache.scale, expected, rtol=1e-13)
-    if p == math.inf:
+    np.testing.assert_allclose(y, (x - x.mean(axis=0)) / expected, rtol=1e-13)
+    if p == math.inf and centered:
         assert np.allclose(np.abs(cache.x_hat).max(axis=0), 1.0)
+    if not centered:  # mean 3, std 2: the norms of x are well above those of x - mean
+        centred = R.lp_dispersion(x - x.mean(axis=0), p, axis=1)
+        assert np.all(expected > 1.3 * centred)
 
 
-def test_l2_variant_is_batch_norm():
+def test_paper_lp_eps_is_added_to_the_norm_and_inside_the_root_for_p_2():
+    x = np.array([[1.0, -2.0], [3.0, 4.0], [-1.0, 0.5]])
+    eps = 0.25
+    scales = {
+        p: R.lp_batch_norm_forward(x, np.ones(2), np.zeros(2), eps=eps, p=p)[1].scale
+        for p in (1, 2, math.inf)
+    }
+    np.testing.assert_allclose(scales[1], [5 / 3 + eps, 6.5 / 3 + eps], rtol=1e-14)
+    np.testing.assert_allclose(scales[2], np.sqrt([11 / 3 + eps, 20.25 / 3 + eps]), rtol=1e-14)
+    np.testing.assert_allclose(scales[math.inf], [3 + eps, 4 + eps], rtol=1e-14)
+
+
+def test_centered_l2_variant_is_batch_norm():
     rng = np.random.default_rng(3)
     x, dy = rng.normal(size=(7, 4, 3)), rng.normal(size=(7, 4, 3))
     gamma, beta = rng.normal(size=4), rng.normal(size=4)
     y_bn, c_bn = R.batch_norm_forward(x, gamma, beta)
-    y_l2, c_l2 = R.lp_batch_norm_forward(x, gamma, beta, p=2)
+    y_l2, c_l2 = R.lp_batch_norm_forward(x, gamma, beta, p=2, centered=True)
     np.testing.assert_allclose(y_l2, y_bn, rtol=1e-13)
     for a, b in zip(
         R.lp_batch_norm_backward(dy, c_l2), R.batch_norm_backward(dy, c_bn), strict=True
@@ -184,3 +207,50 @@ def test_batch_renorm_reduces_to_batch_norm_without_correction():
 def test_unknown_p_is_rejected():
     with pytest.raises(ValueError, match="p must be one of 1, 2, inf"):
         R.lp_batch_norm_forward(np.ones((2, 2)), np.ones(2), np.zeros(2), p=3)
+
+
+def test_noise_draws_follow_their_definition():
+    """reference.noise_draws against the definition written out for one element and unit."""
+    shape, key = (3, 2, 5), (0x12345678, 0x7EDCBA98)
+    draws = R.noise_draws(shape, key, n_mu=0.5, n_sigma=1.25)
+
+    def lowbias32(x: int, k: tuple[int, int]) -> int:
+        x ^= k[0]
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return ((x ^ (x >> 16)) + k[1]) & 0xFFFFFFFF
+
+    n, c, j = 2, 1, 3
+    h = lowbias32(c * 3 * 5 + n * 5 + j, key)
+    assert draws.u[n, c, j] == (2 * (h >> 16) + 1 - 2**16) / 2**16
+    quantile = statistics.NormalDist().inv_cdf(((h & 0xFFFF) + 0.5) / 2**16)
+    assert draws.z[n, c, j] == pytest.approx(quantile, rel=1e-15)
+    u_c = (lowbias32(2 * c, (key[1], key[0])) + 0.5) / 2**32
+    assert draws.mu_t[c] == pytest.approx(0.5 * (2 * u_c - 1), rel=1e-15)
+    v_c = (lowbias32(2 * c + 1, (key[1], key[0])) + 0.5) / 2**32
+    assert draws.sigma_t[c] == pytest.approx(1 + 0.25 * v_c, rel=1e-15)
+
+
+def test_algorithm_1_noise_and_its_backward():
+    """a <- s a + m with m = mu_t + r_mu u, s = sigma_t + r_sigma z; the backward is BN's
+    backward of s * dy (finite differences)."""
+    rng = np.random.default_rng(6)
+    shape = (4, 3, 2)
+    x, dy = rng.normal(1.0, 2.0, size=shape), rng.normal(size=shape)
+    gamma, beta = rng.normal(size=3), rng.normal(size=3)
+    draws = R.noise_draws(shape, (5, 9), n_mu=0.5, n_sigma=1.25)
+    y, cache, s = R.noisy_batch_norm_forward(x, gamma, beta, draws, 0.1, 0.2)
+    a, _ = R.batch_norm_forward(x, gamma, beta)
+    m = draws.mu_t.reshape(1, 3, 1) + 0.1 * draws.u
+    np.testing.assert_allclose(s, draws.sigma_t.reshape(1, 3, 1) + 0.2 * draws.z, rtol=1e-15)
+    np.testing.assert_allclose(y, s * a + m, rtol=1e-15)
+    dx, dgamma, dbeta = R.noisy_batch_norm_backward(dy, cache, s)
+
+    def forward(t: np.ndarray) -> np.ndarray:
+        return R.noisy_batch_norm_forward(t, gamma, beta, draws, 0.1, 0.2)[0]
+
+    np.testing.assert_allclose(dx, _finite_difference(forward, x, dy), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(dbeta, (dy * s).sum(axis=(0, 2)), rtol=1e-13)
+    np.testing.assert_allclose(dgamma, (dy * s * cache.x_hat).sum(axis=(0, 2)), rtol=1e-13)

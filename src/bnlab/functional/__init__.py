@@ -292,12 +292,16 @@ def lp_batch_norm(
     p: float = 1,
     process_group: ProcessGroup | None = None,
     sync_stats: bool = True,
+    *,
+    centered: bool = False,
 ) -> Tensor:
     """lp Batch Normalization (Santurkar et al. 2018, section 3.3).
 
-    Centre by the mini-batch mean, divide by s = D_p + eps, where D_p is the per-channel mean
-    absolute deviation (p = 1) or max absolute deviation (p = inf), or by s = sqrt(var + eps)
-    (p = 2, exactly BatchNorm). ``running_scale`` tracks s itself; eval divides by it.
+    y = weight * (x - mu_B) / s + bias: the mini-batch mean is fixed as in BatchNorm, and s is
+    the per-channel lp norm average of the activations "before shifting the mean": s =
+    mean|x| + eps (p = 1), sqrt(mean x^2 + eps) (p = 2), max|x| + eps (p = inf), over the batch
+    and spatial positions. ``centered=True`` takes the same norms of x - mu_B instead (then
+    p = 2 is exactly BatchNorm). ``running_scale`` tracks s itself; eval divides by it.
     """
     p = float(p)
     if p not in (1.0, 2.0, math.inf):
@@ -311,14 +315,16 @@ def lp_batch_norm(
             "lp_batch_norm", input, running_mean, running_scale, weight, bias, eps, False
         )
     group = resolve_group(process_group, sync_stats)
+    spec = ops.NormSpec(eps, p, centered=centered)
     if group is None and _on_kernels(input):
         y = kernels.train_native(
-            input, weight, bias, running_mean, running_scale, momentum, ops.SCALE, eps, p, None
-        )
+            input, weight, bias, running_mean, running_scale, momentum, ops.SCALE, eps,
+            spec.kernel_p, None,
+        )  # fmt: skip
         if y is not None:
             return y
     update = _running(running_mean, running_scale, momentum, ops.SCALE)
-    return normalize_train(input, weight, bias, ops.NormSpec(eps, p), group, update)[0]
+    return normalize_train(input, weight, bias, spec, group, update)[0]
 
 
 def ghost_batch_norm(

@@ -1,19 +1,21 @@
-"""The noise of noisy BatchNorm, drawn so that every path regenerates the same values.
+"""The noise of noisy BatchNorm (Algorithm 1), drawn so that every path regenerates it.
 
 One training step draws a 63-bit key from the layer's ``torch.Generator`` and nothing else.
 Everything else is a pure function of that key, computed where it is used:
 
-* per channel c, the noise's mean ``mu_c`` and standard deviation ``sigma_c`` (uniform in the
-  ranges of :class:`NoiseSpec`), from the hash of counters 2c and 2c + 1 under the swapped key;
-* per activation, two independent zero-mean, unit-variance values ``z`` (additive) and ``z'``
-  (multiplicative): uniform on 2^16 equally spaced levels in (-sqrt(3), sqrt(3)), the high and
-  low 16 bits of one hash of the activation's logical position.
+* per unit (channel) c, Algorithm 1's ``mu_t ~ U(-n_mu, n_mu)`` and ``sigma_t ~ U(1, n_sigma)``,
+  from the hash of counters 2c and 2c + 1 under the swapped key;
+* per activation, a uniform ``u`` on (-1, 1) (the high 16 bits of one hash of the activation's
+  logical position, on 2^16 equally spaced levels) and a standard normal ``z`` (the low 16 bits
+  k, through the normal's inverse CDF: Phi^-1((k + 1/2) / 2^16), a table of 2^16 quantiles);
+  then ``m = mu_t + r_mu u ~ U(mu_t - r_mu, mu_t + r_mu)`` and
+  ``s = sigma_t + r_sigma z ~ N(sigma_t, r_sigma)``, and the activation a becomes ``s a + m``.
 
-So the noise costs no memory (the backward regenerates ``z'``), is deterministic for any thread
-count, and is the same on the fused CPU kernels and on the torch-op path (which computes it with
-tensor ops, on any device). The hash is lowbias32 (C. Wellons), one round, keyed; it is integer
-arithmetic on 32-bit lanes, so the kernels generate the noise with vector instructions (a table
-of normal quantiles, the previous generator, cost 1.2 ns per activation in scalar look-ups).
+So the noise costs no memory (the backward regenerates s), is deterministic for any thread
+count, and is the same on the fused CPU kernels, on the torch-op path (which computes it with
+tensor ops, on any device) and in the float64 reference (``reference.noise_draws``). The hash is
+lowbias32 (C. Wellons), one round, keyed; it is integer arithmetic on 32-bit lanes, so the
+kernels generate it with vector instructions.
 """
 
 from __future__ import annotations
@@ -22,61 +24,72 @@ import threading
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 LEVELS = 1 << 16
-"""z takes 2^16 values: sqrt(3) (2k + 1 - 2^16) / 2^16 for k = 0 .. 2^16 - 1."""
-UNIT_SCALE = 3.0**0.5 / LEVELS
-"""sqrt(3) / 2^16: the spacing of z's levels is twice this."""
+"""u takes 2^16 values: (2k + 1 - 2^16) / 2^16 for k = 0 .. 2^16 - 1; z takes 2^16 quantiles."""
+UNIT_SCALE = 1.0 / LEVELS
+"""1 / 2^16: the spacing of u's levels is twice this."""
 
 _M32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B
 
 
+def _quantile_table() -> np.ndarray:
+    """Phi^-1((k + 1/2) / 2^16), k < 2^16, float64: the upper half from torch's ndtri, the lower
+    half its mirror image (so the table is exactly symmetric and sums to 0)."""
+    upper = (torch.arange(LEVELS // 2, LEVELS, dtype=torch.float64) + 0.5) / LEVELS
+    high = torch.special.ndtri(upper).numpy()
+    table = np.concatenate([-high[::-1], high])
+    table.flags.writeable = False
+    return table
+
+
+NORMAL_QUANTILES = _quantile_table()
+"""z for each 16-bit k; the kernels index the same array."""
+
+
 @dataclass(frozen=True)
 class NoiseSpec:
-    """The time-varying noise of "noisy BatchNorm" (Santurkar et al. 2018, section 2.1).
+    """The constants of "noisy" BatchNorm (Santurkar et al. 2018, appendix A.2.1, Algorithm 1).
 
-    At every training step each channel c draws its noise distribution: a mean
-    ``mu_c ~ U(-mean_range, mean_range)`` and a standard deviation
-    ``sigma_c ~ U(std_low, std_high)``; every activation of every sample then receives its own
-    i.i.d. perturbation ``y + (mu_c + sigma_c * z)``, and a multiplicative one
-    ``* (1 + scale_std * z')`` which makes the variance of the layer's output move too. ``z``
-    and ``z'`` are independent, zero-mean and unit-variance: uniform on 2^16 levels in
-    (-sqrt(3), sqrt(3)) (the paper asks for "i.i.d. noise sampled from a non-zero mean and
-    non-unit variance distribution"; the shape within a step is ours, chosen because the
-    kernels generate it with vector instructions).
+    At every training step each unit (channel) j draws ``mu_t ~ U(-n_mu, n_mu)`` and
+    ``sigma_t ~ U(1, n_sigma)``; then every activation a of every sample (and spatial position)
+    draws ``m ~ U(mu_t - r_mu, mu_t + r_mu)`` and ``s ~ N(sigma_t, r_sigma)`` (``r_sigma`` is a
+    standard deviation) and becomes ``s * a + m``. The defaults are the paper's: n_mu = 0.5,
+    n_sigma = 1.25, r_mu = r_sigma = 0.1.
     """
 
-    mean_range: float = 0.5
-    std_low: float = 0.5
-    std_high: float = 1.5
-    scale_std: float = 0.25
+    n_mu: float = 0.5
+    n_sigma: float = 1.25
+    r_mu: float = 0.1
+    r_sigma: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.mean_range < 0 or self.std_low < 0 or self.std_high < self.std_low:
+        if not (self.n_mu >= 0 and self.n_sigma >= 1 and self.r_mu >= 0 and self.r_sigma >= 0):
             raise ValueError(
-                "NoiseSpec needs mean_range >= 0 and 0 <= std_low <= std_high, got "
-                f"mean_range={self.mean_range}, std_low={self.std_low}, std_high={self.std_high}"
+                "NoiseSpec needs n_mu >= 0, n_sigma >= 1, r_mu >= 0 and r_sigma >= 0, got "
+                f"n_mu={self.n_mu}, n_sigma={self.n_sigma}, r_mu={self.r_mu}, "
+                f"r_sigma={self.r_sigma}"
             )
-        if self.scale_std < 0:
-            raise ValueError(f"NoiseSpec needs scale_std >= 0, got {self.scale_std}")
+
+    @property
+    def constants(self) -> tuple[float, float, float, float]:
+        """(n_mu, n_sigma, r_mu, r_sigma): the kernels' noise configuration."""
+        return (self.n_mu, self.n_sigma, self.r_mu, self.r_sigma)
 
 
 class NoiseDraw(NamedTuple):
     """One step's noise: the spec and the hash key (two 32-bit words, the second below 2^31)
-    that fix every channel's ``mu``, ``sigma`` (:meth:`channel_params`) and every activation's
-    ``z``, ``z'`` (:func:`unit_noise`). A named tuple: made on every noisy training step, where
+    that fix every unit's ``mu_t``, ``sigma_t`` (:meth:`channel_params`) and every activation's
+    ``u``, ``z`` (:func:`unit_noise`). A named tuple: made on every noisy training step, where
     a frozen dataclass's construction cost a microsecond."""
 
     spec: NoiseSpec
     key: tuple[int, int]
-
-    @property
-    def scale_std(self) -> float:
-        return self.spec.scale_std
 
     @property
     def packed_key(self) -> int:
@@ -91,14 +104,14 @@ class NoiseDraw(NamedTuple):
     def channel_params(
         self, channels: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
     ) -> tuple[Tensor, Tensor]:
-        """``(mu, sigma)``, each (channels,), computed in float64 then cast to ``dtype``. The
-        kernels compute the same (``kernels.loops._noise_params``)."""
+        """``(mu_t, sigma_t)``, each (channels,), computed in float64 then cast to ``dtype``.
+        The kernels compute the same (``kernels.loops._noise_params``)."""
         spec = self.spec
         counter = torch.arange(2 * channels, device=torch.device(device), dtype=torch.int64)
         u = (hash32(counter, (self.key[1], self.key[0])).double() + 0.5) * 2.0**-32
         u_mu, u_sigma = u.view(channels, 2).unbind(1)
-        mu = u_mu * (2 * spec.mean_range) + (-spec.mean_range)
-        sigma = u_sigma * (spec.std_high - spec.std_low) + spec.std_low
+        mu = u_mu * (2 * spec.n_mu) + (-spec.n_mu)
+        sigma = u_sigma * (spec.n_sigma - 1.0) + 1.0
         return mu.to(dtype), sigma.to(dtype)
 
 
@@ -162,17 +175,31 @@ def hash32(counter: Tensor, key: tuple[int, int]) -> Tensor:
 
 
 def levels(bits: Tensor, dtype: torch.dtype) -> Tensor:
-    """16-bit integers k -> sqrt(3) (2k + 1 - 2^16) / 2^16 in ``dtype`` (one rounding)."""
+    """16-bit integers k -> (2k + 1 - 2^16) / 2^16 in ``dtype`` (one rounding): uniform on
+    (-1, 1)."""
     return (bits * 2 + (1 - LEVELS)).to(dtype) * UNIT_SCALE
+
+
+_tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def normal_levels(bits: Tensor, dtype: torch.dtype) -> Tensor:
+    """16-bit integers k -> Phi^-1((k + 1/2) / 2^16) in ``dtype``, on bits' device."""
+    key = (bits.device, dtype)
+    table = _tables.get(key)
+    if table is None:
+        table = _tables[key] = torch.from_numpy(NORMAL_QUANTILES.copy()).to(bits.device, dtype)
+    return table[bits]
 
 
 def unit_noise(
     shape: torch.Size, draw: NoiseDraw, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> tuple[Tensor, Tensor]:
-    """``(z, z')`` of the given (N, C, *) shape (contiguous) on ``device``.
+    """``(u, z)`` of the given (N, C, *) shape (contiguous) on ``device``: u uniform on (-1, 1),
+    z standard normal (see the module docstring).
 
-    Element (n, c, j) (j the flat spatial index) hashes counter c * N * S + n * S + j: z is
-    the level of the hash's high 16 bits, z' of its low 16 bits.
+    Element (n, c, j) (j the flat spatial index) hashes counter c * N * S + n * S + j: u is
+    the level of the hash's high 16 bits, z the normal quantile of its low 16 bits.
     """
     n, c = shape[0], shape[1]
     size = 1
@@ -185,12 +212,14 @@ def unit_noise(
         + torch.arange(size, device=device).view(1, 1, size)
     )
     h = hash32(counter, draw.key)
-    return levels(h >> 16, dtype).reshape(shape), levels(h & 0xFFFF, dtype).reshape(shape)
+    return levels(h >> 16, dtype).reshape(shape), normal_levels(h & 0xFFFF, dtype).reshape(shape)
 
 
 def apply(y: Tensor, draw: NoiseDraw) -> Tensor:
-    """``y * (1 + scale_std z') + mu_c + sigma_c z`` for y (N, C, *), differentiable in y."""
-    z, z_scale = unit_noise(y.shape, draw, y.dtype, y.device)
+    """Algorithm 1 on y (N, C, *): ``s * y + m`` with ``s = sigma_t + r_sigma z`` and
+    ``m = mu_t + r_mu u``; differentiable in y."""
+    u, z = unit_noise(y.shape, draw, y.dtype, y.device)
     view = (1, -1) + (1,) * (y.dim() - 2)
     mu, sigma = draw.channel_params(y.shape[1], y.device, y.dtype)
-    return y * (1 + draw.scale_std * z_scale) + (mu.reshape(view) + sigma.reshape(view) * z)
+    spec = draw.spec
+    return y * (sigma.reshape(view) + spec.r_sigma * z) + (mu.reshape(view) + spec.r_mu * u)

@@ -37,7 +37,8 @@ class BatchStats(NamedTuple):
     scale: Tensor
     """The divisor s: sqrt(var + eps) for BN and p = 2, D_p + eps for p = 1 and inf."""
     var: Tensor
-    """Biased variance (p = 2) or the spread D_p (p = 1, inf)."""
+    """The spread: the biased variance (p = 2) or D_p (p = 1, inf) of x - mean, or for lp's
+    un-centred form the mean square (p = 2) or D_p (p = 1, inf) of x itself."""
     n: int
     """Values per channel over all ranks."""
     centered: Tensor
@@ -66,9 +67,15 @@ def check_batch_size(count: int, x: Tensor) -> None:
 
 
 def batch_stats(
-    x: Tensor, eps: float, p: float = 2.0, group: ProcessGroup | None = None
+    x: Tensor,
+    eps: float,
+    p: float = 2.0,
+    group: ProcessGroup | None = None,
+    from_centered: bool = True,
 ) -> BatchStats:
-    """Differentiable per-channel statistics of x (N, C, *), over all ranks of ``group``.
+    """Differentiable per-channel statistics of x (N, C, *), over all ranks of ``group``;
+    ``from_centered=False``: the spread of x itself (lp BatchNorm in the paper's form), not of
+    x - mean.
 
     The data are first shifted by one of their own values per channel (any value near the data
     works; it cancels exactly): x - shift is exact in floating point for values within a factor
@@ -90,11 +97,14 @@ def batch_stats(
     mean = shift + mean_shifted
     if p == 2:
         var = all_reduce_sum((centered * centered).sum(dims), group) / n
+        if not from_centered:  # the mean square, E[x^2] = var + mean^2
+            var = var + mean * mean
         return BatchStats(mean, torch.sqrt(var + eps), var, n, centered)
+    values = centered if from_centered else x
     if p == 1:
-        spread = all_reduce_sum(centered.abs().sum(dims), group) / n
+        spread = all_reduce_sum(values.abs().sum(dims), group) / n
     elif p == math.inf:
-        spread = all_gather_stack(centered.abs().amax(dims), group).amax(0)
+        spread = all_gather_stack(values.abs().amax(dims), group).amax(0)
     else:
         raise ValueError(f"p must be one of 1, 2, inf, got {p}")
     return BatchStats(mean, spread + eps, spread, n, centered)
@@ -141,9 +151,11 @@ class Renorm:
 class NormSpec:
     """What a training-mode normalization computes, on either path.
 
-    ``p``: the lp statistic (1, 2, inf); ``virtual_batch_size``: normalize each chunk of that
-    many samples on its own (Ghost BatchNorm; None: the whole batch); ``renorm``: Batch
-    Renormalization's correction; ``noise``: noisy BatchNorm's noise, applied after the affine.
+    ``p``: the lp statistic (1, 2, inf); ``centered``: the spread of x - mean (BatchNorm; lp's
+    centred form) or, False, of x itself (lp BatchNorm as the paper defines it);
+    ``virtual_batch_size``: normalize each chunk of that many samples on its own (Ghost
+    BatchNorm; None: the whole batch); ``renorm``: Batch Renormalization's correction;
+    ``noise``: noisy BatchNorm's noise, applied after the affine.
     """
 
     eps: float
@@ -151,12 +163,19 @@ class NormSpec:
     virtual_batch_size: int | None = None
     renorm: Renorm | None = None
     noise: NoiseDraw | None = None
+    centered: bool = True
 
     def __post_init__(self) -> None:
-        if self.noise is not None and self.p != 2.0:
+        if self.noise is not None and (self.p != 2.0 or not self.centered):
             raise ValueError(
                 f"NormSpec: noise goes with BatchNorm's statistics (p = 2), got p = {self.p}"
+                + ("" if self.centered else " un-centred")
             )
+
+    @property
+    def kernel_p(self) -> float:
+        """p as the kernels take it: negative for the un-centred form (``centered=False``)."""
+        return self.p if self.centered else -self.p
 
 
 class GroupStats(NamedTuple):
@@ -167,7 +186,7 @@ class GroupStats(NamedTuple):
     mean: Tensor
     """Shape (G, C)."""
     spread: Tensor
-    """Shape (G, C): the biased variance (p = 2) or D_p (p = 1, inf)."""
+    """Shape (G, C): the spread, as :attr:`BatchStats.var`."""
     counts: tuple[int, ...]
     """Values per channel in each group (over all ranks)."""
 
@@ -215,7 +234,9 @@ def train(
     chunks = [x] if spec.virtual_batch_size is None else torch.split(x, spec.virtual_batch_size)
     x_hats, means, spreads, counts = [], [], [], []
     for chunk in chunks:
-        stats = batch_stats(chunk, spec.eps, spec.p, group if len(chunks) == 1 else None)
+        stats = batch_stats(
+            chunk, spec.eps, spec.p, group if len(chunks) == 1 else None, spec.centered
+        )
         x_hat = stats.centered / channel_view(stats.scale, chunk)
         if spec.renorm is not None:
             r, d = renorm_correction(stats, spec.renorm, spec.eps)

@@ -13,12 +13,19 @@ mini-batch:
     y_i     = gamma * x_hat_i + beta
 
 All functions take the channel axis (``axis``) and reduce over every other axis, so they serve
-(N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W) and channels-last layouts alike.
+(N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W) and channels-last layouts alike (noisy
+BatchNorm: (N, C, *) only, as its draws are indexed by logical position).
+
+lp BatchNorm (section 3.3) divides x - mu by the lp norm average of x "before shifting the
+mean" (``centered=True``: of x - mu). Noisy BatchNorm is Algorithm 1 (appendix A.2.1) on the BN
+output, from draws that :func:`noise_draws` regenerates from one step's key exactly as the fast
+paths make them.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +49,10 @@ class NormCache:
     gamma: Array
     axis: int
     p: float = 2.0
+    centered: bool = True
+    """lp only: whether the spread was taken of x - mu (True) or of x itself (the paper's form)."""
+    x: Array | None = None
+    """lp only: the input (the un-centred spread's gradient needs it)."""
 
 
 def _reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
@@ -152,15 +163,15 @@ def _check_p(p: float) -> float:
     return p
 
 
-def lp_dispersion(x_centered: Array, p: float, axis: int) -> Array:
-    """Per-channel spread D_p of centred values, the quantity lp BatchNorm divides by.
+def lp_dispersion(values: Array, p: float, axis: int) -> Array:
+    """Per-channel lp spread D_p of ``values`` (x - mu for the centred form, x for the paper's):
 
-    p = 1:   D = (1/m) sum_i |x_i - mu|        mean absolute deviation
-    p = 2:   D = sqrt((1/m) sum_i (x_i - mu)^2) root mean square (the biased std)
-    p = inf: D = max_i |x_i - mu|              max absolute deviation
+    p = 1:   D = (1/m) sum_i |v_i|                mean absolute value
+    p = 2:   D = sqrt((1/m) sum_i v_i^2)          root mean square
+    p = inf: D = max_i |v_i|                      max absolute value
     """
-    axes = _reduce_axes(x_centered.ndim, axis)
-    a = np.abs(x_centered)
+    axes = _reduce_axes(values.ndim, axis)
+    a = np.abs(values)
     if p == 1:
         return a.mean(axis=axes)
     if p == 2:
@@ -169,7 +180,7 @@ def lp_dispersion(x_centered: Array, p: float, axis: int) -> Array:
 
 
 def lp_scale(dispersion: Array, p: float, eps: float) -> Array:
-    """The divisor s of lp BatchNorm: sqrt(D^2 + eps) for p = 2 (BatchNorm), else D + eps."""
+    """The divisor s of lp BatchNorm: sqrt(D^2 + eps) for p = 2 (as BatchNorm), else D + eps."""
     if p == 2:
         return np.sqrt(dispersion**2 + eps)
     return dispersion + eps
@@ -182,43 +193,49 @@ def lp_batch_norm_forward(
     eps: float = 1e-5,
     p: float = 1,
     axis: int = 1,
+    centered: bool = False,
 ) -> tuple[Array, NormCache]:
     """lp Batch Normalization (Santurkar et al. 2018, section 3.3), training mode.
 
-    Centre by the mini-batch mean, then divide by the per-channel lp spread D_p (see
-    :func:`lp_dispersion`): x_hat = (x - mu) / s with s = D_p + eps (p = 1, inf) or
-    s = sqrt(D_2^2 + eps) (p = 2, identical to BatchNorm); y = gamma * x_hat + beta.
+    Fix the first moment as BatchNorm does, then divide "by the average of their lp-norm (before
+    shifting the mean)": x_hat = (x - mu) / s with s from the per-channel spread D_p of x itself
+    (see :func:`lp_dispersion`), s = D_p + eps (p = 1, inf) or s = sqrt(D_2^2 + eps) (p = 2);
+    y = gamma * x_hat + beta. ``centered=True``: D_p of x - mu instead (then p = 2 is
+    BatchNorm).
     """
     p = _check_p(p)
     x = _as_float64(x)
     axes = _reduce_axes(x.ndim, axis)
     mu = x.mean(axis=axes)
     x_centered = x - _per_channel(mu, x.ndim, axis)
-    s = lp_scale(lp_dispersion(x_centered, p, axis), p, eps)
+    s = lp_scale(lp_dispersion(x_centered if centered else x, p, axis), p, eps)
     x_hat = x_centered / _per_channel(s, x.ndim, axis)
     g = _as_float64(gamma)
     y = _per_channel(g, x.ndim, axis) * x_hat + _per_channel(_as_float64(beta), x.ndim, axis)
-    return y, NormCache(x_hat=x_hat, mean=mu, scale=s, gamma=g, axis=axis, p=p)
+    return y, NormCache(
+        x_hat=x_hat, mean=mu, scale=s, gamma=g, axis=axis, p=p, centered=centered, x=x
+    )
 
 
-def _dispersion_gradient(x_hat: Array, scale: Array, p: float, axis: int) -> Array:
-    """The derivative of the spread D_p (or of s, for p = 2) with respect to each x_i - mu.
+def _dispersion_gradient(values: Array, scale: Array, p: float, axis: int) -> Array:
+    """The derivative of s with respect to each of the ``values`` whose spread it is (x - mu for
+    the centred form, x for the paper's); m values per channel.
 
-    p = 1:   sign(x_i - mu) / m
-    p = 2:   (x_i - mu) / (m * s)   = x_hat_i / m     (s = sqrt(D^2 + eps))
-    p = inf: sign(x_k - mu) at the arg-max k of |x - mu| (first one on ties), 0 elsewhere
+    p = 1:   sign(v_i) / m
+    p = 2:   v_i / (m * s)                        (s = sqrt(D^2 + eps))
+    p = inf: sign(v_k) at the arg-max k of |v| (first one on ties), 0 elsewhere
     """
-    ndim = x_hat.ndim
-    m = x_hat.size // x_hat.shape[axis]
+    ndim = values.ndim
+    m = values.size // values.shape[axis]
     if p == 1:
-        return np.sign(x_hat) / m
+        return np.sign(values) / m
     if p == 2:
-        return x_hat / m
-    moved = np.moveaxis(x_hat, axis, 0).reshape(x_hat.shape[axis], -1)
+        return values / (m * _per_channel(scale, ndim, axis))
+    moved = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
     k = np.abs(moved).argmax(axis=1)
     onehot = np.zeros_like(moved)
     onehot[np.arange(moved.shape[0]), k] = np.sign(moved[np.arange(moved.shape[0]), k])
-    shape = [x_hat.shape[axis]] + [d for a, d in enumerate(x_hat.shape) if a != axis % ndim]
+    shape = [values.shape[axis]] + [d for a, d in enumerate(values.shape) if a != axis % ndim]
     return np.moveaxis(onehot.reshape(shape), 0, axis)
 
 
@@ -227,13 +244,14 @@ def lp_batch_norm_backward(
 ) -> tuple[Array, Array, Array]:
     """Gradients of lp Batch Normalization, derived by hand.
 
-    With g = gamma * dy (the gradient at x_hat), x_c = x - mu and s = s(D_p(x_c)):
+    With g = gamma * dy (the gradient at x_hat), c = sum_j g_j x_hat_j / s (minus the gradient
+    at s) and P the mean subtraction's Jacobian (P a = a - mean(a)):
 
-        a_i   = g_i / s - (sum_j g_j x_hat_j / s) * dD_p/dx_c,i
-        dx_i  = a_i - (1/m) sum_j a_j        (the mean subtraction's Jacobian)
+        paper's form:  dx = P(g / s) - c * ds/dx          (s a function of x)
+        centred form:  dx = P(g / s - c * ds/d(x - mu))   (s a function of x - mu)
         dgamma = sum_i dy_i x_hat_i,  dbeta = sum_i dy_i
 
-    For p = 2 this reduces to :func:`batch_norm_backward`.
+    For the centred p = 2 this reduces to :func:`batch_norm_backward`.
     """
     dy = _as_float64(dy)
     axis, ndim = cache.axis, dy.ndim
@@ -242,9 +260,16 @@ def lp_batch_norm_backward(
     dgamma = (dy * cache.x_hat).sum(axis=axes)
     g = dy * _per_channel(cache.gamma, ndim, axis)
     s = _per_channel(cache.scale, ndim, axis)
-    g_dot_xhat = _per_channel((g * cache.x_hat).sum(axis=axes), ndim, axis)
-    a = g / s - (g_dot_xhat / s) * _dispersion_gradient(cache.x_hat, cache.scale, cache.p, axis)
+    c = _per_channel((g * cache.x_hat).sum(axis=axes), ndim, axis) / s
+    if cache.centered:
+        x_c = cache.x_hat * s
+        a = g / s - c * _dispersion_gradient(x_c, cache.scale, cache.p, axis)
+        return a - a.mean(axis=axes, keepdims=True), dgamma, dbeta
+    if cache.x is None:
+        raise ValueError("the paper's lp backward needs the input x in the cache")
+    a = g / s
     dx = a - a.mean(axis=axes, keepdims=True)
+    dx -= c * _dispersion_gradient(cache.x, cache.scale, cache.p, axis)
     return dx, dgamma, dbeta
 
 
@@ -300,3 +325,123 @@ def batch_renorm_forward(
         _as_float64(beta), x.ndim, axis
     )
     return y, r, d
+
+
+# --- noisy BatchNorm (Santurkar et al. 2018, appendix A.2.1, Algorithm 1) ----------------------
+
+NOISE_LEVELS = 1 << 16
+"""Each activation's two noise values come from 16 bits each of one 32-bit hash."""
+
+
+def _lowbias32(counter: NDArray[np.uint64], key: tuple[int, int]) -> NDArray[np.uint64]:
+    """lowbias32 (C. Wellons), keyed: lowbias32((counter mod 2^32) ^ key[0]) + key[1] mod 2^32,
+    on uint64 lanes (products of 32-bit values fit)."""
+    m32 = np.uint64(0xFFFFFFFF)
+    x = (counter & m32) ^ np.uint64(key[0])
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & m32
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & m32
+    x ^= x >> np.uint64(16)
+    return (x + np.uint64(key[1])) & m32
+
+
+@dataclass(frozen=True)
+class NoiseDraws:
+    """One training step's random values of Algorithm 1 for an (N, C, *) activation."""
+
+    mu_t: Array
+    """(C,): mu_t ~ U(-n_mu, n_mu) per unit."""
+    sigma_t: Array
+    """(C,): sigma_t ~ U(1, n_sigma) per unit."""
+    u: Array
+    """Same shape as the activation: uniform on (-1, 1), so m = mu_t + r_mu u."""
+    z: Array
+    """Same shape: standard normal, so s = sigma_t + r_sigma z."""
+
+
+def noise_draws(
+    shape: tuple[int, ...], key: tuple[int, int], n_mu: float, n_sigma: float
+) -> NoiseDraws:
+    """The draws of one step from its key (two 32-bit words), as every fast path makes them.
+
+    Per unit c: u_c, v_c = (h + 1/2) / 2^32 of the hashes of counters 2c, 2c + 1 under the
+    swapped key; mu_t = n_mu (2 u_c - 1), sigma_t = 1 + (n_sigma - 1) v_c.
+    Per activation (n, c, j) (j the flat spatial index): the hash h of counter c N S + n S + j;
+    u = (2 (h >> 16) + 1 - 2^16) / 2^16 (uniform on 2^16 levels of (-1, 1)) and
+    z = Phi^-1(((h & 0xFFFF) + 1/2) / 2^16) (the normal's inverse CDF at 2^16 equiprobable
+    levels: inverse-transform sampling of N(0, 1), within +-4.33).
+    """
+    n, c = shape[0], shape[1]
+    size = math.prod(shape[2:])
+    swapped = (key[1], key[0])
+    channel = _lowbias32(np.arange(2 * c, dtype=np.uint64), swapped).astype(np.float64)
+    unit = (channel.reshape(c, 2) + 0.5) * 2.0**-32
+    mu_t = n_mu * (2 * unit[:, 0] - 1)
+    sigma_t = 1 + (n_sigma - 1) * unit[:, 1]
+    counter = (
+        np.arange(c, dtype=np.uint64).reshape(1, c, 1) * np.uint64(n * size)
+        + np.arange(n, dtype=np.uint64).reshape(n, 1, 1) * np.uint64(size)
+        + np.arange(size, dtype=np.uint64).reshape(1, 1, size)
+    )
+    h = _lowbias32(counter, key)
+    u = (2.0 * (h >> np.uint64(16)).astype(np.float64) + 1 - NOISE_LEVELS) / NOISE_LEVELS
+    z = _normal_quantiles()[(h & np.uint64(0xFFFF)).astype(np.int64)]
+    return NoiseDraws(mu_t, sigma_t, u.reshape(shape), z.reshape(shape))
+
+
+_QUANTILES: list[Array] = []
+
+
+def _normal_quantiles() -> Array:
+    """Phi^-1((k + 1/2) / 2^16) for k < 2^16 (the standard library's inverse normal CDF)."""
+    if not _QUANTILES:
+        inv_cdf = statistics.NormalDist().inv_cdf
+        levels = (np.arange(NOISE_LEVELS) + 0.5) / NOISE_LEVELS
+        _QUANTILES.append(np.array([inv_cdf(float(q)) for q in levels]))
+    return _QUANTILES[0]
+
+
+def algorithm1_noise(
+    a: NDArray[np.floating],
+    draws: NoiseDraws,
+    r_mu: float,
+    r_sigma: float,
+) -> tuple[Array, Array]:
+    """Algorithm 1, lines 10-14, on the batch-normalized activation a (N, C, *):
+
+        m_ij ~ U(mu_t - r_mu, mu_t + r_mu):   m = mu_t + r_mu u
+        s_ij ~ N(sigma_t, r_sigma):           s = sigma_t + r_sigma z   (r_sigma a std)
+        a_ij <- s_ij a_ij + m_ij
+
+    Returns ``(noisy a, s)``; s is what the backward multiplies by (da = s * d(noisy a)).
+    """
+    a = _as_float64(a)
+    mu_t = _per_channel(draws.mu_t, a.ndim, 1)
+    sigma_t = _per_channel(draws.sigma_t, a.ndim, 1)
+    m = mu_t + r_mu * draws.u
+    s = sigma_t + r_sigma * draws.z
+    return s * a + m, s
+
+
+def noisy_batch_norm_forward(
+    x: NDArray[np.floating],
+    gamma: NDArray[np.floating],
+    beta: NDArray[np.floating],
+    draws: NoiseDraws,
+    r_mu: float,
+    r_sigma: float,
+    eps: float = 1e-5,
+) -> tuple[Array, NormCache, Array]:
+    """Noisy BatchNorm (Santurkar et al. 2018, Algorithm 1) in training mode: BatchNorm of x
+    (N, C, *), then :func:`algorithm1_noise` on its output. Returns ``(y, cache, s)``."""
+    a, cache = batch_norm_forward(x, gamma, beta, eps, axis=1)
+    y, s = algorithm1_noise(a, draws, r_mu, r_sigma)
+    return y, cache, s
+
+
+def noisy_batch_norm_backward(
+    dy: NDArray[np.floating], cache: NormCache, s: Array
+) -> tuple[Array, Array, Array]:
+    """Gradients of noisy BatchNorm: BatchNorm's backward of s * dy (m does not depend on x)."""
+    return batch_norm_backward(_as_float64(dy) * s, cache)

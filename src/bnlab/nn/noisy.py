@@ -1,19 +1,19 @@
-"""Noisy BatchNorm (Santurkar et al. 2018, section 2.1): BN followed by time-varying noise.
+"""Noisy BatchNorm (Santurkar et al. 2018, section 2.1 and appendix A.2.1, Algorithm 1).
 
-The paper perturbs "each activation for each sample in the batch using i.i.d. noise sampled from
-a non-zero mean and non-unit variance distribution", a distribution that "changes at each time
-step", to show that a network trains well even when its layer inputs shift far more than
-without BatchNorm. The paper's exact noise scales and shape could not be found in the sources
-available to us, so the defaults of :class:`bnlab.functional.NoiseSpec` were chosen to produce a
-shift that is large next to the unit-variance BN output while the network still trains: per step
-and channel a mean drawn from U(-0.5, 0.5) and a standard deviation from U(0.5, 1.5) for the
-additive noise, and a multiplicative factor 1 + 0.25 z' per activation, with z, z' zero-mean,
-unit-variance and uniform (on 2^16 levels).
+The paper perturbs each BatchNorm output a (per unit j and sample i; for convolutions every
+spatial position too) at every training step t with noise whose distribution itself changes
+every step, to show that a network trains well even when its layer inputs shift far more than
+without BatchNorm. Algorithm 1, with the paper's constants as defaults:
 
-Each step draws one key from the layer's generator; the per-channel mean and standard deviation
-and the per-activation z, z' are functions of that key and the channel and position
-(:mod:`bnlab.functional.noise`), applied inside the normalization (the fused CPU kernels
-regenerate z' in the backward instead of storing it).
+    per unit j:                mu_t ~ U(-n_mu, n_mu),      sigma_t ~ U(1, n_sigma)
+    per sample i and unit j:   m ~ U(mu_t - r_mu, mu_t + r_mu),   s ~ N(sigma_t, r_sigma)
+                               a <- s * a + m
+
+n_mu = 0.5, n_sigma = 1.25, r_mu = r_sigma = 0.1; ``r_sigma`` is the standard deviation of s.
+
+Each step draws one key from the layer's generator; mu_t, sigma_t and every m, s are functions
+of that key and the unit and position (:mod:`bnlab.functional.noise`), applied inside the
+normalization (the fused CPU kernels regenerate s in the backward instead of storing it).
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ from bnlab.nn.batchnorm import BatchNorm, _Dims1d, _Dims2d, _Dims3d
 
 
 class NoisyBatchNorm(BatchNorm):
-    """BatchNorm whose output receives time-varying noise in training (off in eval).
+    """BatchNorm whose output receives Algorithm 1's time-varying noise in training (off in
+    eval).
 
-    Noise arguments (``mean_range``, ``std_low``, ``std_high``, ``scale_std``) are those of
-    :class:`bnlab.functional.NoiseSpec`. Reproducibility: pass ``seed`` (the layer keeps its own
-    ``torch.Generator``, saved in the state_dict's extra state so a resumed run draws the same
-    noise) or a ``generator``; with neither, the global RNG is used. Other arguments as
-    :class:`bnlab.nn.BatchNorm`.
+    Noise constants ``n_mu``, ``n_sigma``, ``r_mu``, ``r_sigma`` (``r_sigma`` a standard
+    deviation) as :class:`bnlab.functional.NoiseSpec`, the paper's values by default.
+    Reproducibility: pass ``seed`` (the layer keeps its own ``torch.Generator``, saved in the
+    state_dict's extra state so a resumed run draws the same noise) or a ``generator``; with
+    neither, the global RNG is used. Other arguments as :class:`bnlab.nn.BatchNorm`. Raises
+    ValueError for constants out of range (n_mu, r_mu, r_sigma >= 0, n_sigma >= 1).
     """
 
     def __init__(
@@ -49,10 +51,10 @@ class NoisyBatchNorm(BatchNorm):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
-        mean_range: float = F.NoiseSpec.mean_range,
-        std_low: float = F.NoiseSpec.std_low,
-        std_high: float = F.NoiseSpec.std_high,
-        scale_std: float = F.NoiseSpec.scale_std,
+        n_mu: float = F.NoiseSpec.n_mu,
+        n_sigma: float = F.NoiseSpec.n_sigma,
+        r_mu: float = F.NoiseSpec.r_mu,
+        r_sigma: float = F.NoiseSpec.r_sigma,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         **kwargs: Any,
@@ -60,7 +62,7 @@ class NoisyBatchNorm(BatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **kwargs
         )
-        self.noise = F.NoiseSpec(mean_range, std_low, std_high, scale_std)
+        self.noise = F.NoiseSpec(n_mu, n_sigma, r_mu, r_sigma)
         if seed is not None and generator is not None:
             raise ValueError("NoisyBatchNorm takes a seed or a generator, not both")
         self.seed = seed
@@ -72,8 +74,8 @@ class NoisyBatchNorm(BatchNorm):
     def extra_repr(self) -> str:
         n = self.noise
         return (
-            f"{super().extra_repr()}, mean_range={n.mean_range}, std=[{n.std_low}, {n.std_high}], "
-            f"scale_std={n.scale_std}"
+            f"{super().extra_repr()}, n_mu={n.n_mu}, n_sigma={n.n_sigma}, r_mu={n.r_mu}, "
+            f"r_sigma={n.r_sigma}"
         )
 
     def _generator_for(self, x: Tensor) -> torch.Generator | None:

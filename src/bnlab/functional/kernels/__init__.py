@@ -323,8 +323,7 @@ def _noise_reals(draw: NoiseDraw | None) -> tuple[float, ...]:
     """The native glue's reals after (p, eps, momentum): the configuration, or nothing."""
     if draw is None:
         return ()
-    n = draw.spec
-    return (n.mean_range, n.std_low, n.std_high, n.scale_std)
+    return draw.spec.constants
 
 
 def _renorm_args(spec: ops.NormSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -363,7 +362,7 @@ class FusedTrainNorm(torch.autograd.Function):
         running, limits = _renorm_args(spec)
         stats = np.empty((5, plan.groups, channels))
         args = (
-            plan.blocks, plan.row_blocks, spec.p, spec.eps, w, b, running, limits, *track,
+            plan.blocks, plan.row_blocks, spec.kernel_p, spec.eps, w, b, running, limits, *track,
             *noise, ya, stats, plan.parallel,
         )  # fmt: skip
         plan.enter()
@@ -396,7 +395,8 @@ class FusedTrainNorm(torch.autograd.Function):
         dxa = plan.array(dx)
         w = _param(weight, plan.channels, 1.0, x.dtype)
         args = (
-            plan.blocks, plan.row_blocks, spec.p, stats, w, *noise, dxa, need_dx, plan.parallel,
+            plan.blocks, plan.row_blocks, spec.kernel_p, stats, w, *noise, dxa, need_dx,
+            plan.parallel,
         )  # fmt: skip
         plan.enter()
         if plan.planar:
@@ -604,7 +604,7 @@ def train_normalize(
         mean_buf, second_buf, momentum, kind = _track_tensors(update, x.dtype)
         ints = plan.train_ints(kind, spec.virtual_batch_size, spec.noise)
         plan.enter()
-        reals = (spec.p, spec.eps, momentum, *_noise_reals(spec.noise))
+        reals = (spec.kernel_p, spec.eps, momentum, *_noise_reals(spec.noise))
         y, mean, spread = native.train(x, weight, bias, mean_buf, second_buf, ints, reals)
         return y, ops.GroupStats(mean, spread, plan.counts), kind != 0
     track = _track_args(update, x.dtype)

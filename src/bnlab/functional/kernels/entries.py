@@ -13,10 +13,11 @@ loops get entries of their own instead of stale cached ones.
 Arguments, in order (``P``: pointer to the input dtype, ``D``: pointer to float64):
 
 * forward: x P, y P, weight P, bias P, running mean P, running second P, stats D (5, G, C);
-  n0, n1, n2, v, blocks, row_blocks; p, eps, momentum; kind; noise D, noise count, key.
+  n0, n1, n2, v, blocks, row_blocks; p (negative: lp's un-centred form), eps, momentum;
+  kind; noise D, noise count, key.
   Planar: (n0, n1, n2) = (N, C, S), ``v`` samples per group. Rows: (M, C * k, k), ``v`` rows
   per group. ``kind`` 0: the running pointers are unused (may be null). noise: the
-  configuration (mean_range, std_low, std_high, scale_std), count 4, or count 0 for none; key:
+  configuration (n_mu, n_sigma, r_mu, r_sigma), count 4, or count 0 for none; key:
   the noise key packed in one int64 (low word first).
 * backward: dy P, x P, dx P, stats D, weight P, dparams P (2, C); n0, n1, n2, v, blocks,
   row_blocks; p; need_dx; noise D, noise count, key.

@@ -15,11 +15,12 @@ pay for waking the thread pool (``parallel``), else serially. Planar reductions 
 (group, channel) and, when those are too few for the cores, over blocks of samples; row-layout
 reductions split over blocks of rows, each task accumulating a partial vector over channels.
 
-Per-element noise (noisy BatchNorm) is not stored: a counter-based hash of (channel, logical
-position, key) gives two 16-bit levels (:mod:`bnlab.functional.noise`), so the forward and the
-backward regenerate the same values, deterministically for any number of threads. The drivers
-take the noise as its configuration (mean_range, std_low, std_high, scale_std; empty for none)
-and the key, and derive the per-channel parameters from them.
+Per-element noise (noisy BatchNorm, Algorithm 1) is not stored: a counter-based hash of
+(channel, logical position, key) gives a uniform level u and a normal quantile z
+(:mod:`bnlab.functional.noise`), so the forward and the backward regenerate the same values,
+deterministically for any number of threads. The drivers take the noise as its configuration
+(n_mu, n_sigma, r_mu, r_sigma; empty for none) and the key, and derive the per-channel
+mu_t, sigma_t from them; an activation a becomes (sigma_t + r_sigma z) a + (mu_t + r_mu u).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from typing import Any
 
 import numpy as np
 from numba import njit, prange
+from numba import types as numba_types
+from numba.extending import overload
+
+from bnlab.functional.noise import NORMAL_QUANTILES
 
 # No nnan/ninf: a NaN channel must stay NaN (and must not leak into other channels).
 _REDUCE = {"reassoc", "contract", "nsz", "arcp"}
@@ -58,9 +63,16 @@ _S15 = np.uint32(15)
 _S16 = np.uint32(16)
 _LOW16 = np.uint32(0xFFFF)
 _LEVEL_OFFSET = np.int32(1 - (1 << 16))
-_UNIT_SCALE = math.sqrt(3.0) / (1 << 16)
-# Noise values are hashed per batch into a scratch vector of counters, then turned into z and
-# z' in the loop that uses them; both loops vectorize. Each such loop indexes its arrays by
+_UNIT_SCALE = 1.0 / (1 << 16)
+# z = Phi^-1((k + 1/2) / 2^16) for the hash's low 16 bits k: global arrays, which numba
+# compiles in as constants (noise.NORMAL_QUANTILES, the torch-op path's table, and its float32
+# rounding, which the torch-op path computes for float32). A float32 loop gathers from the
+# 256 KiB float32 table: 0.5-0.6 ns per value against 1.1 from the float64 one (hash and
+# look-up, one thread; the hash alone 0.4).
+_NORMAL = NORMAL_QUANTILES
+_NORMAL32 = NORMAL_QUANTILES.astype(np.float32)
+# Noise values are hashed per batch into a scratch vector of counters, then turned into u and
+# z in the loop that uses them; both loops vectorize. Each such loop indexes its arrays by
 # its own counter from 0 (slices, or whole rows): an index such as c0 + i, which LLVM cannot
 # prove non-negative, keeps numba's negative-index wraparound and turns each load into a
 # gather.
@@ -68,6 +80,8 @@ _RUN = 256
 
 # Rows of the (5, G, C) float64 statistics array the forward returns and the backward reads.
 MEAN, SPREAD, SCALE, R, D = range(5)
+# Rows of the (4, C) per-channel noise parameters (float64, or per column in the input dtype).
+_MU_T, _SIGMA_T, _R_MU, _R_SIGMA = range(4)
 # Rows of the (4, G, C) per-element coefficient array in the input dtype.
 _MEAN_HI, _MEAN_LO, _A, _B = range(4)
 
@@ -91,6 +105,25 @@ def _level(bits, unit, like):
     (unit = sqrt(3) / 2^16 in that dtype): noise.levels. The integer is converted first:
     int32 times float32 would be computed in float64."""
     return like.dtype.type(np.int32(np.int32(bits) * np.int32(2) + _LEVEL_OFFSET)) * unit
+
+
+def _quantiles(like):
+    """The quantile table in the dtype of the array ``like`` (compiled by the overload)."""
+    raise NotImplementedError("numba only")
+
+
+@overload(_quantiles, inline="always")
+def _quantiles_for(like):
+    if like.dtype == numba_types.float32:
+        return lambda like: _NORMAL32
+    return lambda like: _NORMAL
+
+
+@njit(cache=True, inline="always")
+def _normal(bits, like):
+    """16-bit integer k -> Phi^-1((k + 1/2) / 2^16) in the dtype of the array ``like``:
+    noise.normal_levels."""
+    return _quantiles(like)[bits]
 
 
 @njit(cache=True, inline="always")
@@ -121,21 +154,23 @@ def _hash_run(start, count, key, h):
 
 @njit(cache=True)
 def _noise_params(conf, key, channels):
-    """Per-channel (mu, sigma, scale_std) (3, C) float64 from the noise configuration
-    ``conf`` (mean_range, std_low, std_high, scale_std; empty: no noise, (3, 0) returned) and
-    the key: NoiseDraw.channel_params (same operations, no contraction, so the same bits).
-    scale_std is the configuration's, one for all channels: the row loops read it as a scalar."""
+    """Per-channel rows mu_t, sigma_t, r_mu, r_sigma (4, C) float64 from the noise
+    configuration ``conf`` (n_mu, n_sigma, r_mu, r_sigma; empty: no noise, (4, 0) returned) and
+    the key: mu_t, sigma_t as NoiseDraw.channel_params (same operations, no contraction, so the
+    same bits). r_mu and r_sigma are the configuration's, one for all channels: the row loops
+    read them as scalars."""
     if conf.shape[0] == 0:
-        return np.empty((3, 0))
-    params = np.empty((3, channels))
+        return np.empty((4, 0))
+    params = np.empty((4, channels))
     k0, k1 = np.uint32(key[1]), np.uint32(key[0])  # the swapped key
-    mean_range, low, high = conf[0], conf[1], conf[2]
+    n_mu, n_sigma = conf[0], conf[1]
     for c in range(channels):
         u_mu = (np.float64(_hash32(np.uint32(2 * c), k0, k1)) + 0.5) * 2.0**-32
         u_sigma = (np.float64(_hash32(np.uint32(2 * c + 1), k0, k1)) + 0.5) * 2.0**-32
-        params[0, c] = u_mu * (2 * mean_range) + (-mean_range)
-        params[1, c] = u_sigma * (high - low) + low
-        params[2, c] = conf[3]
+        params[_MU_T, c] = u_mu * (2 * n_mu) + (-n_mu)
+        params[_SIGMA_T, c] = u_sigma * (n_sigma - 1.0) + 1.0
+        params[_R_MU, c] = conf[2]
+        params[_R_SIGMA, c] = conf[3]
     return params
 
 
@@ -338,8 +373,8 @@ _CHUNK = 256
 
 @njit(cache=True, error_model="numpy")
 def _rows_stats_task(
-    t, col_mean, stats, coef, x, cblocks, v_rows, k, blocks, rows, count, p, eps, part, running,
-    limits, weight, bias, track_mean, track_second, momentum, track_kind,
+    t, col_mean, stats, coef, x, cblocks, v_rows, k, blocks, rows, count, p, centered, eps, part,
+    running, limits, weight, bias, track_mean, track_second, momentum, track_kind,
 ):  # fmt: skip
     """Channels of block t of ``cblocks``, every group: merge the per-(task, column) partials
     into per-channel sums re-centred on the channel's first column's shift (sum (x - K) =
@@ -388,7 +423,7 @@ def _rows_stats_task(
             # lie a multiple of 4 KiB apart, so reading one while writing another stalled on
             # 4K aliasing (one thread, (1024, 4096) in groups of 32: 1.24 ms for the 131072
             # (group, channel) pairs, 0.76 ms now; most of the rest is the division per pair).
-            if p == 2.0 and running.shape[0] != 2:  # BatchNorm: a loop that vectorizes
+            if p == 2.0 and centered and running.shape[0] != 2:  # BN: a loop that vectorizes
                 for i in range(width):
                     mean_shifted = s1[i] / m
                     var = max(s2[i] / m - mean_shifted * mean_shifted, 0.0)
@@ -402,8 +437,9 @@ def _rows_stats_task(
                 for i in range(width):
                     c = ca + i
                     values = _finish_one(
-                        s1[i], s2[i], lo[i], hi[i], first[i], m, p, eps, running, limits, c
-                    )
+                        s1[i], s2[i], lo[i], hi[i], first[i], m, p, centered, eps, running,
+                        limits, c,
+                    )  # fmt: skip
                     fin[MEAN, i], fin[SPREAD, i], fin[SCALE, i], fin[R, i], fin[D, i] = values
             for row in range(5):
                 out, done = stats[row, g, ca:cb], fin[row]
@@ -415,32 +451,37 @@ def _rows_stats_task(
 
 
 @njit(cache=True)
-def _finish_stats(part, shift, count, p, eps, running, limits, stats):
+def _finish_stats(part, shift, count, p, centered, eps, running, limits, stats):
     """(4, G, C) sums -> stats rows MEAN, SPREAD, SCALE, R, D."""
     groups, channels = shift.shape
     for g in range(groups):
         for c in range(channels):
             s1, s2, lo, hi = part[0, g, c], part[1, g, c], part[2, g, c], part[3, g, c]
             _finish_into(
-                stats, g, c, s1, s2, lo, hi, shift[g, c], count[g], p, eps, running, limits
-            )
+                stats, g, c, s1, s2, lo, hi, shift[g, c], count[g], p, centered, eps, running,
+                limits,
+            )  # fmt: skip
 
 
 @njit(cache=True, inline="always")
-def _finish_into(stats, g, c, s1, s2, lo, hi, k, m, p, eps, running, limits):
+def _finish_into(stats, g, c, s1, s2, lo, hi, k, m, p, centered, eps, running, limits):
     """:func:`_finish_one` of (group g, channel c) into the stats rows."""
-    values = _finish_one(s1, s2, lo, hi, k, m, p, eps, running, limits, c)
+    values = _finish_one(s1, s2, lo, hi, k, m, p, centered, eps, running, limits, c)
     stats[MEAN, g, c], stats[SPREAD, g, c], stats[SCALE, g, c] = values[:3]
     stats[R, g, c], stats[D, g, c] = values[3], values[4]
 
 
 @njit(cache=True, inline="always")
-def _finish_one(s1, s2, lo, hi, k, m, p, eps, running, limits, c):
-    """(mean, spread, scale, r, d) of channel c from its sums shifted by k over m values."""
+def _finish_one(s1, s2, lo, hi, k, m, p, centered, eps, running, limits, c):
+    """(mean, spread, scale, r, d) of channel c from its sums shifted by k over m values (for
+    p = 1, s2 is the sum of |x - mean| (``centered``) or of |x|). ``centered`` False: lp's
+    un-centred spread, the mean square (p = 2) or max |x| (p = inf)."""
     mean_shifted = s1 / m
     mean = k + mean_shifted
     if p == 2.0:
         spread = max(s2 / m - mean_shifted * mean_shifted, 0.0)
+        if not centered:
+            spread += mean * mean  # E[x^2] = var + mean^2
         if math.isnan(mean_shifted):
             spread = mean_shifted
         scale = math.sqrt(spread + eps)
@@ -448,7 +489,10 @@ def _finish_one(s1, s2, lo, hi, k, m, p, eps, running, limits, c):
         spread = s2 / m
         scale = spread + eps
     else:
-        spread = max(hi - mean_shifted, mean_shifted - lo)
+        if centered:
+            spread = max(hi - mean_shifted, mean_shifted - lo)
+        else:
+            spread = max(k + hi, -(k + lo))
         if math.isnan(mean_shifted):
             spread = mean_shifted
         scale = spread + eps
@@ -535,7 +579,7 @@ def _store_coefficient_rows(stats, c0, c1, weight, bias, k, coef):
 @njit(cache=True, fastmath=_ELEMENTWISE)
 def _planar_normalize_task(x, t, row_blocks, v, coef, noise, key, y):
     """Rows (n, c) of block t of ``row_blocks``: a block amortizes the call over many short
-    rows (S = 16 for a 4x4 feature map). ``noise``: (3, C) per-channel parameters, or (3, 0)."""
+    rows (S = 16 for a 4x4 feature map). ``noise``: (4, C) per-channel parameters, or (4, 0)."""
     n_total, c_total, _ = x.shape
     r0, r1 = _block(0, n_total * c_total, t, row_blocks)
     iota = _iota()
@@ -552,9 +596,10 @@ def _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y):
         for s in range(size):
             y[n, c, s] = ((x[n, c, s] - mh) - ml) * a + b
         return
-    # In the input dtype, as the torch-op path: y_bn * (1 + scale_std z') + (mu + sigma z).
+    # In the input dtype, as the torch-op path: y_bn * (sigma_t + r_sigma z) + (mu_t + r_mu u).
     dtype = x.dtype.type
-    mu, sigma, scale_std, one = dtype(noise[0, c]), dtype(noise[1, c]), dtype(noise[2, c]), dtype(1)
+    mu, sigma = dtype(noise[_MU_T, c]), dtype(noise[_SIGMA_T, c])
+    r_mu, r_sigma = dtype(noise[_R_MU, c]), dtype(noise[_R_SIGMA, c])
     unit = dtype(_UNIT_SCALE)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     start = (c * n_total + n) * size
@@ -564,14 +609,14 @@ def _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y):
         x_run, y_run = x[n, c, s0 : s0 + run], y[n, c, s0 : s0 + run]
         for i in range(run):
             h = _iota_hash(iota, i, first, k0, k1)
-            z, z_scale = _level(h >> _S16, unit, x), _level(h & _LOW16, unit, x)
+            u, z = _level(h >> _S16, unit, x), _normal(h & _LOW16, x)
             bn = ((x_run[i] - mh) - ml) * a + b
-            y_run[i] = bn * (one + scale_std * z_scale) + (mu + sigma * z)
+            y_run[i] = bn * (sigma + r_sigma * z) + (mu + r_mu * u)
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
 def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, key, base, k, y):
-    """Rows of block t; ``noise`` (3, C * k) per column in the input dtype, or (3, 0)."""
+    """Rows of block t; ``noise`` (4, C * k) per column in the input dtype, or (4, 0)."""
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
     if noise.shape[1] != 0:
@@ -635,16 +680,35 @@ def _noisy_tiles(x, base, k, per_column, n_coef):
     return rows, _tile_counters(base, k, columns, rows), tiles
 
 
+@njit(cache=True, inline="always")
+def _hash_tile(counters, offset, k0, k1, n, like, z, u):
+    """z[i] (and, when u is not empty, u[i]) of tile values i < n, counter counters[i] + offset:
+    the hash and the quantile look-up in a loop of their own. In the loop that uses them, the
+    look-up's gather kept LLVM from vectorizing (4 ns per value against 1.2 ns so, one thread,
+    (8192, 32) float32)."""
+    unit = like.dtype.type(_UNIT_SCALE)
+    if u.shape[0] == 0:
+        for i in range(n):
+            z[i] = _normal(_hash32(np.uint32(counters[i] + offset), k0, k1) & _LOW16, like)
+        return
+    for i in range(n):
+        h = _hash32(np.uint32(counters[i] + offset), k0, k1)
+        u[i] = _level(h >> _S16, unit, like)
+        z[i] = _normal(h & _LOW16, like)
+
+
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
 def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
     columns = x.shape[1]
     rows, counters, tiles = _noisy_tiles(x, base, k, noise[:2], 4)
     mh, ml, a, b = tiles[0], tiles[1], tiles[2], tiles[3]
     mu, sigma = tiles[4], tiles[5]
-    scale_std = noise[2, 0]  # one value for every channel (the configuration's): a scalar
+    # One value for every channel (the configuration's): scalars.
+    r_mu, r_sigma = noise[_R_MU, 0], noise[_R_SIGMA, 0]
     xf, yf = x.reshape(-1), y.reshape(-1)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
-    one, unit = x.dtype.type(1), x.dtype.type(_UNIT_SCALE)
+    draws = np.empty((2, counters.shape[0]), dtype=x.dtype)
+    u, z = draws[0], draws[1]
     for g in range(r0 // v_rows, (r1 + v_rows - 1) // v_rows if r1 > r0 else 0):
         for j in range(4):
             _tile(coef[j, g], rows, tiles[j])
@@ -652,18 +716,16 @@ def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
         for r in range(g0, g1, rows):
             n = min(rows, g1 - r) * columns
             xs, ys = xf[r * columns : r * columns + n], yf[r * columns : r * columns + n]
-            offset = np.uint32(r * k)
+            _hash_tile(counters, np.uint32(r * k), k0, k1, n, x, z, u)
             for i in range(n):
-                h = _hash32(np.uint32(counters[i] + offset), k0, k1)
-                z, z_scale = _level(h >> _S16, unit, x), _level(h & _LOW16, unit, x)
                 bn = ((xs[i] - mh[i]) - ml[i]) * a[i] + b[i]
-                ys[i] = bn * (one + scale_std * z_scale) + (mu[i] + sigma[i] * z)
+                ys[i] = bn * (sigma[i] + r_sigma * z[i]) + (mu[i] + r_mu * u[i])
 
 
 # --------------------------------------------------------------------------------------------
 # Backward: one read of (dy, x) for sum(gy) and sum(gy * (x - mean)) (and sum(sign(x - mean))
-# for p = 1), where gy = dy * (1 + scale_std z') is the gradient at the BN output; then one read
-# of (dy, x) and one write of dx. With noise both passes hash z' again (storing gy for the
+# for p = 1), where gy = dy * (sigma_t + r_sigma z) is the gradient at the BN output; then one read
+# of (dy, x) and one write of dx. With noise both passes hash z again (storing gy for the
 # second pass would cost a write of the whole tensor: measured slower from the L2 cache size
 # up, (16384, 128) float32 sums pass 1.39 ms storing against 1.02 not storing, one thread).
 # p = inf also needs the arg-max of
@@ -672,11 +734,11 @@ def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
 
 
 @njit(cache=True, fastmath=_REDUCE, inline="always")
-def _noisy_gradient_sums(dy, x, m, start, scale_std, key, iota, s_gy, s_gx):
-    """Noise, a planar row: the sums sum(gy), sum(gy (x - m)) of gy = dy (1 + scale_std z'),
+def _noisy_gradient_sums(dy, x, m, start, sigma_t, r_sigma, key, iota, s_gy, s_gx):
+    """Noise, a planar row: the sums sum(gy), sum(gy (x - m)) of gy = dy (sigma_t + r_sigma z),
     hashed and summed in one loop per batch of counters."""
     size = dy.shape[0]
-    scale, one, unit = dy.dtype.type(scale_std), dy.dtype.type(1), dy.dtype.type(_UNIT_SCALE)
+    sigma, scale = dy.dtype.type(sigma_t), dy.dtype.type(r_sigma)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     for s0 in range(0, size, _RUN):
         run = min(_RUN, size - s0)
@@ -684,7 +746,7 @@ def _noisy_gradient_sums(dy, x, m, start, scale_std, key, iota, s_gy, s_gx):
         dy_run, x_run = dy[s0 : s0 + run], x[s0 : s0 + run]
         for i in range(run):
             h = _iota_hash(iota, i, first, k0, k1)
-            gy = np.float64(dy_run[i] * (one + scale * _level(h & _LOW16, unit, dy)))
+            gy = np.float64(dy_run[i] * (sigma + scale * _normal(h & _LOW16, dy)))
             s_gy += gy
             s_gx += gy * (np.float64(x_run[i]) - m)
     return s_gy, s_gx
@@ -708,8 +770,9 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part):
         if noisy:
             start = (c * n_total + n) * size
             s_gy, s_gx = _noisy_gradient_sums(
-                dy[n, c], x[n, c], m, start, noise[2, c], key, iota, s_gy, s_gx
-            )
+                dy[n, c], x[n, c], m, start, noise[_SIGMA_T, c], noise[_R_SIGMA, c], key, iota,
+                s_gy, s_gx,
+            )  # fmt: skip
             continue
         x_row = x[n, c]
         for s in range(size):
@@ -725,26 +788,28 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part):
 
 
 @njit(cache=True, fastmath=_REDUCE, inline="always")
-def _rows_noisy_grad_sums(dy, x, r0, r1, m, scale_std, key, base, k, s_gy, s_gx):
-    """Noise, rows r0..r1 of one group, on tiles (see _TILE): gy = dy (1 + scale_std z') summed
-    per tile value, then folded into the per-column sums ``s_gy``, ``s_gx`` (which start at 0)."""
+def _rows_noisy_grad_sums(dy, x, r0, r1, m, noise, key, base, k, s_gy, s_gx):
+    """Noise, rows r0..r1 of one group, on tiles (see _TILE): gy = dy (sigma_t + r_sigma z)
+    summed per tile value, then folded into the per-column sums ``s_gy``, ``s_gx`` (which start
+    at 0). ``noise``: (4, C * k) per column."""
     columns = x.shape[1]
     rows, span = _tile_rows(columns)
     counters = _tile_counters(base, k, columns, rows)
-    scale = scale_std[0]  # one value for every channel
+    scale = noise[_R_SIGMA, 0]  # one value for every channel
     mean = np.empty(span)
+    sigma = np.empty(span, dtype=dy.dtype)
     acc_gy, acc_gx = np.zeros(span), np.zeros(span)
     _tile(m, rows, mean)
+    _tile(noise[_SIGMA_T], rows, sigma)
     dyf, xf = dy.reshape(-1), x.reshape(-1)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
-    one, unit = dy.dtype.type(1), dy.dtype.type(_UNIT_SCALE)
+    z, no_u = np.empty(span, dtype=dy.dtype), np.empty(0, dtype=dy.dtype)
     for r in range(r0, r1, rows):
         n = min(rows, r1 - r) * columns
         dys, xs = dyf[r * columns : r * columns + n], xf[r * columns : r * columns + n]
-        offset = np.uint32(r * k)
+        _hash_tile(counters, np.uint32(r * k), k0, k1, n, dy, z, no_u)
         for i in range(n):
-            h = _hash32(np.uint32(counters[i] + offset), k0, k1)
-            gy = np.float64(dys[i] * (one + scale * _level(h & _LOW16, unit, dy)))
+            gy = np.float64(dys[i] * (sigma[i] + scale * z[i]))
             acc_gy[i] += gy
             acc_gx[i] += gy * (np.float64(xs[i]) - mean[i])
     for t in range(rows):
@@ -770,13 +835,17 @@ def _grad_sums4(dy, x, r, m, s_gy, s_gx):
 
 
 @njit(cache=True, fastmath=_REDUCE)
-def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, key, base, k, part, top, first):
+def _rows_grad_sums_task(
+    dy, x, t, v_rows, blocks, p, mean, center, noise, key, base, k, part, top, first
+):  # fmt: skip
     """Per-column partial sums of block t; p = inf: ``top``/``first`` get each column's
-    largest |x - mean| and the first row holding it (merged by :func:`_rows_argmax_channel`)."""
+    largest |x - center| (center: the mean, or 0 for the un-centred form) and the first row
+    holding it (merged by :func:`_rows_argmax_channel`)."""
     m_total, c_total = x.shape
     g, b = t // blocks, t % blocks
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
     m = mean[g]
+    centre = center[g]
     # part has a sign row for p = 1 only: elsewhere s_sign stands in for s_gy, never written.
     s_gy, s_gx = part[0, t], part[1, t]
     s_sign = part[2, t] if p == 1.0 else s_gy
@@ -793,7 +862,7 @@ def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, key, base, k,
             top_t[c] = -1.0
             first_t[c] = -1
     if noise.shape[1] != 0:  # with p = 2 only (NormSpec checks)
-        _rows_noisy_grad_sums(dy, x, r0, r1, m, noise[2], key, base, k, s_gy, s_gx)
+        _rows_noisy_grad_sums(dy, x, r0, r1, m, noise, key, base, k, s_gy, s_gx)
         return
     if not track:  # 2-D indexing, no row slices: short rows pay for slices
         if p == 2.0:  # short rows: four rows per sweep, as the forward's sums
@@ -819,7 +888,7 @@ def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, key, base, k,
     for r in range(r0, r4, 4):  # short rows: four rows per sweep, as the p = 2 sums
         _grad_sums4(dy, x, r, m, s_gy, s_gx)
         for c in range(c_total):  # the rows in order: strict >, so the first row keeps a tie
-            mc = m[c]
+            mc = centre[c]
             best, at = top_t[c], first_t[c]
             for i in range(4):
                 deviation = abs(np.float64(x[r + i, c]) - mc)
@@ -835,25 +904,25 @@ def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, noise, key, base, k,
             s_gy[c] += gy
             s_gx[c] += gy * (np.float64(x_row[c]) - m[c])
         for c in range(c_total):  # a loop of its own, on the row just read: it vectorizes
-            deviation = abs(np.float64(x_row[c]) - m[c])
+            deviation = abs(np.float64(x_row[c]) - centre[c])
             better = deviation > top_t[c]  # strict: the first row keeps a tie
             top_t[c] = deviation if better else top_t[c]
             first_t[c] = r if better else first_t[c]
 
 
 @njit(cache=True)
-def _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams):
+def _grad_coefficients(sums, stats, count, p, centered, weight, coef, argmax_sign, dparams):
     """dx = A gy + B phi(x - mean) + C per (group, channel); phi = x - mean (p = 2), its sign
-    (p = 1); p = inf adds -A (S_gx / s) sign_k at the arg-max k (into sums[2]). Also d weight,
-    d bias."""
+    (p = 1), of x itself for the un-centred form; p = inf adds -A (S_gx / s) sign_k at the
+    arg-max k (into sums[2]). Also d weight, d bias."""
     groups, channels = coef.shape[1], coef.shape[2]
     totals = np.zeros((2, channels))
     for g in range(groups):
         for c in range(channels):
             s_gy, s_gx, s_sign = sums[0, g, c], sums[1, g, c], sums[2, g, c]
             sums[2, g, c], total = _store_grad_coefficients(
-                s_gy, s_gx, s_sign, argmax_sign[g, c], stats, count[g], p, weight, g, c, c,
-                c + 1, coef,
+                s_gy, s_gx, s_sign, argmax_sign[g, c], stats, count[g], p, centered, weight, g,
+                c, c, c + 1, coef,
             )  # fmt: skip
             totals[0, c] += total
             totals[1, c] += s_gy
@@ -863,23 +932,33 @@ def _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams
 
 
 @njit(cache=True, inline="always")
-def _store_grad_coefficients(s_gy, s_gx, s_sign, k_sign, stats, m, p, weight, g, c, j0, j1, coef):
+def _store_grad_coefficients(
+    s_gy, s_gx, s_sign, k_sign, stats, m, p, centered, weight, g, c, j0, j1, coef
+):  # fmt: skip
     """:func:`_grad_coefficients` of (group g, channel c) into columns j0 <= j < j1 of coef;
-    returns (the arg-max addend for p = inf, else s_sign; the group's d weight term)."""
+    returns (the arg-max addend for p = inf, else s_sign; the group's d weight term).
+
+    Un-centred (lp as the paper defines it): s depends on x, not on x - mean, so its gradient
+    skips the mean subtraction's projection (the s_sign and k_sign terms of the offset) and
+    phi takes x itself (the coefficients' mean is 0)."""
     s = stats[SCALE, g, c]
     r = stats[R, g, c]
     a = np.float64(weight[c]) * r / s
-    mean = stats[MEAN, g, c]
+    mean = stats[MEAN, g, c] if centered else 0.0
     addend = s_sign
     if p == 2.0:
         b = -a * s_gx / (s * s * m)
         offset = -a * s_gy / m
     elif p == 1.0:
         b = -a * s_gx / (s * m)
-        offset = -a * s_gy / m + a * (s_gx / s) * s_sign / (m * m)
+        offset = -a * s_gy / m
+        if centered:
+            offset += a * (s_gx / s) * s_sign / (m * m)
     else:
         b = 0.0
-        offset = -a * s_gy / m + a * (s_gx / s) * k_sign / m
+        offset = -a * s_gy / m
+        if centered:
+            offset += a * (s_gx / s) * k_sign / m
         addend = -a * (s_gx / s) * k_sign
     hi = coef.dtype.type(mean)
     lo = coef.dtype.type(mean - np.float64(hi))
@@ -895,8 +974,8 @@ def _store_grad_coefficients(s_gy, s_gx, s_sign, k_sign, stats, m, p, weight, g,
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
 def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noise, key, dx):
-    """dx = a gy + b phi + k over rows (n, c) of block t; gy = dy, or dy (1 + scale_std z')
-    with noise (``noise`` (3, C), or (3, 0))."""
+    """dx = a gy + b phi + k over rows (n, c) of block t; gy = dy, or dy (sigma_t + r_sigma z)
+    with noise (``noise`` (4, C), or (4, 0))."""
     n_total, c_total, _ = x.shape
     r0, r1 = _block(0, n_total * c_total, t, row_blocks)
     iota = _iota()
@@ -910,8 +989,7 @@ def _planar_dx_row(dy, x, n, c, v, p, coef, noise, key, iota, dx):
     g = n // v
     mh, ml, a, b, k = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c], coef[4, g, c]
     if noise.shape[1] != 0:  # p = 2
-        one, unit = x.dtype.type(1), x.dtype.type(_UNIT_SCALE)
-        scale = x.dtype.type(noise[2, c])
+        sigma, scale = x.dtype.type(noise[_SIGMA_T, c]), x.dtype.type(noise[_R_SIGMA, c])
         k0, k1 = np.uint32(key[0]), np.uint32(key[1])
         start = (c * n_total + n) * size
         for s0 in range(0, size, _RUN):
@@ -921,7 +999,7 @@ def _planar_dx_row(dy, x, n, c, v, p, coef, noise, key, iota, dx):
             dx_run = dx[n, c, s0 : s0 + run]
             for i in range(run):
                 h = _iota_hash(iota, i, first, k0, k1)
-                gy = dy_run[i] * (one + scale * _level(h & _LOW16, unit, x))
+                gy = dy_run[i] * (sigma + scale * _normal(h & _LOW16, x))
                 dx_run[i] = a * gy + b * ((x_run[i] - mh) - ml) + k
     elif p == 1.0:
         one_t = x.dtype.type  # the sign in x's dtype: an integer sign made the loop float64
@@ -935,7 +1013,7 @@ def _planar_dx_row(dy, x, n, c, v, p, coef, noise, key, iota, dx):
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
 def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, key, base, k, dx):
-    """Row-layout :func:`_planar_dx_task` (``noise`` (3, C * k) per column, or (3, 0))."""
+    """Row-layout :func:`_planar_dx_task` (``noise`` (4, C * k) per column, or (4, 0))."""
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
     if noise.shape[1] != 0:
@@ -961,12 +1039,13 @@ def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, key, base, k, dx
 def _rows_noisy_dx(dy, x, r0, r1, v_rows, coef, noise, key, base, k, dx):
     """Noisy rows r0..r1 of :func:`_rows_dx_task` on tiles, as :func:`_rows_noisy_normalize`."""
     columns = x.shape[1]
-    rows, counters, tiles = _noisy_tiles(x, base, k, noise[3:], 5)
+    rows, counters, tiles = _noisy_tiles(x, base, k, noise[_SIGMA_T : _SIGMA_T + 1], 5)
     mh, ml, a, b, offset = tiles[0], tiles[1], tiles[2], tiles[3], tiles[4]
-    scale = noise[2, 0]  # one value for every channel
+    sigma = tiles[5]
+    scale = noise[_R_SIGMA, 0]  # one value for every channel
     dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
-    one, unit = x.dtype.type(1), x.dtype.type(_UNIT_SCALE)
+    z, no_u = np.empty(counters.shape[0], dtype=x.dtype), np.empty(0, dtype=x.dtype)
     for g in range(r0 // v_rows, (r1 + v_rows - 1) // v_rows if r1 > r0 else 0):
         for j in range(5):
             _tile(coef[j, g], rows, tiles[j])
@@ -975,10 +1054,9 @@ def _rows_noisy_dx(dy, x, r0, r1, v_rows, coef, noise, key, base, k, dx):
             n = min(rows, g1 - r) * columns
             lo = r * columns
             dys, xs, dxs = dyf[lo : lo + n], xf[lo : lo + n], dxf[lo : lo + n]
-            shift = np.uint32(r * k)
+            _hash_tile(counters, np.uint32(r * k), k0, k1, n, x, z, no_u)
             for i in range(n):
-                h = _hash32(np.uint32(counters[i] + shift), k0, k1)
-                gy = dys[i] * (one + scale * _level(h & _LOW16, unit, x))
+                gy = dys[i] * (sigma[i] + scale * z[i])
                 dxs[i] = a[i] * gy + b[i] * ((xs[i] - mh[i]) - ml[i]) + offset[i]
 
 
@@ -1001,8 +1079,8 @@ def _planar_argmax_task(x, gc, v, mean, argmax_at, argmax_sign):
 
 @njit(cache=True, error_model="numpy")
 def _rows_grad_task(
-    x, t, cblocks, k, blocks, count, p, part, top, first, col_mean, stats, weight, coef,
-    argmax_at, addend, totals, dparams,
+    x, t, cblocks, k, blocks, count, p, centered, part, top, first, col_center, stats, weight,
+    coef, argmax_at, addend, totals, dparams,
 ):  # fmt: skip
     """Channels of block t of ``cblocks``, every group: the per-channel sums from the
     per-(task, column) partials (in task, then column order), the arg-max for p = inf, the dx
@@ -1037,12 +1115,12 @@ def _rows_grad_task(
                 k_sign = 0.0
                 if track:
                     k_sign = _rows_argmax_channel(
-                        x, g, c, k, blocks, col_mean, top, first, argmax_at
+                        x, g, c, k, blocks, col_center, top, first, argmax_at
                     )
                 s_gy = sums[0, c - ca]
                 extra, total = _store_grad_coefficients(
-                    s_gy, sums[1, c - ca], sums[2, c - ca], k_sign, stats, count[g], p, weight, g,
-                    c, c * k, (c + 1) * k, coef,
+                    s_gy, sums[1, c - ca], sums[2, c - ca], k_sign, stats, count[g], p, centered,
+                    weight, g, c, c * k, (c + 1) * k, coef,
                 )  # fmt: skip
                 if track:
                     addend[g, c] = extra
@@ -1054,7 +1132,7 @@ def _rows_grad_task(
 
 
 @njit(cache=True, inline="always")
-def _rows_argmax_channel(x, g, c, k, blocks, col_mean, top, first, argmax_at):
+def _rows_argmax_channel(x, g, c, k, blocks, col_center, top, first, argmax_at):
     """The first largest |x - mean| of (group g, channel c) in its logical order, row-major over
     (row, column), from the per-(task, column) maxima of :func:`_rows_grad_sums_task`: the
     largest ``top`` with the smallest flat index. Stores the flat index, returns the sign."""
@@ -1072,7 +1150,7 @@ def _rows_argmax_channel(x, g, c, k, blocks, col_mean, top, first, argmax_at):
             if value > best or (value == best and at < at_best):
                 best = value
                 at_best = at
-                xc = np.float64(x[r, j]) - col_mean[g, j]
+                xc = np.float64(x[r, j]) - col_center[g, j]
                 k_sign = (xc > 0.0) - (xc < 0.0)
     argmax_at[g, c] = at_best
     return k_sign
@@ -1117,7 +1195,8 @@ def _group_counts(n_total, v, per_sample):
 
 @njit(cache=True)
 def _planar_fused_forward_task(
-    x, t, v, p, eps, count, weight, bias, running, limits, noise, key, part, mean, stats, coef, y
+    x, t, v, p, centered, eps, count, weight, bias, running, limits, noise, key, part, mean,
+    stats, coef, y,
 ):  # fmt: skip
     """Statistics, coefficients and normalized rows of (group, channel) t: the unfused passes'
     own functions on one task, in their order (the same numbers, bit for bit)."""
@@ -1125,12 +1204,12 @@ def _planar_fused_forward_task(
     g, c = t // c_total, t % c_total
     _planar_sums_task(x, t, v, 1, p, part)
     shift = x[g * v, c, 0]
-    if p == 1.0:
-        mean[g, c] = shift + part[0, t] / count[g]
+    if p == 1.0:  # sum |x - mean|, or sum |x| (un-centred)
+        mean[g, c] = shift + part[0, t] / count[g] if centered else 0.0
         _planar_absdev_task(x, t, v, 1, mean, part)
     _finish_into(
-        stats, g, c, part[0, t], part[1, t], part[2, t], part[3, t], shift, count[g], p, eps,
-        running, limits,
+        stats, g, c, part[0, t], part[1, t], part[2, t], part[3, t], shift, count[g], p,
+        centered, eps, running, limits,
     )  # fmt: skip
     _store_coefficient_rows(stats[:, g, c : c + 1], c, c + 1, weight, bias, 1, coef[:, g])
     iota = _iota()
@@ -1166,8 +1245,11 @@ def forward_planar(
     Memory passes: p = 2, inf: read x (stats), read x + write y (normalize). p = 1: one more
     read of x for the mean absolute deviation. With ``blocks`` 1 a task does all of this for
     one (group, channel), so the second read comes from the cache wherever one channel's values
-    fit in it (1.6 MB for (128, 64, 56, 56) float32): one read of x from memory.
+    fit in it (1.6 MB for (128, 64, 56, 56) float32): one read of x from memory. ``p`` < 0:
+    lp's un-centred form of |p| (:func:`_finish_one`).
     """
+    centered = p > 0.0
+    p = abs(p)
     n_total, c_total, size = x.shape
     count = _group_counts(n_total, v, size)
     groups = count.shape[0]
@@ -1180,14 +1262,14 @@ def forward_planar(
         if parallel:
             for t in prange(tasks):
                 _planar_fused_forward_task(
-                    x, t, v, p, eps, count, weight, bias, running, limits, params, key, part,
-                    mean, stats, coef, y,
+                    x, t, v, p, centered, eps, count, weight, bias, running, limits, params, key,
+                    part, mean, stats, coef, y,
                 )  # fmt: skip
         else:
             for t in range(tasks):
                 _planar_fused_forward_task(
-                    x, t, v, p, eps, count, weight, bias, running, limits, params, key, part,
-                    mean, stats, coef, y,
+                    x, t, v, p, centered, eps, count, weight, bias, running, limits, params, key,
+                    part, mean, stats, coef, y,
                 )  # fmt: skip
         _update_running(stats, count, track_mean, track_second, momentum, track_kind, 0, c_total)
         return stats
@@ -1211,11 +1293,11 @@ def forward_planar(
         sums[1, g, c] += part[1, t]
         sums[2, g, c] = min(sums[2, g, c], part[2, t])
         sums[3, g, c] = max(sums[3, g, c], part[3, t])
-    if p == 1.0:
+    if p == 1.0:  # sum |x - mean|, or sum |x| (un-centred: about 0)
         mean = np.empty((groups, c_total))
         for g in range(groups):
             for c in range(c_total):
-                mean[g, c] = shift[g, c] + sums[0, g, c] / count[g]
+                mean[g, c] = shift[g, c] + sums[0, g, c] / count[g] if centered else 0.0
         if parallel:
             for t in prange(tasks):
                 _planar_absdev_task(x, t, v, blocks, mean, part)
@@ -1226,7 +1308,7 @@ def forward_planar(
         for t in range(tasks):
             gc = t // blocks
             sums[1, gc // c_total, gc % c_total] += part[1, t]
-    _finish_stats(sums, shift, count, p, eps, running, limits, stats)
+    _finish_stats(sums, shift, count, p, centered, eps, running, limits, stats)
     _update_running(stats, count, track_mean, track_second, momentum, track_kind, 0, c_total)
     coef = np.empty((4, groups, c_total), dtype=x.dtype)
     _coefficients(stats, weight, bias, coef)
@@ -1265,10 +1347,10 @@ def _column_base(columns, k, m_total):
 
 @njit(cache=True)
 def _noise_columns(noise, k, like):
-    """Per-channel noise parameters (3, C) float64 -> per column (3, C * k) in like's dtype."""
-    channels = noise.shape[1]
-    out = np.empty((3, channels * k), dtype=like.dtype)
-    for i in range(3):
+    """Per-channel noise parameters (4, C) float64 -> per column (4, C * k) in like's dtype."""
+    n_rows, channels = noise.shape
+    out = np.empty((n_rows, channels * k), dtype=like.dtype)
+    for i in range(n_rows):
         for c in range(channels):
             for s in range(k):
                 out[i, c * k + s] = noise[i, c]
@@ -1300,9 +1382,11 @@ def forward_rows(
 ):
     """Training forward on rows (M, C * k): column j holds channel j // k (k = 1 for
     channels-last, k = S for a contiguous input with a small feature map); groups are
-    ``v_rows`` rows. Fills and returns the (5, G, C) ``stats``. Memory passes as
+    ``v_rows`` rows. Fills and returns the (5, G, C) ``stats``. Memory passes and ``p`` as
     :func:`forward_planar`.
     """
+    centered = p > 0.0
+    p = abs(p)
     m_total, columns = x.shape
     channels = columns // k
     rows = _group_counts(m_total, v_rows, 1)
@@ -1319,19 +1403,21 @@ def forward_rows(
             _rows_sums_task(x, t, v_rows, blocks, p, part)
     coef = np.empty((4, groups, columns), dtype=x.dtype)
     finish = (
-        x, cblocks, v_rows, k, blocks, rows, count, p, eps, part, running, limits, weight, bias,
-        track_mean, track_second, momentum, track_kind,
+        x, cblocks, v_rows, k, blocks, rows, count, p, centered, eps, part, running, limits,
+        weight, bias, track_mean, track_second, momentum, track_kind,
     )  # fmt: skip
-    if p == 1.0:
-        col_mean = np.empty((groups, columns))
+    if p == 1.0:  # sum |x - mean| per column, or sum |x| (un-centred: no means needed)
+        col_mean = _filled(0.0, (groups, columns))
         if parallel:
-            for t in prange(cblocks):
-                _rows_stats_task(t, col_mean, stats, coef, *finish)
+            if centered:
+                for t in prange(cblocks):
+                    _rows_stats_task(t, col_mean, stats, coef, *finish)
             for t in prange(tasks):
                 _rows_absdev_task(x, t, v_rows, blocks, col_mean, part)
         else:
-            for t in range(cblocks):
-                _rows_stats_task(t, col_mean, stats, coef, *finish)
+            if centered:
+                for t in range(cblocks):
+                    _rows_stats_task(t, col_mean, stats, coef, *finish)
             for t in range(tasks):
                 _rows_absdev_task(x, t, v_rows, blocks, col_mean, part)
     no_mean = np.empty((0, 0))
@@ -1353,8 +1439,8 @@ def forward_rows(
 
 @njit(cache=True)
 def _planar_fused_backward_task(
-    dy, x, t, v, p, stats, count, weight, noise, key, part, argmax_at, argmax_sign, coef, terms,
-    dx, need_dx,
+    dy, x, t, v, p, centered, center, stats, count, weight, noise, key, part, argmax_at,
+    argmax_sign, coef, terms, dx, need_dx,
 ):  # fmt: skip
     """Sums, coefficients and dx rows of (group, channel) t, as the unfused passes compute them
     (bit for bit): part[2, t] becomes the arg-max addend (p = inf), terms[t] the group's
@@ -1364,10 +1450,10 @@ def _planar_fused_backward_task(
     mean = stats[MEAN]
     _planar_grad_sums_task(dy, x, t, v, 1, p, mean, noise, key, part)
     if p != 1.0 and p != 2.0:
-        _planar_argmax_task(x, t, v, mean, argmax_at, argmax_sign)
+        _planar_argmax_task(x, t, v, center, argmax_at, argmax_sign)
     part[2, t], terms[t] = _store_grad_coefficients(
-        part[0, t], part[1, t], part[2, t], argmax_sign[g, c], stats, count[g], p, weight, g, c,
-        c, c + 1, coef,
+        part[0, t], part[1, t], part[2, t], argmax_sign[g, c], stats, count[g], p, centered,
+        weight, g, c, c, c + 1, coef,
     )  # fmt: skip
     if need_dx:
         iota = _iota()
@@ -1382,16 +1468,21 @@ def backward_planar(
     """Fused backward on (N, C, S); writes dx (if ``need_dx``), returns (2, C) d weight, d bias.
 
     Memory passes: read dy and x (sums), read dy and x, write dx (with noise, both passes hash
-    z' again). p = inf: plus a scan of x per (group, channel) for the arg-max of |x - mean|.
+    z again). p = inf: plus a scan of x per (group, channel) for the arg-max of |x - mean|.
     With ``blocks`` 1 a task does all of this for one (group, channel) (see
     :func:`forward_planar`): one read of dy and x from memory where a channel fits the cache.
+    ``p`` < 0: lp's un-centred form of |p|.
     """
+    centered = p > 0.0
+    p = abs(p)
     n_total, c_total, size = x.shape
     count = _group_counts(n_total, v, size)
     groups = count.shape[0]
     tasks = groups * c_total * blocks
     part = np.empty((3, tasks))
     mean = stats[MEAN]
+    # p = inf: the arg-max of |x - center|, center the mean or (un-centred) 0.
+    center = mean if centered else _filled(0.0, (groups, c_total))
     params = _noise_params(noise, key, c_total)
     argmax_sign = _filled(0.0, (groups, c_total))
     argmax_at = _no_index(groups, c_total)
@@ -1402,14 +1493,14 @@ def backward_planar(
         if parallel:
             for t in prange(tasks):
                 _planar_fused_backward_task(
-                    dy, x, t, v, p, stats, count, weight, params, key, part, argmax_at,
-                    argmax_sign, coef, terms, dx, need_dx,
+                    dy, x, t, v, p, centered, center, stats, count, weight, params, key, part,
+                    argmax_at, argmax_sign, coef, terms, dx, need_dx,
                 )  # fmt: skip
         else:
             for t in range(tasks):
                 _planar_fused_backward_task(
-                    dy, x, t, v, p, stats, count, weight, params, key, part, argmax_at,
-                    argmax_sign, coef, terms, dx, need_dx,
+                    dy, x, t, v, p, centered, center, stats, count, weight, params, key, part,
+                    argmax_at, argmax_sign, coef, terms, dx, need_dx,
                 )  # fmt: skip
         totals = np.zeros((2, c_total))
         for t in range(tasks):
@@ -1436,12 +1527,12 @@ def backward_planar(
     if p != 1.0 and p != 2.0:
         if parallel:
             for gc in prange(groups * c_total):
-                _planar_argmax_task(x, gc, v, mean, argmax_at, argmax_sign)
+                _planar_argmax_task(x, gc, v, center, argmax_at, argmax_sign)
         else:
             for gc in range(groups * c_total):
-                _planar_argmax_task(x, gc, v, mean, argmax_at, argmax_sign)
+                _planar_argmax_task(x, gc, v, center, argmax_at, argmax_sign)
     coef = np.empty((5, groups, c_total), dtype=x.dtype)
-    _grad_coefficients(sums, stats, count, p, weight, coef, argmax_sign, dparams)
+    _grad_coefficients(sums, stats, count, p, centered, weight, coef, argmax_sign, dparams)
     if need_dx:
         if parallel:
             for t in prange(row_blocks):
@@ -1458,7 +1549,9 @@ def backward_rows(
 ):  # fmt: skip
     """Row-layout :func:`backward_planar` (columns as :func:`forward_rows`). Memory passes:
     read dy and x (sums, and the arg-max for p = inf), read dy and x, write dx (with noise, both
-    passes hash z' again)."""
+    passes hash z again). ``p`` as :func:`backward_planar`."""
+    centered = p > 0.0
+    p = abs(p)
     m_total, columns = x.shape
     channels = columns // k
     count = _group_counts(m_total, v_rows, k)
@@ -1471,18 +1564,19 @@ def backward_rows(
     top = np.empty(tracked)
     first = np.empty(tracked, dtype=np.int64)
     col_mean = stats[MEAN] if k == 1 else _columns(stats[MEAN : MEAN + 1], k)[0]
+    col_center = col_mean if centered else _filled(0.0, (groups, columns))
     col_noise = _noise_columns(_noise_params(noise, key, channels), k, x)
     base = _column_base(columns, k, m_total)
     if parallel:
         for t in prange(tasks):
             _rows_grad_sums_task(
-                dy, x, t, v_rows, blocks, p, col_mean, col_noise, key, base, k,
+                dy, x, t, v_rows, blocks, p, col_mean, col_center, col_noise, key, base, k,
                 part, top, first,
             )  # fmt: skip
     else:
         for t in range(tasks):
             _rows_grad_sums_task(
-                dy, x, t, v_rows, blocks, p, col_mean, col_noise, key, base, k,
+                dy, x, t, v_rows, blocks, p, col_mean, col_center, col_noise, key, base, k,
                 part, top, first,
             )  # fmt: skip
     argmax = (groups, channels) if track else (0, 0)
@@ -1494,14 +1588,14 @@ def backward_rows(
     if parallel:
         for t in prange(cblocks):
             _rows_grad_task(
-                x, t, cblocks, k, blocks, count, p, part, top, first, col_mean, stats, weight,
-                coef, argmax_at, addend, totals, dparams,
+                x, t, cblocks, k, blocks, count, p, centered, part, top, first, col_center,
+                stats, weight, coef, argmax_at, addend, totals, dparams,
             )  # fmt: skip
     else:
         for t in range(cblocks):
             _rows_grad_task(
-                x, t, cblocks, k, blocks, count, p, part, top, first, col_mean, stats, weight,
-                coef, argmax_at, addend, totals, dparams,
+                x, t, cblocks, k, blocks, count, p, centered, part, top, first, col_center,
+                stats, weight, coef, argmax_at, addend, totals, dparams,
             )  # fmt: skip
     if need_dx:
         if parallel:

@@ -7,8 +7,8 @@
 // ints (one vector per call): n0, n1, n2, groups, channels, v, blocks, row_blocks,
 //   forward address, backward address, running kind, virtual batch size (0: none),
 //   noise count (0: no noise, 4: reals carry the noise configuration), noise key (int64).
-// reals: p, eps, momentum, then the noise configuration mean_range, std_low, std_high,
-//   scale_std (present, and read, only with noise).
+// reals: p (negative: lp's un-centred form), eps, momentum, then the noise configuration
+//   n_mu, n_sigma, r_mu, r_sigma (present, and read, only with noise).
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/CPUAllocator.h>
 #include <torch/csrc/autograd/functions/utils.h>

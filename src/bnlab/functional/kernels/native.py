@@ -158,7 +158,9 @@ def _double_backward(
     if noise is not None:
         *conf, key = noise
         draw = NoiseDraw.from_packed(NoiseSpec(*conf), key)
-    spec = ops.NormSpec(eps, p, virtual_batch_size=virtual_batch_size, noise=draw)
+    spec = ops.NormSpec(  # p < 0: lp's un-centred form (ops.NormSpec.kernel_p)
+        eps, abs(p), virtual_batch_size=virtual_batch_size, noise=draw, centered=p > 0
+    )
     return torch_op_backward(needs, spec, x, weight, bias, dy)
 
 
