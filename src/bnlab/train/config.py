@@ -9,6 +9,8 @@ Every problem raises :class:`ConfigError`, which names the key and the allowed v
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import sys
 import typing
 from collections.abc import Iterable, Mapping
@@ -137,6 +139,7 @@ class TrainConfig:
 
 
 LOSSES: tuple[str, ...] = ("auto", "cross_entropy", "mse")
+MAX_THREADS = 1024
 SCHEDULES: tuple[str, ...] = ("constant", "step", "multistep", "cosine", "exponential")
 _SECTIONS: dict[str, type] = {
     "data": DataConfig,
@@ -169,7 +172,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}")
@@ -337,8 +346,15 @@ def validate(config: TrainConfig) -> None:
         _positive(key, getattr(config, key))
     for key in ("eval_every", "threads"):
         _positive(key, getattr(config, key), zero_ok=True)
-    if not (config.device in ("cpu", "cuda") or config.device.startswith("cuda:")):
-        raise ConfigError("device", f"unknown device {config.device!r}; allowed values: cpu, cuda")
+    if config.threads > MAX_THREADS:
+        raise ConfigError("threads", f"must be <= {MAX_THREADS}, got {config.threads}")
+    for key, seed in (("seed", config.seed), ("data.split_seed", config.data.split_seed)):
+        if not 0 <= seed < 2**32:  # NumPy's seed range
+            raise ConfigError(key, f"must be in [0, 2**32), got {seed}")
+    if not (config.device in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", config.device)):
+        raise ConfigError(
+            "device", f"unknown device {config.device!r}; allowed values: cpu, cuda, cuda:N"
+        )
     _choice("loss", config.loss, LOSSES)
 
     data = config.data

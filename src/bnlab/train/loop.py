@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
-from bnlab.data import Dataset, load_dataset
+from bnlab.data import DataFileError, Dataset, load_dataset
 from bnlab.models import build_model
 from bnlab.train.checkpoint import load_latest, save_checkpoint
 from bnlab.train.config import ConfigError, TrainConfig, config_from_dict, to_toml, tomllib
@@ -334,10 +334,11 @@ def train(
     none (False), or a callback ``(step, total)``. Under torchrun (WORLD_SIZE > 1) every process
     calls this; rank 0 writes the run directory. A finished or diverged run returns at once.
 
-    Returns the RunResult. Errors (ConfigError for a bad config, DataFileError for a bad data
-    file, anything else) mark the run ``failed``, write ``traceback.txt`` and propagate; a run
-    directory that holds another config raises ConfigError and is left untouched, one that
-    another process is writing raises RunLockedError and is left untouched.
+    Returns the RunResult. A config whose data, model, optimizer or probes cannot be built
+    (ConfigError, DataFileError) raises before anything is written; so does a run directory
+    that holds another config (ConfigError) or that another process is writing
+    (RunLockedError). Errors during the run mark it ``failed``, write ``traceback.txt`` and
+    propagate.
     """
     run_dir = Path(run_dir)
     status = read_status(run_dir)
@@ -346,11 +347,13 @@ def train(
     rank, world, local_rank = _distributed_setup(config.device)
     device = _device(config, local_rank)
     config_text = to_toml(config)
+    # data, model, optimizer and probes first: a config that cannot run writes nothing
+    session = _Session.build(config, RunStore(run_dir, writer=False), device, rank, world, hooks)
     with _writer_lock(run_dir, rank, world):
         status = read_status(run_dir)  # a writer that held the lock may just have finished
         if status is not None and status["state"] in FINAL_STATES:
             return RunResult(run_dir, status["state"], int(status["step"]))
-        store = RunStore(run_dir, writer=rank == 0)
+        store = session.store = RunStore(run_dir, writer=rank == 0)
         latest = load_latest(store.checkpoints, warn=rank == 0)
         _check_run_dir(store, config_text, latest)
         damage = status_damage(run_dir)
@@ -362,7 +365,6 @@ def train(
             )
         store.write_config(config_text)
         try:
-            session = _Session.build(config, store, device, rank, world, list(hooks))
             return session.run(progress, latest)
         except Exception as error:
             _record_failure(store, error)
@@ -421,15 +423,24 @@ def _seed_everything(config: TrainConfig, device: torch.device) -> None:
 def _load_data(config: TrainConfig) -> Dataset:
     data = config.data
     try:
-        return load_dataset(
+        dataset = load_dataset(
             data.spec,
             seed=data.split_seed,
             test_fraction=data.test_fraction,
             standardize=data.standardize,
             **data.options,
         )
-    except TypeError as error:
-        raise ConfigError("data.options", str(error)) from error
+    except (TypeError, ValueError) as error:
+        if isinstance(error, (ConfigError, DataFileError)):
+            raise
+        raise ConfigError("data.options", str(error).splitlines()[0]) from error
+    if len(dataset.x_test) == 0:
+        raise ConfigError(
+            "data.test_fraction",
+            f"{data.test_fraction} leaves no test samples of {dataset.name} "
+            f"({len(dataset.x_train)} samples in all)",
+        )
+    return dataset
 
 
 def _build_model(config: TrainConfig, dataset: Dataset, device: torch.device) -> nn.Module:
@@ -495,7 +506,7 @@ class _Session:
         device: torch.device,
         rank: int,
         world: int,
-        hooks: list[ProbeHook],
+        hooks: Sequence[ProbeHook],
     ) -> _Session:
         _seed_everything(config, device)
         dataset = _load_data(config)
@@ -519,7 +530,7 @@ class _Session:
             net=_data_parallel(model, device) if world > 1 else model,
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, config.schedule, config.optim.lr, config.steps),
-            hooks=[make_probe(p.name, p.every, p.options) for p in config.probes] + hooks,
+            hooks=[make_probe(p.name, p.every, p.options) for p in config.probes] + list(hooks),
         )
 
     def resume(self, latest: tuple[int, dict[str, Any]] | None) -> int:
