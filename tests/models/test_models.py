@@ -231,3 +231,14 @@ def test_vgg10_digits_has_ten_convolutions_and_takes_glorot_init() -> None:
     first = convs[0].weight.detach()
     assert float(first.abs().max()) <= math.sqrt(6.0 / (9 + 16 * 9))
     assert model(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+
+
+def test_init_takes_norm_layers_without_a_bias() -> None:
+    import bnlab.nn as bnn
+
+    model = nn.Sequential(nn.Linear(3, 4), bnn.BatchNorm1d(4, bias=False))
+    with torch.no_grad():
+        model[1].weight.fill_(3.0)
+    init_parameters(model, seed=0)
+    assert model[1].bias is None
+    assert torch.equal(model[1].weight, torch.ones(4))

@@ -47,7 +47,8 @@ def init_parameters(
                     module.bias.zero_()
             elif is_norm_layer(module) and getattr(module, "affine", False):
                 nn.init.ones_(module.weight)  # type: ignore[arg-type]
-                nn.init.zeros_(module.bias)  # type: ignore[arg-type]
+                if module.bias is not None:  # affine without a bias (bias=False)
+                    nn.init.zeros_(module.bias)  # type: ignore[arg-type]
 
 
 def _draw(
