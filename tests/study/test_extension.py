@@ -59,5 +59,9 @@ def test_a_tiny_extension_runs_resumes_and_reports(tmp_path: Path):
     eos = report.edge_of_stability(stored, tmp_path)
     elr = report.effective_learning_rate(stored, tmp_path)
     assert eos is not None and eos.path.exists() and elr is not None and elr.path.exists()
-    lines = report.verdicts(stored)
-    assert len(lines) == 5 and all("progressive sharpening: " in line for line in lines)
+    table = report.table(stored)
+    assert table is not None and len(table.rows) == 5
+    column = table.columns.index("progressive sharpening")
+    by_arm = {(row[0], row[2]): row for row in table.rows}
+    found = next(r for r in stored if r["norm"] == "bn" and r["weight_decay"] == 1e-3)
+    assert by_arm[("BN", "0.001")][column] == ("yes" if found["progressive_sharpening"] else "no")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bnlab.report import figures
+from bnlab.report import extension, figures
 from bnlab.report.claims import judge
 from bnlab.report.document import FigureFile, ReportContent, Table, write_report
 from bnlab.report.evidence import (
@@ -394,6 +394,13 @@ def build_report(folder: str | Path) -> Path:
     evidence = load_study(out)
     (out / "report.html").unlink(missing_ok=True)
     drawn = draw_figures(evidence, out)
+    extension_runs = extension.load_runs(out)
+    for figure in (
+        extension.edge_of_stability(extension_runs, out),
+        extension.effective_learning_rate(extension_runs, out),
+    ):
+        if figure is not None:
+            drawn[figure.name] = figure
     claims = judge(evidence)
     seeds = evidence.settings.get("seeds", [])
     env = next((r.env for r in evidence.runs if r.env), {})
@@ -414,6 +421,7 @@ def build_report(folder: str | Path) -> Path:
                 thresholds_table(),
                 run_table(evidence),
                 time_table(evidence),
+                extension.table(extension_runs),
             )
             if t is not None
         ],

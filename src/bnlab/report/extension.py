@@ -1,7 +1,7 @@
 """The extension section: edge of stability and effective learning rates, from the stored runs.
 
 Reads the run records ``bnlab.studies.extension`` wrote under ``OUT/extension`` (nothing is
-trained here) and draws two figures; :func:`verdicts` states per run whether it showed
+trained here) and draws two figures; :func:`table` states per run whether it showed
 progressive sharpening and whether it hovered at 2/lr (the rules are in the study module).
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bnlab.report.document import FigureFile, write_atomic
+from bnlab.report.document import FigureFile, Table, write_atomic
 
-__all__ = ["edge_of_stability", "effective_learning_rate", "load_runs", "verdicts"]
+__all__ = ["edge_of_stability", "effective_learning_rate", "load_runs", "table"]
 
 
 def load_runs(out: Path) -> list[dict[str, Any]]:
@@ -109,20 +109,45 @@ def effective_learning_rate(runs: Sequence[Mapping[str, Any]], out_dir: Path) ->
     )
 
 
-def verdicts(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One line per run: progressive sharpening and hovering at 2/lr, as the rules found."""
-    lines = []
+def table(runs: Sequence[Mapping[str, Any]]) -> Table | None:
+    """One row per run: the sharpness's path against 2/lr and what the two rules found."""
+    rows: list[list[Any]] = []
     for r in sorted(runs, key=lambda r: (r["norm"], r["fraction"], r["weight_decay"])):
         shown = r["sharpness"]
         if "progressive_sharpening" not in r or not shown:
             continue
-        lines.append(
-            f"{r['norm']}, lr {r['lr']:.3g} ({r['fraction']:g} of the initial limit), "
-            f"wd {r['weight_decay']:g}: sharpness "
-            f"{shown[0]:.3g} -> max {max(shown):.3g} -> {shown[-1]:.3g} "
-            f"(2/lr = {2 / r['lr']:.3g}); "
-            f"progressive sharpening: {'yes' if r['progressive_sharpening'] else 'no'}; "
-            f"hovers at 2/lr: {'yes' if r['hovers_at_edge'] else 'no'}"
-            + ("; diverged" if r["diverged"] else "")
+        rows.append(
+            [
+                "standard" if r["norm"] == "none" else r["norm"].upper(),
+                f"{r['lr']:.3g} ({r['fraction']:g} of the initial limit)",
+                f"{r['weight_decay']:g}",
+                f"{shown[0]:.3g} -> max {max(shown):.3g} -> {shown[-1]:.3g}",
+                f"{2 / r['lr']:.3g}",
+                "yes" if r["progressive_sharpening"] else "no",
+                "yes" if r["hovers_at_edge"] else "no",
+                "yes" if r["diverged"] else "no",
+            ]
         )
-    return lines
+    if not rows:
+        return None
+    return Table(
+        title="Extension (past the paper): edge of stability, full-batch gradient descent",
+        columns=[
+            "arm",
+            "lr",
+            "weight decay",
+            "sharpness (first -> max -> last)",
+            "2/lr",
+            "progressive sharpening",
+            "hovers at 2/lr",
+            "diverged",
+        ],
+        rows=rows,
+        note=(
+            "Rules fixed before the runs (bnlab.studies.extension): progressive sharpening = "
+            "the peak after the first tenth of the measurements is >= 1.5 x the start (the "
+            "first tenth's median), which lay below 0.8 x 2/lr; hovers at 2/lr = at least 60% "
+            "of the second half's measurements within 20% of 2/lr. Not one of the paper's "
+            "claims (Cohen et al., ICLR 2021)."
+        ),
+    )

@@ -25,6 +25,7 @@ import torch
 
 from bnlab.data import load_dataset
 from bnlab.studies.conditioning import raw_and_standardized
+from bnlab.studies.extension import run_extension
 from bnlab.studies.measure import user_model_of
 from bnlab.studies.measurements import measure_experiment
 from bnlab.studies.santurkar import Experiment, Study
@@ -54,7 +55,7 @@ def check_data(study: Study) -> None:
 
 def write_manifest(study: Study, out: Path) -> None:
     """``study.json``; refuses a folder that already holds a different study."""
-    manifest = study.to_dict()
+    manifest = json.loads(json.dumps(study.to_dict()))  # as read back: tuples become lists
     path = out / "study.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -168,9 +169,7 @@ def landscape_experiments(study: Study) -> list[Experiment]:
     ]
 
 
-def _run(
-    study: Study, out: Path, jobs: int, progress: bool, backend: RayBackend | None
-) -> Path:
+def _run(study: Study, out: Path, jobs: int, progress: bool, backend: RayBackend | None) -> Path:
     check_data(study)
     write_manifest(study, out)
     _keep_torch_threads_pinned()
@@ -178,7 +177,8 @@ def _run(
     _say("preparing the CPU norm kernels (compiled once, then loaded from numba's cache)", progress)
     warm_kernels(study)
     timing: dict[str, Any] = {"jobs": jobs, "kernels": time.perf_counter() - start}
-    phases = 2 + len(study.experiments)
+    measuring = 2 + len(study.experiments)  # the phase of the measurements
+    phases = measuring + (study.extension is not None)
 
     start = time.perf_counter()
     if study.conditioning:
@@ -195,7 +195,7 @@ def _run(
         _train(experiment, folder, jobs, bool(study.model_spec), progress, backend)
         timing[f"training:{experiment.name}"] = time.perf_counter() - start
 
-    _say(f"[{phases}/{phases}] measurements on the landscape runs' checkpoints", progress)
+    _say(f"[{measuring}/{phases}] measurements on the landscape runs' checkpoints", progress)
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest and shares the machine best
@@ -211,5 +211,13 @@ def _run(
     finally:
         torch.set_num_threads(threads)
     timing["measurements"] = time.perf_counter() - start
+    if study.extension is not None:
+        _say(
+            f"[{phases}/{phases}] extension: edge of stability and effective learning rates",
+            progress,
+        )
+        start = time.perf_counter()
+        run_extension(out, study.extension)
+        timing["extension"] = time.perf_counter() - start
     write_atomic(out / "timing.json", (json.dumps(timing, indent=2) + "\n").encode())
     return out

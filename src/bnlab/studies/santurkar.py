@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from bnlab.studies.extension import ExtensionSettings
 from bnlab.train import (
     CheckpointConfig,
     DataConfig,
@@ -196,6 +197,12 @@ class Experiment:
     setting: str = "vgg"
 
 
+EXTENSION_QUICK = ExtensionSettings(
+    samples=300, lr_fractions=(0.5,), steps=60, sharpness_every=10, weight_decays=(5e-4,)
+)
+"""The extension in ``--quick``: one learning rate per arm, short (the full one has three)."""
+
+
 @dataclass(frozen=True)
 class Study:
     """A study: its experiments, the claims it checks and the conditioning datasets (claim 9).
@@ -217,6 +224,8 @@ class Study:
     dln: StudySettings | None = None
     protocol: str = "default"
     protocol_rows: tuple[tuple[str, str, str, str], ...] = ()
+    extension: ExtensionSettings | None = None
+    """The edge-of-stability and effective-learning-rate runs (past the paper); None: none."""
 
     def experiment(self, name: str) -> Experiment:
         for experiment in self.experiments:
@@ -244,6 +253,7 @@ class Study:
             "settings": _described(self.settings),
             "dln": None if self.dln is None else _described(self.dln),
             "protocol_table": [list(row) for row in self.protocol_rows],
+            "extension": None if self.extension is None else asdict(self.extension),
             "experiments": [
                 {
                     "name": e.name,
@@ -486,4 +496,7 @@ def santurkar_study(
         dln=dln_settings,
         protocol=protocol,
         protocol_rows=protocol_rows(data, main, dln_settings, protocol),
+        extension=(
+            None if protocol == "paper" else EXTENSION_QUICK if quick else ExtensionSettings()
+        ),
     )
