@@ -35,6 +35,8 @@ FIGURES = (
     "loss_surfaces",
     "spectral_density",
     "gradient_bound",
+    "extension_edge_of_stability",
+    "extension_effective_lr",
 )
 VERDICTS = {"reproduced", "not reproduced", "inconclusive"}
 
@@ -81,6 +83,7 @@ def test_quick_reproduce_writes_report_claims_and_figures(study: Path) -> None:
     assert html.count("data:image/png;base64,") == len(FIGURES)
     assert "Where the time went" in html and "Environment" in html
     assert "Protocol: the paper" in html and "Verdict thresholds" in html
+    assert "Extension (past the paper): edge of stability" in html
 
 
 @pytest.mark.slow
