@@ -1,6 +1,6 @@
 """End to end: `bnlab reproduce --quick` into a temporary folder, as CI's smoke test.
 
-One module-scoped run (about a minute on two cores) feeds every test here: the files exist, the
+One module-scoped run (one seed, to keep the suite short) feeds every test here: the files exist, the
 11 claims carry computed verdicts with their rules, `bnlab report` rebuilds the same verdicts
 from the folder alone, a second `reproduce` trains nothing, and Chromium renders the page.
 """
@@ -51,7 +51,7 @@ def _bnlab(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("reproduce") / "quick"
-    done = _bnlab("reproduce", "--quick", "--out", str(out), "--jobs", "2")
+    done = _bnlab("reproduce", "--quick", "--seeds", "1", "--out", str(out), "--jobs", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -104,7 +104,7 @@ def test_report_rebuilds_the_same_verdicts_from_the_folder_alone(study: Path) ->
 def test_second_reproduce_skips_finished_runs(study: Path) -> None:
     metrics = sorted((study / "runs").glob("*/*/metrics.jsonl"))
     stamps = [m.stat().st_mtime_ns for m in metrics]
-    done = _bnlab("reproduce", "--quick", "--out", str(study), "--jobs", "2")
+    done = _bnlab("reproduce", "--quick", "--seeds", "1", "--out", str(study), "--jobs", "2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert [m.stat().st_mtime_ns for m in metrics] == stamps
 
