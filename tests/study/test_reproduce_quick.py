@@ -1,8 +1,9 @@
 """End to end: `bnlab reproduce --quick` into a temporary folder, as CI's smoke test.
 
-One module-scoped run (one seed, to keep the suite short) feeds every test here: the files exist, the
-11 claims carry computed verdicts with their rules, `bnlab report` rebuilds the same verdicts
-from the folder alone, a second `reproduce` trains nothing, and Chromium renders the page.
+One module-scoped run (one seed, to keep the suite short) feeds every test here: the files
+exist, the 11 claims carry computed verdicts with their rules, `bnlab report` rebuilds the same
+verdicts from the folder alone, a second `reproduce` trains nothing, and Chromium renders the
+page.
 """
 
 from __future__ import annotations
