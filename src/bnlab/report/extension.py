@@ -7,16 +7,15 @@ progressive sharpening and whether it hovered at 2/lr (the rules are in the stud
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bnlab.report.document import FigureFile, Table, write_atomic
+from bnlab.report.document import FigureFile, Table
+from bnlab.report.figures import save_figure
 
 __all__ = ["edge_of_stability", "effective_learning_rate", "load_runs", "table"]
 
@@ -27,15 +26,6 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
     if not folder.is_dir():
         return []
     return [json.loads(p.read_text()) for p in sorted(folder.glob("norm=*.json"))]
-
-
-def _save(fig: Figure, out_dir: Path, name: str, title: str, caption: str) -> FigureFile:
-    buffer = io.BytesIO()
-    FigureCanvasAgg(fig)
-    fig.savefig(buffer, format="png", dpi=90)
-    path = out_dir / "figures" / f"{name}.png"
-    write_atomic(path, buffer.getvalue())
-    return FigureFile(name=name, title=title, caption=caption, path=path)
 
 
 def edge_of_stability(runs: Sequence[Mapping[str, Any]], out_dir: Path) -> FigureFile | None:
@@ -61,7 +51,7 @@ def edge_of_stability(runs: Sequence[Mapping[str, Any]], out_dir: Path) -> Figur
         ax.set_ylabel("sharpness / (2 / lr)")
         ax.set_title("standard" if norm == "none" else norm.upper())
         ax.legend(fontsize=8)
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         "extension_edge_of_stability",
@@ -98,7 +88,7 @@ def effective_learning_rate(runs: Sequence[Mapping[str, Any]], out_dir: Path) ->
     ax.set_xlabel("step")
     ax.set_ylabel("effective lr = lr / ||w||^2")
     ax.legend(fontsize=8)
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         "extension_effective_lr",

@@ -42,7 +42,7 @@ LABELS: dict[str, str] = {
 Curve = tuple[Sequence[float], Sequence[Sequence[float]]]  # steps, one value list per seed
 
 
-def _save(
+def save_figure(
     fig: Figure, out_dir: Path, name: str, title: str, caption: str, setting: str = ""
 ) -> FigureFile:
     """``setting`` (a setting's title) prefixes the figure's title when the study has several."""
@@ -114,7 +114,7 @@ def training_curves(
     axes[0][0].set_ylabel("training loss (cross-entropy, nats)" if metric == "loss" else metric)
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"Training curves per learning rate ({dataset})")
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         "training_curves",
@@ -145,7 +145,7 @@ def init_scale_accuracy(
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7)
     ax.set_title(f"Sensitivity to the initialization scale ({dataset})")
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         "init_scale",
@@ -186,7 +186,7 @@ def activation_distributions(
         + ", ".join(f"{q:g}" for q in levels)
         + ")"
     )
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         name,
@@ -232,7 +232,7 @@ def covariate_shift(
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
     fig.suptitle("Internal covariate shift per layer (Definition 2.1)")
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         name,
@@ -271,7 +271,7 @@ def landscape_smoothness(
         ax.set_yscale("log")
     axes[-1].legend(fontsize=7)
     fig.suptitle("Smoothness of the loss landscape along the gradient")
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         name,
@@ -314,7 +314,7 @@ def conditioning_contours(results: Sequence[Mapping[str, Any]], out_dir: Path) -
         ax.ticklabel_format(style="sci", scilimits=(-3, 3))
         ax.legend(fontsize=7, loc="best")
     fig.suptitle("Mouse example: logistic loss (nats), raw (left) vs normalized (right)")
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         "mouse_contours",
@@ -352,7 +352,7 @@ def conditioning_weights(
     ax.set_xlabel("learned weight (log-odds per standard deviation of the feature)")
     ax.legend(fontsize=7, loc="upper left")
     ax.set_title(f"Learned logistic-regression weight of each feature ({dataset})")
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         f"{dataset}_weights",
@@ -392,7 +392,7 @@ def lp_variants(
     axes[1].set_title("Loss variation along the gradient")
     axes[1].legend(fontsize=7)
     fig.suptitle("lp normalization variants vs BN and the standard network")
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         name,
@@ -429,7 +429,7 @@ def loss_surfaces(surfaces: Mapping[str, Mapping[str, Any]], out_dir: Path) -> F
         ax.legend(fontsize=7, loc="upper right")
         fig.colorbar(mesh, ax=ax, label="log10 training loss (nats)")
     fig.suptitle("2-D loss surface around the final weights: standard (left) vs BN (right)")
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         "loss_surfaces",
@@ -470,7 +470,7 @@ def curvature(
         ax.set_title(title)
     axes[-1].legend(fontsize=7)
     fig.suptitle("Curvature of the training loss over training")
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         name,
@@ -506,7 +506,7 @@ def spectral_density(
     ax.set_ylabel("density (Gaussian-smoothed)")
     ax.set_title("Hessian spectral density at the final weights")
     ax.legend(fontsize=7)
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         "spectral_density",
@@ -541,7 +541,7 @@ def gradient_bound(
         ax.set_xticks(x, names, fontsize=8)
         ax.set_xlabel("BN layer")
     fig.suptitle("Theorem 4.1 on the trained BN network (one point per seed)")
-    return _save(
+    return save_figure(
         fig,
         out_dir,
         "gradient_bound",
