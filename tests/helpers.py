@@ -1,6 +1,12 @@
-"""Small comparison helpers for the tests (float64 references, relative errors)."""
+"""Small helpers for the tests: float64 comparisons, and a launcher of gloo rank processes."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,3 +23,33 @@ def rel_err(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarr
 
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def run_ranks(worker: str | Path, folder: Path, world: int = 2, timeout: float = 240) -> list[Any]:
+    """Run ``python worker RANK WORLD INIT_FILE RESULT_FILE`` as ``world`` processes at once
+    (a gloo group rendezvousing through ``folder/init``, one intra-op thread each) and return
+    what each rank saved with ``torch.save`` to its result file, by rank. A rank that fails
+    fails the test with its output; no process outlives the call."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(worker)]
+    results = [folder / f"rank{rank}.pt" for rank in range(world)]
+    procs = [
+        subprocess.Popen(
+            [*command, str(rank), str(world), str(folder / "init"), str(results[rank])],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(world)
+    ]
+    try:
+        for proc in procs:
+            output, _ = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, output
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [torch.load(path) for path in results]

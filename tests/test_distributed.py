@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import dist_worker
+from helpers import run_ranks
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
-    worker = Path(dist_worker.__file__)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(worker),
-                str(rank),
-                "2",
-                str(tmp / "init"),
-                str(tmp / f"rank{rank}.pt"),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    for proc in procs:
-        output, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, output
-    return [torch.load(tmp / f"rank{rank}.pt") for rank in range(2)]
+    return run_ranks(dist_worker.__file__, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.mark.parametrize("kind", dist_worker.KINDS)

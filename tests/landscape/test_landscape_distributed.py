@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from bnlab import landscape as L
+from helpers import run_ranks
 from landscape import landscape_dist_worker as worker
 
 pytestmark = pytest.mark.distributed
@@ -18,34 +16,7 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("landscape_dist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                worker.__file__,
-                str(rank),
-                "2",
-                str(tmp / "init"),
-                str(tmp / f"{rank}"),
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    try:
-        for proc in procs:
-            output, _ = proc.communicate(timeout=240)
-            assert proc.returncode == 0, output
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    return [torch.load(tmp / f"{rank}") for rank in range(2)]
+    return run_ranks(worker.__file__, tmp_path_factory.mktemp("landscape_dist"))
 
 
 def _close(got, want, path="") -> None:
