@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bnlab.studies.conditioning import measure_conditioning, raw_and_standardized, standardize
+from bnlab.studies.logistic_conditioning import (
+    measure_conditioning,
+    raw_and_standardized,
+    standardize,
+)
 
 
 def _label_free_cross(a: float, b: float) -> tuple[np.ndarray, np.ndarray]:

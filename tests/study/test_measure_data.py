@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from bnlab.cli import main
 from bnlab.data import FROM_FILES
-from bnlab.studies.measure import user_dataset
+from bnlab.studies.user_model import user_dataset
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

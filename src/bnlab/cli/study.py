@@ -167,8 +167,8 @@ def measure(
     """Run the study's probes and comparison on your own model, one run per norm kind and seed."""
     from bnlab.report import build_report
     from bnlab.studies import Study, measure_study, run_study
-    from bnlab.studies.measure import parse_norms, user_model_of
     from bnlab.studies.run import check_data, write_manifest
+    from bnlab.studies.user_model import parse_norms, user_model_of
 
     def prepare() -> Study:
         _check_device(device)

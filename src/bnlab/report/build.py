@@ -253,7 +253,7 @@ def protocol_table(evidence: StudyEvidence) -> Table | None:
 
 def thresholds_table() -> Table:
     """The verdict thresholds, module constants of bnlab.report.claims fixed before results."""
-    from bnlab.report import claims, conditioning
+    from bnlab.report import claims, conditioning_claim
 
     rows = [
         ["SPEED_MARGIN", claims.SPEED_MARGIN, "claim 1: BN needs this share fewer steps"],
@@ -273,7 +273,11 @@ def thresholds_table() -> Table:
         ["SHIFT_MARGIN", claims.SHIFT_MARGIN, "claims 3, 8: shift larger than standard's by"],
         ["TRAINS_ACCURACY", claims.TRAINS_ACCURACY, "claim 1: final train accuracy that 'trains'"],
         ["BOUND_TOLERANCE", claims.BOUND_TOLERANCE, "claim 10: measured / bound <= 1 + this"],
-        ["CONDITION_RATIO", conditioning.CONDITION_RATIO, "claim 9: cond(H) raw / standardized"],
+        [
+            "CONDITION_RATIO",
+            conditioning_claim.CONDITION_RATIO,
+            "claim 9: cond(H) raw / standardized",
+        ],
     ]
     return Table(
         "Verdict thresholds",

@@ -16,14 +16,14 @@ import math
 from collections.abc import Callable, Sequence
 
 from bnlab.report.claim import ClaimResult, source_of
-from bnlab.report.conditioning import conditioning_claim
+from bnlab.report.conditioning_claim import conditioning_claim
 from bnlab.report.evidence import (
     MOVING_AVERAGE,
     Run,
     StudyEvidence,
     distribution_shift,
     final_test_accuracy,
-    final_train_loss_of,
+    final_train_loss,
     ics_layers,
     median,
     probe_series,
@@ -515,7 +515,7 @@ def claim_7(evidence: StudyEvidence) -> ClaimResult:
 
 def _neg_log_loss(run: Run) -> float:
     """-log10 of the final training loss (higher is better, so ``at_least`` applies)."""
-    loss = final_train_loss_of(run)
+    loss = final_train_loss(run)
     return -math.log10(loss) if loss > 0 else math.nan
 
 

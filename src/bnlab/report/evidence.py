@@ -233,11 +233,6 @@ def final_test_accuracy(run: Run) -> float:
     return float(run.evals[-1].get("accuracy", math.nan))
 
 
-def final_train_loss(run: Run, last: int = MOVING_AVERAGE) -> float:
-    losses = [float(r.get("loss", math.nan)) for r in run.train[-last:]]
-    return sum(losses) / len(losses) if losses else math.nan
-
-
 def probe_series(run: Run, probe: str, value: str) -> tuple[list[float], list[float]]:
     """(steps, values) of one reduced quantity of a probe's rows over training.
 
@@ -346,6 +341,9 @@ def distribution_shift(run: Run) -> float:
     return sum(shifts) / len(shifts) if shifts else math.nan
 
 
-def final_train_loss_of(run: Run) -> float:
-    """Mean training loss of the last rows of a finished run; NaN for a diverged one."""
-    return final_train_loss(run) if run.state == "finished" else math.nan
+def final_train_loss(run: Run, last: int = MOVING_AVERAGE) -> float:
+    """Mean training loss of the ``last`` rows of a finished run; NaN for a diverged one."""
+    losses = [float(r.get("loss", math.nan)) for r in run.train[-last:]]
+    if run.state != "finished" or not losses:
+        return math.nan
+    return sum(losses) / len(losses)

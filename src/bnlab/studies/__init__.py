@@ -5,8 +5,8 @@ the same probes on a user's model; ``run_study(study, out, jobs=...)`` runs eith
 study folder that :func:`bnlab.report.build_report` turns into the report.
 """
 
-from bnlab.studies.measure import measure_study
 from bnlab.studies.run import run_study
 from bnlab.studies.santurkar import Study, StudySettings, santurkar_study
+from bnlab.studies.user_model import measure_study
 
 __all__ = ["Study", "StudySettings", "measure_study", "run_study", "santurkar_study"]

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from bnlab.data import load_dataset
-from bnlab.studies.conditioning import raw_and_standardized
 from bnlab.studies.extension import run_extension
-from bnlab.studies.measure import user_model_of
+from bnlab.studies.logistic_conditioning import raw_and_standardized
 from bnlab.studies.measurements import measure_experiment
 from bnlab.studies.santurkar import Experiment, Study
+from bnlab.studies.user_model import user_model_of
 from bnlab.train import run_names, sweep, train
 from bnlab.train.store import write_atomic
 
