@@ -13,7 +13,7 @@ from bnlab.bench.layers import command
 def test_a_tiny_layer_benchmark_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     args = [
-        "--shapes", "64x16x4x4", "--layers", "bn,noisy", "--formats", "nchw",
+        "--shapes", "64x16x4x4", "--layers", "bn,noisy_bn", "--formats", "nchw",
         "--modes", "train_fwd_bwd,eval_fwd", "--repeats", "1", "--no-compile-time",
         "--out", str(out),
     ]  # fmt: skip
@@ -22,7 +22,7 @@ def test_a_tiny_layer_benchmark_prints_the_table_and_writes_json(tmp_path):
     data = json.loads(out.read_text())
     rows = {(t["layer"], t["mode"]) for t in data["timings"]}
     assert rows == {
-        (layer, mode) for layer in ("bn", "noisy") for mode in ("train_fwd_bwd", "eval_fwd")
+        (layer, mode) for layer in ("bn", "noisy_bn") for mode in ("train_fwd_bwd", "eval_fwd")
     }
     assert {tuple(t["shape"]) for t in data["timings"]} == {(64, 16, 4, 4)}
     assert all(t["ours_s"] > 0 and t["torch_s"] > 0 for t in data["timings"])

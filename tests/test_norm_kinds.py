@@ -9,6 +9,12 @@ import torch
 from torch import nn
 
 import bnlab.nn as bnn
+from bnlab.bench.layers import benchmarked_kinds, make_layer
+from bnlab.models import build_model
+from bnlab.report import figures
+from bnlab.studies import santurkar_study
+from bnlab.studies.santurkar import ARMS
+from bnlab.train import config_from_dict
 from helpers import rel_err
 
 KINDS = [k for k in bnn.NORM_KINDS if k != "none"]
@@ -62,3 +68,65 @@ def test_none_is_the_identity_and_unknown_kinds_are_refused_by_name():
         bnn.variant("batch")
     with pytest.raises(ValueError, match=r"rank must be 0 .* got 4"):
         bnn.norm_layer("bn", 3, 4)
+
+
+class HalvedBatchNorm(bnn.BatchNorm):
+    """A throwaway kind for the test below: BatchNorm's output halved (a module of its own,
+    as a new variant would be)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return 0.5 * super().forward(input)
+
+
+@pytest.fixture
+def halved_kind():
+    """The kind "halved", registered as a paper arm of the study for one test, then removed."""
+    kind = bnn.register(
+        bnn.NormKind(
+            "halved",
+            (HalvedBatchNorm,) * 4,
+            bnn.Statistics("batch"),
+            "Halved BatchNorm",
+            "#000001",
+            arm=bnn.Arm("halved", "paper"),
+        )
+    )
+    yield kind
+    bnn.unregister("halved")
+    assert "halved" not in bnn.NORM_KINDS
+
+
+def test_a_registered_kind_reaches_every_reader_without_edits(halved_kind):
+    """Adding a variant is its module plus one registry entry: models, convert_norm, the
+    training configs, the study's arms, the figures and the layer benchmark all read it (each
+    imported at the top of this file, before the kind exists)."""
+    assert bnn.NORM_KINDS[-1] == "halved" and "halved" in bnn.NORM_KINDS
+    assert bnn.labels()["halved"] == "Halved BatchNorm"
+    model = build_model("mlp", (10,), 3, norm="halved", seed=0)
+    layers = [m for m in model.modules() if bnn.is_norm_layer(m)]
+    assert layers and all(type(m) is HalvedBatchNorm for m in layers)
+    converted = bnn.convert_norm(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), "halved")
+    assert type(converted[1]) is HalvedBatchNorm
+    x = torch.randn(8, 3)
+    reference = nn.BatchNorm1d(3)
+    torch.testing.assert_close(converted[1](x), 0.5 * reference(x))
+    config = config_from_dict({"model": {"name": "mlp", "norm": "halved"}})
+    assert config.model.norm == "halved"
+    assert ARMS["halved"] == "halved"
+    study = santurkar_study("digits", quick=True, dln=False)
+    assert study.arms["halved"] == "halved"
+    assert "halved" in study.experiment("landscape").sweep.grid["model.norm"]
+    assert figures._label("halved") == "Halved BatchNorm"
+    assert figures._color("halved") == "#000001"
+    assert figures._label("standard") == "Standard"  # an arm named apart from its kind
+    assert "halved" in benchmarked_kinds()
+    assert type(make_layer("halved", 3, 4)) is HalvedBatchNorm
+
+
+def test_a_kind_taking_a_known_name_label_or_colour_is_refused():
+    bn = bnn.variant("bn")
+    with pytest.raises(ValueError, match="name 'bn' is 'bn'"):
+        bnn.register(bn)
+    with pytest.raises(ValueError, match="colour '#d62728' is 'bn'"):
+        bnn.register(bnn.NormKind("bn2", bn.classes, bn.statistics, "BN again", bn.color))
+    assert "bn2" not in bnn.NORM_KINDS

@@ -52,7 +52,26 @@ SHAPES: tuple[tuple[int, ...], ...] = (
     (1024, 4096),
 )
 QUICK_SHAPES = SHAPES[:4] + SHAPES[5:]
-LAYERS = ("bn", "l1", "l2", "linf", "noisy", "ghost")
+# constructor options the benchmark gives a kind (a fixed noise seed, the virtual batch); a kind
+# not named here is built with its registry defaults
+LAYER_OPTIONS: dict[str, dict[str, Any]] = {
+    "noisy_bn": {"seed": 0},
+    "ghost": {"virtual_batch_size": 32},
+}
+
+
+def benchmarked_kinds() -> tuple[str, ...]:
+    """The kinds of :data:`bnlab.nn.VARIANTS` with batch statistics (the ones torch.nn's
+    BatchNorm is the yardstick for), in registry order: "bn" first, then its variants."""
+    return tuple(
+        name
+        for name, kind in bnn.VARIANTS.items()
+        if kind.statistics is not None and kind.statistics.over == "batch"
+    )
+
+
+LAYERS = benchmarked_kinds()
+"""The default layers (the registry's batch-statistics kinds when bnlab was imported)."""
 MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
 FORMATS = ("nchw", "channels_last")
 _TENSORS_MOVED = {"train_fwd": 2, "train_fwd_bwd": 5, "eval_fwd": 2}
@@ -120,20 +139,11 @@ def _bytes_moved(shape: tuple[int, ...], mode: str) -> int:
 
 
 def make_layer(kind: str, channels: int, rank: int) -> nn.Module:
-    """A bnlab layer for ``kind`` (one of :data:`LAYERS`) and input rank (2 or 4)."""
-    two_d = rank == 4
-    if kind == "bn":
-        return (bnn.BatchNorm2d if two_d else bnn.BatchNorm1d)(channels)
-    if kind in ("l1", "l2", "linf"):
-        p = {"l1": 1, "l2": 2, "linf": float("inf")}[kind]
-        return (bnn.LpBatchNorm2d if two_d else bnn.LpBatchNorm1d)(channels, p=p)
-    if kind == "noisy":
-        return (bnn.NoisyBatchNorm2d if two_d else bnn.NoisyBatchNorm1d)(channels, seed=0)
-    if kind == "ghost":
-        return (bnn.GhostBatchNorm2d if two_d else bnn.GhostBatchNorm1d)(
-            channels, virtual_batch_size=32
-        )
-    raise ValueError(f"unknown layer {kind!r}; choose from {', '.join(LAYERS)}")
+    """A bnlab layer of ``kind`` (one of :func:`benchmarked_kinds`) for inputs of rank 2 or 4,
+    built from its registry description with :data:`LAYER_OPTIONS`."""
+    if kind not in benchmarked_kinds():
+        raise ValueError(f"unknown layer {kind!r}; choose from {', '.join(benchmarked_kinds())}")
+    return bnn.variant(kind).layer(channels, 2 if rank == 4 else 1, **LAYER_OPTIONS.get(kind, {}))
 
 
 def _torch_layer(channels: int, rank: int) -> nn.Module:
@@ -278,7 +288,7 @@ def compile_times() -> dict[str, float]:
 
 def run_benchmark(
     shapes: tuple[tuple[int, ...], ...] = SHAPES,
-    layers: tuple[str, ...] = LAYERS,
+    layers: tuple[str, ...] | None = None,
     formats: tuple[str, ...] = FORMATS,
     modes: tuple[str, ...] = MODES,
     repeats: int = 15,
@@ -288,7 +298,8 @@ def run_benchmark(
     progress: Callable[[str], None] | None = None,
     cpu_clock: bool = False,
 ) -> LayerBenchmark:
-    """Time every (shape, format, mode) for torch.nn and each bnlab layer, interleaved.
+    """Time every (shape, format, mode) for torch.nn and each bnlab layer (default: every kind
+    of :func:`benchmarked_kinds`), interleaved.
 
     ``cpu_clock``: measure the calling thread's CPU time instead of wall time; meaningful with
     one intra-op thread only (everything then runs on the calling thread), and robust to other
@@ -299,9 +310,11 @@ def run_benchmark(
             "cpu_clock needs torch.set_num_threads(1): other threads' work is not counted"
         )
     clock: Clock = time.thread_time if cpu_clock else time.perf_counter
+    known = benchmarked_kinds()
+    layers = known if layers is None else layers
     for kind in layers:
-        if kind not in LAYERS:
-            raise ValueError(f"unknown layer {kind!r}; choose from {', '.join(LAYERS)}")
+        if kind not in known:
+            raise ValueError(f"unknown layer {kind!r}; choose from {', '.join(known)}")
     compile_s = compile_times() if measure_compile else {}
     copy = copy_bandwidth()
     timings = []
@@ -352,7 +365,7 @@ def summary(timings: list[LayerTiming]) -> dict[str, Any]:
     bn_eval = [t for t in timings if t.layer == "bn" and t.mode == "eval_fwd"]
     if bn_eval:
         out["bn_eval_max_ratio"] = max(t.ratio for t in bn_eval)
-    for kind in LAYERS[1:]:
+    for kind in [k for k in bnn.VARIANTS if k != "bn"]:
         rows = [t for t in timings if t.layer == kind and t.mode == "train_fwd_bwd"]
         if rows:
             out[f"{kind}_fwd_bwd_max_ratio"] = max(t.ratio for t in rows)
@@ -455,7 +468,7 @@ def command(
         torch.set_num_threads(threads)
     if cpu_clock and torch.get_num_threads() != 1:
         raise click.BadParameter("--cpu-clock needs --threads 1", param_hint="--cpu-clock")
-    layers = _parse_list(layer_text, LAYERS, "layer")
+    layers = _parse_list(layer_text, benchmarked_kinds(), "layer")
     formats = _parse_list(format_text, FORMATS, "format")
     modes = _parse_list(mode_text, MODES, "mode")
     shapes = QUICK_SHAPES if quick else SHAPES

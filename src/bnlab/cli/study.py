@@ -123,6 +123,19 @@ def report(folder: Path) -> None:
     click.echo(f"report: {path}")
 
 
+class _NormsOption(click.Option):
+    """``--norms``, whose help lists the kinds of bnlab.nn.VARIANTS: read when the help is shown
+    (importing bnlab.nn, and so torch, only then)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        from bnlab.nn import NORM_KINDS
+
+        self.help = (
+            f"Comma-separated norm kinds swapped in by convert_norm: {', '.join(NORM_KINDS)}."
+        )
+        return super().get_help_record(ctx)
+
+
 @click.command()
 @click.option(
     "--model",
@@ -139,10 +152,9 @@ def report(folder: Path) -> None:
 )
 @click.option(
     "--norms",
+    cls=_NormsOption,
     default="none,bn",
     show_default=True,
-    help="Comma-separated norm kinds swapped in by convert_norm (none, bn, noisy_bn, l1, l2, "
-    "linf, ghost, renorm).",
 )
 @click.option("--steps", type=click.IntRange(min=1), default=150, show_default=True)
 @click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True)

@@ -13,11 +13,24 @@ from bnlab.nn.noisy import (
     frozen_noise,
 )
 from bnlab.nn.renorm import BatchRenorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
-from bnlab.nn.variants import VARIANTS, NormKind, Statistics, colors, labels, variant
+from bnlab.nn.variants import (
+    VARIANTS,
+    Arm,
+    NormKind,
+    Statistics,
+    arms,
+    colors,
+    labels,
+    of_arm,
+    register,
+    unregister,
+    variant,
+)
 
 __all__ = [
     "NORM_KINDS",
     "VARIANTS",
+    "Arm",
     "BatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
@@ -42,11 +55,15 @@ __all__ = [
     "NoisyBatchNorm3d",
     "NormKind",
     "Statistics",
+    "arms",
     "colors",
     "convert_norm",
     "frozen_noise",
     "is_norm_layer",
     "labels",
     "norm_layer",
+    "of_arm",
+    "register",
+    "unregister",
     "variant",
 ]

@@ -26,12 +26,11 @@ def _rank_of(layer: nn.Module) -> int:
     return 0
 
 
-_LAYER_CLASSES = tuple({cls for kind in VARIANTS.values() for cls in kind.classes})
-
-
 def is_norm_layer(module: nn.Module) -> bool:
-    """True for torch.nn's BatchNorm1d/2d/3d and SyncBatchNorm and every layer of a bnlab kind."""
-    return isinstance(module, (_BatchNorm, BatchNorm, *_LAYER_CLASSES))
+    """True for torch.nn's BatchNorm1d/2d/3d and SyncBatchNorm and every layer of a bnlab kind
+    (of :data:`VARIANTS` as it is now: a kind registered later counts too)."""
+    classes = {cls for kind in VARIANTS.values() for cls in kind.classes}
+    return isinstance(module, (_BatchNorm, BatchNorm, *classes))
 
 
 def norm_layer(kind: str, num_features: int, rank: int = 2, **options: Any) -> nn.Module:

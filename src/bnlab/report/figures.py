@@ -19,25 +19,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from bnlab.nn.variants import of_arm
 from bnlab.report.document import FigureFile, write_atomic
-
-# one colour per arm, the same in every figure
-COLORS: dict[str, str] = {
-    "standard": "#1f77b4",
-    "bn": "#d62728",
-    "noisy_bn": "#2ca02c",
-    "l1": "#9467bd",
-    "l2": "#8c564b",
-    "linf": "#e377c2",
-}
-LABELS: dict[str, str] = {
-    "standard": "Standard",
-    "bn": "Standard + BatchNorm",
-    "noisy_bn": "Standard + noisy BatchNorm",
-    "l1": "l1 BatchNorm",
-    "l2": "l2 BatchNorm",
-    "linf": "l-infinity BatchNorm",
-}
 
 Curve = tuple[Sequence[float], Sequence[Sequence[float]]]  # steps, one value list per seed
 
@@ -70,11 +53,15 @@ def _subplots(
 
 
 def _label(arm: str) -> str:
-    return LABELS.get(arm, arm)
+    """The arm's kind's label (bnlab.nn.VARIANTS: the same in every figure), else its name."""
+    kind = of_arm(arm)
+    return kind.label if kind is not None else arm
 
 
 def _color(arm: str) -> str | None:
-    return COLORS.get(arm)
+    """The arm's kind's colour (bnlab.nn.VARIANTS); None (matplotlib's cycle) for another."""
+    kind = of_arm(arm)
+    return kind.color if kind is not None else None
 
 
 def _band(ax: Any, steps: Sequence[float], runs: Sequence[Sequence[float]], arm: str) -> None:

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from bnlab.nn.variants import arms
 from bnlab.studies.extension import ExtensionSettings
 from bnlab.train import (
     CheckpointConfig,
@@ -45,15 +46,8 @@ from bnlab.train import (
     TrainConfig,
 )
 
-# arm name in the report -> norm kind of bnlab.nn
-ARMS: dict[str, str] = {
-    "standard": "none",
-    "bn": "bn",
-    "noisy_bn": "noisy_bn",
-    "l1": "l1",
-    "l2": "l2",
-    "linf": "linf",
-}
+# arm name in the report -> norm kind: the paper's arms, as bnlab.nn.VARIANTS declares them
+ARMS: Mapping[str, str] = arms("paper")
 IMAGE_DATA = ("digits", "mnist", "cifar10")
 STUDY_DATA = ("digits", "cancer", "mouse", "cifar10", "mnist")
 PROTOCOLS = ("default", "paper")
