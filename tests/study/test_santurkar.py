@@ -19,9 +19,21 @@ def test_full_study_declares_every_arm_grid_and_claim() -> None:
     assert manifest["claims"] == list(range(1, 12))
     runs = _runs(study)
     for landscape in ("landscape", "dln"):
-        norms = {c.model.norm for _, c in runs[landscape]}
+        norms = {c.model.norm for _, c in runs[landscape] + runs[f"{landscape}_variants"]}
         assert norms == {"none", "bn", "noisy_bn", "l1", "l2", "linf"}
-        assert all(c.probes for _, c in runs[landscape])
+        # ICS and the Hessian probes where claims 4 and 11 read them: standard and BN
+        for _, config in runs[landscape]:
+            assert config.model.norm in ("none", "bn")
+            assert {p.name for p in config.probes} >= {
+                "gradient_path",
+                "internal_covariate_shift",
+                "top_eigenvalues",
+                "activation_curvature",
+                "activation_distribution",
+            }
+        # the other arms: what claims 3 and 8 read, the gradient path and the activations
+        for _, config in runs[f"{landscape}_variants"]:
+            assert {p.name for p in config.probes} == {"gradient_path", "activation_distribution"}
     assert not any(c.probes for _, c in runs["init_scale"])
     s = study.settings
     # the reference point is trained once, in the landscape experiment

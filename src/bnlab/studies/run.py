@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -162,6 +163,24 @@ def warm_kernels(study: Study) -> None:
             norm_layer(kind, 3, rank)(x).square().sum().backward()
 
 
+def _extension_beside(study: Study, out: Path) -> tuple[ProcessPoolExecutor, Future[Any]] | None:
+    """Start the extension in a process of its own (one thread), to train beside the
+    measurements: both are serial, and each took about 20 s of the default study's wall time
+    on two cores. None when the study has no extension."""
+    if study.extension is None:
+        return None
+    import multiprocessing
+
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    executor = ProcessPoolExecutor(
+        1,
+        mp_context=multiprocessing.get_context(method),
+        initializer=torch.set_num_threads,
+        initargs=(1,),
+    )
+    return executor, executor.submit(run_extension, out, study.extension)
+
+
 def landscape_experiments(study: Study) -> list[Experiment]:
     """The experiments with the landscape probes (one per setting): the ones measured."""
     return [
@@ -197,6 +216,7 @@ def _run(study: Study, out: Path, jobs: int, progress: bool, backend: RayBackend
 
     _say(f"[{measuring}/{phases}] measurements on the landscape runs' checkpoints", progress)
     start = time.perf_counter()
+    beside = _extension_beside(study, out) if jobs > 1 and backend is None else None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models: one thread is fastest and shares the machine best
     try:
@@ -208,6 +228,10 @@ def _run(study: Study, out: Path, jobs: int, progress: bool, backend: RayBackend
                 detailed_runs={f"norm={norm},seed={first}" for norm in ("none", "bn")},
                 progress=progress,
             )
+    except BaseException:
+        if beside is not None:
+            beside[0].shutdown(wait=False, cancel_futures=True)
+        raise
     finally:
         torch.set_num_threads(threads)
     timing["measurements"] = time.perf_counter() - start
@@ -216,8 +240,13 @@ def _run(study: Study, out: Path, jobs: int, progress: bool, backend: RayBackend
             f"[{phases}/{phases}] extension: edge of stability and effective learning rates",
             progress,
         )
-        start = time.perf_counter()
-        run_extension(out, study.extension)
+        if beside is None:
+            start = time.perf_counter()
+            run_extension(out, study.extension)
+        else:
+            with beside[0]:
+                beside[1].result()  # re-raises the extension's error here
+        # with the extension beside the measurements: from the measurements' start
         timing["extension"] = time.perf_counter() - start
     write_atomic(out / "timing.json", (json.dumps(timing, indent=2) + "\n").encode())
     return out

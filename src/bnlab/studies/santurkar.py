@@ -48,6 +48,10 @@ from bnlab.train import (
 
 # arm name in the report -> norm kind: the paper's arms, as bnlab.nn.VARIANTS declares them
 ARMS: Mapping[str, str] = arms("paper")
+# the arms whose ICS and Hessian probes a claim (4, 11) or a figure reads; the other arms get the
+# probes their claims read (gradient path: claim 8; activation distributions: claims 3 and 8)
+FULLY_PROBED_ARMS = ("standard", "bn")
+VARIANT_PROBES = ("gradient_path", "activation_distribution")
 IMAGE_DATA = ("digits", "mnist", "cifar10")
 STUDY_DATA = ("digits", "cancer", "mouse", "cifar10", "mnist")
 PROTOCOLS = ("default", "paper")
@@ -388,6 +392,11 @@ def landscape_probes(settings: StudySettings) -> list[ProbeConfig]:
     ]
 
 
+def variant_probes(settings: StudySettings) -> list[ProbeConfig]:
+    """The probes of the arms other than standard and BN: the ones their claims read."""
+    return [p for p in landscape_probes(settings) if p.name in VARIANT_PROBES]
+
+
 def setting_experiments(
     data: str, settings: StudySettings, device: str, *, main: bool
 ) -> list[Experiment]:
@@ -400,14 +409,28 @@ def setting_experiments(
     experiments = [
         Experiment(
             landscape_name,
-            f"{settings.title}: every norm arm at lr {settings.reference_lr:g}, with the probes",
+            f"{settings.title}: standard and BN at lr {settings.reference_lr:g}, every probe",
             SweepConfig(
                 replace(base, probes=landscape_probes(settings)),
-                {"model.norm": list(ARMS.values()), "seed": seeds},
+                {"model.norm": [ARMS[a] for a in FULLY_PROBED_ARMS], "seed": seeds},
             ),
             settings.name,
         )
     ]
+    variants = [kind for arm, kind in ARMS.items() if arm not in FULLY_PROBED_ARMS]
+    if variants:
+        experiments.append(
+            Experiment(
+                f"{landscape_name}_variants",
+                f"{settings.title}: the other norm arms at lr {settings.reference_lr:g}, with "
+                "the gradient path and activation distributions",
+                SweepConfig(
+                    replace(base, probes=variant_probes(settings)),
+                    {"model.norm": variants, "seed": seeds},
+                ),
+                settings.name,
+            )
+        )
     rates = (*settings.learning_rates, *settings.ics_rates)
     other_rates = sorted({lr for lr in rates if lr != settings.reference_lr})
     if other_rates:
