@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bnlab.functional as F
-from bnlab.functional import operators
+from bnlab.functional import operators, ops
 from helpers import TOL, rel_err
 
 OPS = torch.ops.bnlab
@@ -72,6 +72,64 @@ def test_gradients_and_second_derivatives_are_exact(kernels):
         evaluate = lambda x, w, b: operators.batch_norm_eval(x, mean, spread, w, b, 1e-5, True)  # noqa: E731
         assert torch.autograd.gradcheck(evaluate, (x, weight, bias))
         assert torch.autograd.gradgradcheck(evaluate, (x, weight, bias))
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_closed_form_second_derivatives_without_affine_and_for_one_input(kernels):
+    """gradgradcheck of the backward operator's registered autograd (the closed form) where
+    weight is None and where only some inputs want gradients."""
+    x, weight, _ = _inputs((4, 3, 5))
+    x.requires_grad_()
+    with F.use_kernels(kernels):
+        plain = lambda x: operators.batch_norm_train(x, None, None, 1e-3)[0]  # noqa: E731
+        assert torch.autograd.gradgradcheck(plain, (x,))
+        weight.requires_grad_()
+        scaled = lambda w: operators.batch_norm_train(x.detach(), w, None, 1e-5)[0]  # noqa: E731
+        assert torch.autograd.gradgradcheck(scaled, (weight,))
+
+
+def _third_derivatives(norm, x, weight):
+    x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    y = norm(x, weight)
+    (g,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+    (h,) = torch.autograd.grad((g * g).sum(), x, create_graph=True)
+    return torch.autograd.grad((h * h).sum(), (x, weight))
+
+
+def test_third_derivatives_match_the_differentiated_torch_op_formulas():
+    """Under create_graph the closed form recomputes the statistics from x, so a third
+    derivative is exact: it equals autograd's through the torch-op formulas (torch.nn's own
+    batch_norm differs here in x, by tens of percent: its double backward holds the saved
+    statistics constant)."""
+    x, weight, _ = _inputs((5, 3, 3, 2))
+    ours = _third_derivatives(
+        lambda x, w: operators.batch_norm_train(x, w, None, 1e-5)[0], x, weight
+    )
+    want = _third_derivatives(lambda x, w: ops.train(x, w, None, ops.NormSpec(1e-5))[0], x, weight)
+    for a, b in zip(ours, want, strict=True):
+        assert rel_err(a, b) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [ops.NormSpec(1e-5), ops.NormSpec(1e-5, 1.0, centered=False)],
+    ids=["bn", "l1 (torch-op fallback)"],
+)
+def test_backward_with_graph_gives_the_torch_op_formulas_hessian_vector_products(spec):
+    x, weight, bias = (t.requires_grad_() for t in _inputs((6, 3, 4, 4)))
+    v = [torch.randn_like(t) for t in (x, weight, bias)]
+    results = []
+    for ours in (True, False):
+        y, _ = ops.train(x, weight, bias, spec)
+        dy = 3 * y * y  # the upstream gradient of (y^3).sum(), itself a function of x
+        if ours:
+            grads = operators.backward_with_graph((True,) * 3, spec, x, weight, bias, dy)
+        else:
+            grads = torch.autograd.grad(y, (x, weight, bias), dy, create_graph=True)
+        results.append((grads, torch.autograd.grad(grads, (x, weight, bias), v)))
+    (grads, hvp), (want_grads, want_hvp) = results
+    for a, b in zip((*grads, *hvp), (*want_grads, *want_hvp), strict=True):
+        assert rel_err(a, b) <= 1e-10
 
 
 @pytest.mark.parametrize(("shape", "dtype", "channels_last"), CASES)

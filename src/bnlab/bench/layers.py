@@ -418,6 +418,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def set_threads(threads: int | None, cpu_clock: bool) -> None:
+    """The CLI's ``--threads`` and ``--cpu-clock``: torch's intra-op threads, and the check that
+    a CPU clock runs on one thread."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if cpu_clock and torch.get_num_threads() != 1:
+        raise click.BadParameter("--cpu-clock needs --threads 1", param_hint="--cpu-clock")
+
+
 def _parse_list(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
     items = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in items if s not in allowed]
@@ -464,10 +473,7 @@ def command(
     out: str | None,
 ) -> None:
     """Time bnlab's layers against torch.nn.BatchNorm* (interleaved, medians) and print a table."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if cpu_clock and torch.get_num_threads() != 1:
-        raise click.BadParameter("--cpu-clock needs --threads 1", param_hint="--cpu-clock")
+    set_threads(threads, cpu_clock)
     layers = _parse_list(layer_text, benchmarked_kinds(), "layer")
     formats = _parse_list(format_text, FORMATS, "format")
     modes = _parse_list(mode_text, MODES, "mode")

@@ -12,6 +12,7 @@ from bnlab.cli import LazyGroup
     lazy={
         "layers": "bnlab.bench.layers:command",
         "hessian": "bnlab.bench.hessian:command",
+        "models": "bnlab.bench.models:command",
     },
 )
 def bench() -> None:

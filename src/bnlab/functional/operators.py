@@ -13,7 +13,8 @@ autograd formula:
   and its autograd formula can be registered.
 - ``bnlab::batch_norm_backward(dy, x, weight, stats, need_dx) -> (dx, dweight, dbias)``: the
   fused backward; its own registered autograd is the double backward (Hessian-vector
-  products), through the differentiated torch-op formula of the backward.
+  products) in closed form (:func:`second_derivatives`). :func:`backward_with_graph` is a
+  ``create_graph=True`` backward that goes through it.
 - ``bnlab::batch_norm_eval(x, mean, spread, weight, bias, eps, is_var) -> y``: normalization
   with running statistics.
 
@@ -208,45 +209,138 @@ def _batch_norm_backward_fake(
 
 
 def _backward_setup(ctx: Any, inputs: tuple[object, ...], output: object) -> None:
-    dy, x, weight, _, eps, _ = inputs
-    ctx.save_for_backward(dy, x, weight)
+    dy, x, weight, stats, eps, _ = inputs
+    ctx.save_for_backward(dy, x, weight, stats)
     ctx.eps = eps
 
 
 def _double_backward(
     ctx: Any, ddx: Tensor | None, ddweight: Tensor | None, ddbias: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
-    """Gradients of (dx, dweight, dbias) with respect to (dy, x, weight): the torch-op formula
-    of the backward, with the statistics recomputed differentiably from x, differentiated on
-    detached copies (dy depends on x through the first backward's graph, which must not be
-    walked again). Second derivatives are exact; a third is not taken through here."""
-    saved = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
-    with torch.enable_grad():
-        dy, x, weight = (None if t is None else t.detach().requires_grad_() for t in saved)
-        assert dy is not None and x is not None
-        xc = _compute(x)
-        stats = ops.batch_stats(xc, ctx.eps)
-        outs = _backward_formula(_compute(dy), xc, weight, stats.mean, stats.scale)
-        pairs = [
-            (o, g) for o, g in zip(outs, (ddx, ddweight, ddbias), strict=True) if g is not None
-        ]
-        inputs = [
-            t for t, need in zip((dy, x, weight), needs, strict=True) if need and t is not None
-        ]
-        grads = iter(
-            torch.autograd.grad(
-                [o for o, _ in pairs], inputs, [g.to(o.dtype) for o, g in pairs], allow_unused=True
-            )
-        )
-    result = [
-        next(grads) if need and t is not None else None
-        for t, need in zip((dy, x, weight), needs, strict=True)
-    ]
-    return result[0], result[1], result[2], None, None, None
+    """Gradients of (dx, dweight, dbias) with respect to (dy, x, weight), in closed form: the
+    second derivatives of BatchNorm (:func:`second_derivatives`), a dozen elementwise passes
+    instead of re-running the forward and differentiating it. Under ``create_graph`` the
+    statistics are recomputed from x with torch ops, so third derivatives are exact too."""
+    dy, x, weight, stats = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    xc = _compute(x)
+    if torch.is_grad_enabled():
+        batch = ops.batch_stats(xc, ctx.eps)
+        mean, scale = batch.mean, batch.scale
+    else:
+        mean, scale = stats[MEAN, 0].to(xc.dtype), stats[SCALE, 0].to(xc.dtype)
+    d_dy, d_x, d_weight = second_derivatives(
+        _compute(dy), xc, weight, mean, scale, ddx, ddweight, ddbias, needs[:3]
+    )
+    return (
+        None if d_dy is None else d_dy.to(dy.dtype),
+        None if d_x is None else d_x.to(x.dtype),
+        None if d_weight is None or weight is None else d_weight.to(weight.dtype),
+        None,
+        None,
+        None,
+    )
+
+
+def second_derivatives(
+    g: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    scale: Tensor,
+    ddx: Tensor | None,
+    ddweight: Tensor | None,
+    ddbias: Tensor | None,
+    needs: tuple[bool, ...] = (True, True, True),
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The vector-Jacobian product of BatchNorm's backward (g = dy, x, w) -> (dx, dw, db) with
+    (ddx, ddw, ddb): ``(d_g, d_x, d_w)`` (None where ``needs`` says no; a missing dd* counts as
+    zero). With x_hat = (x - mean) / s and per-channel means over the M values of a channel,
+    A = mean(g x_hat), B = mean(ddx x_hat), K = mean(ddx (g - mean g)):
+
+    d_g = (w / s) (ddx - mean ddx - x_hat B) + ddw x_hat + ddb
+    d_x = (ddw / s) (g - mean g - x_hat A)
+          + (w / s^2) (x_hat (3 A B - K) - B (g - mean g) - A (ddx - mean ddx))
+    d_w = (M / s) (K - A B)
+
+    (from dx = (w / s)(g - mean g - x_hat A), d x_hat / dx = (1 / s)(I - 1/M - x_hat x_hat^T / M)
+    and d s / dx = x_hat / M; torch's ``batchnorm_double_backward`` computes the same).
+    """
+    need_g, need_x, need_w = needs[0], needs[1], needs[2] and weight is not None
+    dims = ops.reduce_dims(x)
+    m = x.numel() // x.shape[1]
+
+    def per_channel(v: Tensor) -> Tensor:
+        return ops.channel_view(v, x)
+
+    def channel_mean(t: Tensor) -> Tensor:
+        return per_channel(t.sum(dims) / m)
+
+    inv = per_channel(1.0 / scale)
+    w = inv if weight is None else per_channel(weight.to(x.dtype)) * inv  # w / s
+    x_hat = (x - per_channel(mean)) * inv
+    d_g = d_x = d_w = None
+    g_centred = g - channel_mean(g) if need_x or ddx is not None else g
+    a = channel_mean(g * x_hat)
+    if ddx is not None:
+        ddx = ddx.to(x.dtype)
+        b = channel_mean(ddx * x_hat)
+        dd_centred = ddx - channel_mean(ddx)
+        if need_g:
+            d_g = w * (dd_centred - x_hat * b)
+        if need_x or need_w:
+            k = channel_mean(ddx * g_centred)
+        if need_x:
+            d_x = (w * inv) * (x_hat * (3 * a * b - k) - b * g_centred - a * dd_centred)
+        if need_w:
+            d_w = ((k - a * b) * (m * inv)).reshape(-1)
+    if ddweight is not None:
+        ddw = per_channel(ddweight.to(x.dtype))
+        if need_g:
+            d_g = ddw * x_hat if d_g is None else d_g + ddw * x_hat
+        if need_x:
+            extra = (ddw * inv) * (g_centred - x_hat * a)
+            d_x = extra if d_x is None else d_x + extra
+    if ddbias is not None and need_g:
+        ddb = per_channel(ddbias.to(x.dtype))
+        d_g = ddb.expand_as(x) if d_g is None else d_g + ddb
+    if need_g and d_g is None:
+        d_g = torch.zeros_like(g)
+    if need_x and d_x is None:
+        d_x = torch.zeros_like(x)
+    if need_w and d_w is None:
+        d_w = torch.zeros_like(mean)
+    return d_g, d_x, d_w
 
 
 batch_norm_backward.register_autograd(_double_backward, setup_context=_backward_setup)
+
+
+def backward_with_graph(
+    needs: tuple[bool, ...],
+    spec: ops.NormSpec,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dy: Tensor,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """A training normalization's backward as a differentiable result, for a backward run with
+    ``create_graph=True`` (double backward, Hessian-vector products): (dx, dweight, dbias) for
+    the ``needs`` of (x, weight, bias). BatchNorm's goes through ``bnlab::batch_norm_backward``
+    (the fused backward, then the closed-form second derivatives); the other variants through
+    the differentiated torch-op forward (:func:`kernels.torch_op_backward`)."""
+    plain = spec.p == 2 and spec.centered and spec.virtual_batch_size is None
+    if not (plain and spec.renorm is None and spec.noise is None):
+        return kernels.torch_op_backward(needs, spec, x, weight, bias, dy)
+    xc = _compute(x).detach()
+    var, mean = torch.var_mean(xc, ops.reduce_dims(xc), correction=0)
+    stats = _stats_rows(mean.double().unsqueeze(0), var.double().unsqueeze(0), spec.eps)
+    dx, dweight, dbias = batch_norm_backward(dy, x, weight, stats, spec.eps, needs[0])
+    return (
+        dx if needs[0] else None,
+        dweight.to(weight.dtype) if needs[1] and weight is not None else None,
+        dbias.to(bias.dtype) if needs[2] and bias is not None else None,
+    )
 
 
 # --- eval ------------------------------------------------------------------------------------
