@@ -115,17 +115,16 @@ class NoiseDraw(NamedTuple):
         return mu.to(dtype), sigma.to(dtype)
 
 
-_native_module: Any = None
+_key_source: Any = None
+"""Set by :mod:`bnlab.functional.kernels.native` (:func:`use_key_source`): a function of the
+generator that returns a key drawn by the native glue, or None when the glue is not loaded.
+This module imports nothing of the kernels (they import it)."""
 
 
-def _native() -> Any:
-    """:mod:`bnlab.functional.kernels.native`, imported on first use (it imports this module)."""
-    global _native_module
-    if _native_module is None:
-        from bnlab.functional.kernels import native
-
-        _native_module = native
-    return _native_module
+def use_key_source(source: Any) -> None:
+    """Register the native glue's key drawer (see :data:`_key_source`)."""
+    global _key_source
+    _key_source = source
 
 
 _buffers = threading.local()
@@ -141,10 +140,9 @@ def draw(
     taken through the native glue for a CPU generator when the glue is loaded (the tensor call
     cost about 6 us between kernel calls), else through that tensor call."""
     if device.type == "cpu" and (generator is None or generator.device.type == "cpu"):
-        glue = _native().loaded()
-        if glue is not None:
-            bits = glue.draw_key(generator)
-            return NoiseDraw.from_packed(spec, bits)
+        packed = None if _key_source is None else _key_source(generator)
+        if packed is not None:
+            return NoiseDraw.from_packed(spec, packed)
     buffers: dict[torch.device, Tensor] | None = getattr(_buffers, "by_device", None)
     if buffers is None:
         buffers = _buffers.by_device = {}

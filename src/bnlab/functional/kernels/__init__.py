@@ -31,7 +31,7 @@ from torch import Tensor
 
 from bnlab.functional import ops
 from bnlab.functional.kernels import native
-from bnlab.functional.noise import NoiseDraw
+from bnlab.functional.noise import NoiseDraw, NoiseSpec
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
 PARALLEL_MIN_NUMEL = 1 << 15
@@ -106,7 +106,7 @@ class _Plan:
     )  # fmt: skip
 
     def __init__(self, x: Tensor, v: int, threads: int) -> None:
-        loops = _loops()
+        _loops()
         self.strides = x.stride()
         self.n, self.channels = x.shape[0], x.shape[1]
         self.size = x.numel() // (self.n * self.channels)
@@ -130,13 +130,12 @@ class _Plan:
         self.counts = tuple(min(v, self.n - start) * self.size for start in range(0, self.n, v))
         self.min_count = min(self.counts)  # the smallest group: the last virtual batch
         self.blocks, self.row_blocks = self._blocks()
-        serial = "" if self.parallel else "_serial"
-        shape = "planar" if self.planar else "rows"
-        self.forward = getattr(loops, f"forward_{shape}{serial}")
-        self.backward = getattr(loops, f"backward_{shape}{serial}")
-        from bnlab.functional.kernels import eval_loops
+        from bnlab.functional.kernels import entries
 
-        self.eval = getattr(eval_loops, f"eval_{shape}{serial}")
+        shape = "planar" if self.planar else "rows"
+        self.forward = entries.python_driver(f"forward_{shape}", self.parallel)
+        self.backward = entries.python_driver(f"backward_{shape}", self.parallel)
+        self.eval = entries.python_driver(f"eval_{shape}", self.parallel)
 
         self.dtype = "float32" if x.dtype == torch.float32 else "float64"
         self.native_train: tuple[int, ...] | None = None
@@ -363,7 +362,7 @@ class FusedTrainNorm(torch.autograd.Function):
         stats = np.empty((5, plan.groups, channels))
         args = (
             plan.blocks, plan.row_blocks, spec.kernel_p, spec.eps, w, b, running, limits, *track,
-            *noise, ya, stats, plan.parallel,
+            *noise, ya, stats,
         )  # fmt: skip
         plan.enter()
         if plan.planar:
@@ -396,7 +395,6 @@ class FusedTrainNorm(torch.autograd.Function):
         w = _param(weight, plan.channels, 1.0, x.dtype)
         args = (
             plan.blocks, plan.row_blocks, spec.kernel_p, stats, w, *noise, dxa, need_dx,
-            plan.parallel,
         )  # fmt: skip
         plan.enter()
         if plan.planar:
@@ -486,6 +484,32 @@ def torch_op_backward(
     return dx, dweight, dbias
 
 
+def _native_double_backward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dy: Tensor,
+    p: float,
+    eps: float,
+    virtual_batch_size: int | None,
+    noise: tuple[float, float, float, float, int] | None,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The native glue's backward with ``create_graph=True``: :func:`torch_op_backward` of the
+    call as native.cpp describes it (``noise``: the configuration and the packed key)."""
+    draw = None
+    if noise is not None:
+        *conf, key = noise
+        draw = NoiseDraw.from_packed(NoiseSpec(*conf), key)
+    spec = ops.NormSpec(  # p < 0: lp's un-centred form (ops.NormSpec.kernel_p)
+        eps, abs(p), virtual_batch_size=virtual_batch_size, noise=draw, centered=p > 0
+    )
+    return torch_op_backward(needs, spec, x, weight, bias, dy)
+
+
+native.use_double_backward(_native_double_backward)
+
+
 def _eval_kernel(
     x: Tensor,
     mean: Tensor,
@@ -507,7 +531,7 @@ def _eval_kernel(
     m = _param(mean, channels, 0.0, x.dtype)
     s = _param(spread, channels, 1.0, x.dtype)
     plan.enter()
-    args = (m, s, eps, is_var, w, b, plan.array(y), plan.row_blocks, plan.parallel)
+    args = (m, s, eps, is_var, w, b, plan.array(y), plan.row_blocks)
     if plan.planar:
         plan.eval(plan.array(x), *args)
     else:

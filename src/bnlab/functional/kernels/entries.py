@@ -6,9 +6,11 @@ compute the same numbers. BatchNorm, lp, ghost batches and noise come here (not 
 arguments are the empty arrays the drivers take for "none").
 
 An entry is compiled on first use for one (driver, parallel, dtype) and cached on disk like the
-loops. numba checks a cached function against its own source file only, not against the loops
-it calls, so each entry's name carries a hash of :mod:`.loops` and :mod:`.eval_loops`: edited
-loops get entries of their own instead of stale cached ones.
+loops. The Python Function path calls the drivers through twins of its own
+(:func:`python_driver`), which pass ``parallel`` as the entries do, so that both paths share
+one compilation of each driver. numba checks a cached function against its own source file
+only, not against the loops it calls, so each entry's name carries a hash of :mod:`.loops` and
+:mod:`.eval_loops`: edited loops get entries of their own instead of stale cached ones.
 
 Arguments, in order (``P``: pointer to the input dtype, ``D``: pointer to float64):
 
@@ -129,18 +131,84 @@ def _eval_rows(xp, yp, mp, sp, wp, bp, n0, n1, n2, row_blocks, eps, is_var):
     )  # fmt: skip
 
 
-_I = types.int64
-_F = types.float64
+# The Python Function path's calls (:class:`bnlab.functional.kernels.FusedTrainNorm`): the
+# same drivers, with ``parallel`` passed as the constant of the twin, as the C entries pass it.
+# numba types a constant argument as a literal and prunes the branch it decides, so the
+# driver compiled here is the entry's (one compilation serves both paths); a driver called
+# from Python with a run-time bool compiled both branches again, gufuncs included (most of a
+# parallel driver's compile time).
+
+
+def _py_forward_planar(
+    x, v, blocks, row_blocks, p, eps, weight, bias, running, limits, track_mean, track_second,
+    momentum, kind, noise, key, y, stats,
+):  # fmt: skip
+    return _DRIVER(
+        x, v, blocks, row_blocks, p, eps, weight, bias, running, limits, track_mean,
+        track_second, momentum, kind, noise, key, y, stats, _PARALLEL,
+    )  # fmt: skip
+
+
+def _py_forward_rows(
+    x, k, v_rows, blocks, row_blocks, p, eps, weight, bias, running, limits, track_mean,
+    track_second, momentum, kind, noise, key, y, stats,
+):  # fmt: skip
+    return _DRIVER(
+        x, k, v_rows, blocks, row_blocks, p, eps, weight, bias, running, limits, track_mean,
+        track_second, momentum, kind, noise, key, y, stats, _PARALLEL,
+    )  # fmt: skip
+
+
+def _py_backward_planar(dy, x, v, blocks, row_blocks, p, stats, weight, noise, key, dx, need):
+    return _DRIVER(dy, x, v, blocks, row_blocks, p, stats, weight, noise, key, dx, need, _PARALLEL)
+
+
+def _py_backward_rows(
+    dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, noise, key, dx, need
+):  # fmt: skip
+    return _DRIVER(
+        dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, noise, key, dx, need, _PARALLEL
+    )
+
+
+def _py_eval_planar(x, mean, spread, eps, is_var, weight, bias, y, row_blocks):
+    _DRIVER(x, mean, spread, eps, is_var, weight, bias, y, row_blocks, _PARALLEL)
+
+
+def _py_eval_rows(x, k, mean, spread, eps, is_var, weight, bias, y, row_blocks):
+    _DRIVER(x, k, mean, spread, eps, is_var, weight, bias, y, row_blocks, _PARALLEL)
+
+
+ARGUMENTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "forward": (
+        ("xp", "P"), ("yp", "P"), ("wp", "P"), ("bp", "P"), ("mp", "P"), ("sp", "P"),
+        ("statsp", "D"), ("n0", "I"), ("n1", "I"), ("n2", "I"), ("v", "I"), ("blocks", "I"),
+        ("row_blocks", "I"), ("p", "F"), ("eps", "F"), ("momentum", "F"), ("kind", "I"),
+        ("noisep", "D"), ("nnoise", "I"), ("key", "I"),
+    ),
+    "backward": (
+        ("dyp", "P"), ("xp", "P"), ("dxp", "P"), ("statsp", "D"), ("wp", "P"), ("dpp", "P"),
+        ("n0", "I"), ("n1", "I"), ("n2", "I"), ("v", "I"), ("blocks", "I"), ("row_blocks", "I"),
+        ("p", "F"), ("need", "I"), ("noisep", "D"), ("nnoise", "I"), ("key", "I"),
+    ),
+    "eval": (
+        ("xp", "P"), ("yp", "P"), ("mp", "P"), ("sp", "P"), ("wp", "P"), ("bp", "P"),
+        ("n0", "I"), ("n1", "I"), ("n2", "I"), ("row_blocks", "I"), ("eps", "F"),
+        ("is_var", "I"),
+    ),
+}  # fmt: skip
+"""The C interface of the entries, per stage: (parameter name, type) in order; types ``P``
+pointer to the input dtype, ``D`` pointer to float64, ``I`` int64, ``F`` float64 (see the
+module docstring). The templates' parameters and the cfunc signatures follow it, and a test
+checks native.cpp's function pointer types against it (tests/test_kernel_structure.py)."""
 
 
 def _signature(stage: str, dtype: Any) -> Any:
-    p = types.CPointer(dtype)
-    d = types.CPointer(types.float64)
-    if stage == "forward":
-        return types.void(p, p, p, p, p, p, d, _I, _I, _I, _I, _I, _I, _F, _F, _F, _I, d, _I, _I)
-    if stage == "backward":
-        return types.void(p, p, p, d, p, p, _I, _I, _I, _I, _I, _I, _F, _I, d, _I, _I)
-    return types.void(p, p, p, p, p, p, _I, _I, _I, _I, _F, _I)
+    codes = {
+        "P": types.CPointer(dtype), "D": types.CPointer(types.float64), "I": types.int64,
+        "F": types.float64,
+    }  # fmt: skip
+    return types.void(*(codes[code] for _, code in ARGUMENTS[stage]))
 
 
 _TEMPLATES: dict[str, tuple[Callable[..., None], Any]] = {
@@ -151,8 +219,17 @@ _TEMPLATES: dict[str, tuple[Callable[..., None], Any]] = {
     "eval_planar": (_eval_planar, eval_loops),
     "eval_rows": (_eval_rows, eval_loops),
 }
+_PY_TEMPLATES: dict[str, Callable[..., Any]] = {
+    "forward_planar": _py_forward_planar,
+    "forward_rows": _py_forward_rows,
+    "backward_planar": _py_backward_planar,
+    "backward_rows": _py_backward_rows,
+    "eval_planar": _py_eval_planar,
+    "eval_rows": _py_eval_rows,
+}
 _compiled: dict[tuple[str, bool, str], Any] = {}
 """The compiled entries, kept alive: an address is valid while its entry is."""
+_python: dict[tuple[str, bool], Any] = {}
 
 
 @functools.cache
@@ -164,14 +241,16 @@ def _loops_version() -> str:
     return digest.hexdigest()[:12]
 
 
-def _twin(name: str, parallel: bool) -> Callable[..., None]:
-    """The template of ``name`` bound to its driver (serial or parallel build)."""
-    template, module = _TEMPLATES[name]
+def _twin(name: str, parallel: bool, python: bool = False) -> Callable[..., Any]:
+    """The template of ``name`` (the C entry's, or with ``python`` the Python path's) bound to
+    its driver (serial or parallel build)."""
+    module = _TEMPLATES[name][1]
+    template = _PY_TEMPLATES[name] if python else _TEMPLATES[name][0]
     suffix = "" if parallel else "_serial"
     env = dict(template.__globals__)
     env["_DRIVER"] = getattr(module, name + suffix)
     env["_PARALLEL"] = parallel
-    qualname = f"{name}{suffix}_entry_{_loops_version()}"
+    qualname = f"{name}{suffix}_{'python' if python else 'entry'}_{_loops_version()}"
     twin = pytypes.FunctionType(template.__code__, env, qualname, template.__defaults__)
     twin.__qualname__ = qualname
     return twin
@@ -191,4 +270,16 @@ def address(name: str, parallel: bool, dtype: str) -> int:
         compiled = cfunc(_signature(stage, numba_dtype), cache=True)(_twin(name, parallel))
         _compiled[key] = compiled
     found: int = compiled.address
+    return found
+
+
+def python_driver(name: str, parallel: bool) -> Any:
+    """The driver ``name`` (a key of the templates) for the Python Function path, called with
+    the driver's arguments less ``parallel``: compiled on first use per dtype (numba ``njit``,
+    cached on disk), sharing the driver's compilation with the C entry (see the templates)."""
+    key = (name, parallel)
+    found = _python.get(key)
+    if found is None:
+        _loops()
+        found = _python[key] = njit(cache=True)(_twin(name, parallel, python=True))
     return found

@@ -1,5 +1,6 @@
 """The eval-mode loops: y = (x - mean_c) * a_c + b_c with a_c = weight_c / s_c and
-b_c = bias_c, s_c = sqrt(running_var_c + eps) (BatchNorm) or running_scale_c (lp BatchNorm).
+b_c = bias_c, s_c = sqrt(running_var_c + eps) (BatchNorm: ``reference.batch_norm_inference``)
+or running_scale_c (lp BatchNorm: ``reference.lp_batch_norm_inference``).
 
 One read of x and one write of y, in the input dtype, with the per-channel coefficients worked
 out once per call in float64 (so float32 output carries the rounding of one subtraction, one
@@ -50,7 +51,7 @@ def _planar_rows(x, r0, r1, coef, y):
 def eval_planar(x, mean, spread, eps, is_var, weight, bias, y, row_blocks, parallel):
     """Eval normalization of (N, C, S) into y. Memory passes: read x, write y."""
     n_total, c_total, _ = x.shape
-    coef = _coefficients(mean, spread, eps, is_var, weight, bias, 1, x)
+    coef = _coefficients(mean, spread, eps, is_var, weight, bias, np.int64(1), x)
     rows = n_total * c_total
     if parallel:
         for t in prange(row_blocks):

@@ -78,6 +78,9 @@ _NORMAL32 = NORMAL_QUANTILES.astype(np.float32)
 # gather.
 _RUN = 256
 
+# A literal int argument (a bare 0 or 1) makes numba compile a separate specialization of the
+# called function (Literal[int](1) is a type of its own): calls pass np.int64(0) / np.int64(1).
+
 # Rows of the (5, G, C) float64 statistics array the forward returns and the backward reads.
 MEAN, SPREAD, SCALE, R, D = range(5)
 # Rows of the (4, C) per-channel noise parameters (float64, or per column in the input dtype).
@@ -1202,11 +1205,11 @@ def _planar_fused_forward_task(
     own functions on one task, in their order (the same numbers, bit for bit)."""
     c_total = x.shape[1]
     g, c = t // c_total, t % c_total
-    _planar_sums_task(x, t, v, 1, p, part)
+    _planar_sums_task(x, t, v, np.int64(1), p, part)
     shift = x[g * v, c, 0]
     if p == 1.0:  # sum |x - mean|, or sum |x| (un-centred)
         mean[g, c] = shift + part[0, t] / count[g] if centered else 0.0
-        _planar_absdev_task(x, t, v, 1, mean, part)
+        _planar_absdev_task(x, t, v, np.int64(1), mean, part)
     _finish_into(
         stats, g, c, part[0, t], part[1, t], part[2, t], part[3, t], shift, count[g], p,
         centered, eps, running, limits,
@@ -1242,6 +1245,12 @@ def forward_planar(
     """Training forward on (N, C, S); fills ``stats``, the (5, G, C) float64 statistics (the
     caller's array: the native glue's tensor), and returns it.
 
+    y = weight (r (x - mean) / s + d) + bias per (group, channel), with s = sqrt(var + eps)
+    (BatchNorm: ``reference.batch_norm_forward``), s = the lp dispersion + eps
+    (``reference.lp_batch_norm_forward``), r, d from renorm's running statistics (else 1, 0;
+    ``reference.batch_renorm_forward``); with noise, y <- y (sigma_t + r_sigma z) + (mu_t +
+    r_mu u) (Algorithm 1, ``reference.noisy_batch_norm_forward``). Groups: virtual batches.
+
     Memory passes: p = 2, inf: read x (stats), read x + write y (normalize). p = 1: one more
     read of x for the mean absolute deviation. With ``blocks`` 1 a task does all of this for
     one (group, channel), so the second read comes from the cache wherever one channel's values
@@ -1271,7 +1280,9 @@ def forward_planar(
                     x, t, v, p, centered, eps, count, weight, bias, running, limits, params, key,
                     part, mean, stats, coef, y,
                 )  # fmt: skip
-        _update_running(stats, count, track_mean, track_second, momentum, track_kind, 0, c_total)
+        _update_running(
+            stats, count, track_mean, track_second, momentum, track_kind, np.int64(0), c_total
+        )
         return stats
     if parallel:
         for t in prange(tasks):
@@ -1309,7 +1320,9 @@ def forward_planar(
             gc = t // blocks
             sums[1, gc // c_total, gc % c_total] += part[1, t]
     _finish_stats(sums, shift, count, p, centered, eps, running, limits, stats)
-    _update_running(stats, count, track_mean, track_second, momentum, track_kind, 0, c_total)
+    _update_running(
+        stats, count, track_mean, track_second, momentum, track_kind, np.int64(0), c_total
+    )
     coef = np.empty((4, groups, c_total), dtype=x.dtype)
     _coefficients(stats, weight, bias, coef)
     params = _noise_params(noise, key, c_total)
@@ -1317,7 +1330,7 @@ def forward_planar(
         for t in prange(row_blocks):
             _planar_normalize_task(x, t, row_blocks, v, coef, params, key, y)
     else:
-        _planar_normalize_task(x, 0, 1, v, coef, params, key, y)
+        _planar_normalize_task(x, np.int64(0), np.int64(1), v, coef, params, key, y)
     return stats
 
 
@@ -1389,7 +1402,7 @@ def forward_rows(
     p = abs(p)
     m_total, columns = x.shape
     channels = columns // k
-    rows = _group_counts(m_total, v_rows, 1)
+    rows = _group_counts(m_total, v_rows, np.int64(1))
     count = _group_counts(m_total, v_rows, k)
     groups = rows.shape[0]
     tasks = groups * blocks
@@ -1433,7 +1446,7 @@ def forward_rows(
         for t in prange(row_blocks):
             _rows_normalize_task(x, t, v_rows, row_blocks, coef, col_noise, key, base, k, y)
     else:
-        _rows_normalize_task(x, 0, v_rows, 1, coef, col_noise, key, base, k, y)
+        _rows_normalize_task(x, np.int64(0), v_rows, np.int64(1), coef, col_noise, key, base, k, y)
     return stats
 
 
@@ -1448,7 +1461,7 @@ def _planar_fused_backward_task(
     c_total = x.shape[1]
     g, c = t // c_total, t % c_total
     mean = stats[MEAN]
-    _planar_grad_sums_task(dy, x, t, v, 1, p, mean, noise, key, part)
+    _planar_grad_sums_task(dy, x, t, v, np.int64(1), p, mean, noise, key, part)
     if p != 1.0 and p != 2.0:
         _planar_argmax_task(x, t, v, center, argmax_at, argmax_sign)
     part[2, t], terms[t] = _store_grad_coefficients(
@@ -1466,6 +1479,10 @@ def backward_planar(
     dy, x, v, blocks, row_blocks, p, stats, weight, noise, key, dx, need_dx, parallel
 ):
     """Fused backward on (N, C, S); writes dx (if ``need_dx``), returns (2, C) d weight, d bias.
+
+    dx = a gy + b phi(x - mean) + offset per (group, channel) (:func:`_store_grad_coefficients`;
+    gy = dy, or dy (sigma_t + r_sigma z) with noise): ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``.
 
     Memory passes: read dy and x (sums), read dy and x, write dx (with noise, both passes hash
     z again). p = inf: plus a scan of x per (group, channel) for the arg-max of |x - mean|.
@@ -1538,7 +1555,7 @@ def backward_planar(
             for t in prange(row_blocks):
                 _planar_dx_task(dy, x, t, row_blocks, v, p, coef, params, key, dx)
         else:
-            _planar_dx_task(dy, x, 0, 1, v, p, coef, params, key, dx)
+            _planar_dx_task(dy, x, np.int64(0), np.int64(1), v, p, coef, params, key, dx)
         _add_at_argmax(dx, argmax_at, sums[2])
     return dparams
 
@@ -1602,7 +1619,9 @@ def backward_rows(
             for t in prange(row_blocks):
                 _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, col_noise, key, base, k, dx)
         else:
-            _rows_dx_task(dy, x, 0, v_rows, 1, p, coef, col_noise, key, base, k, dx)
+            _rows_dx_task(
+                dy, x, np.int64(0), v_rows, np.int64(1), p, coef, col_noise, key, base, k, dx
+            )
         _add_at_argmax(dx, argmax_at, addend)
     return dparams
 

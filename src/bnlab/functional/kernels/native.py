@@ -26,8 +26,7 @@ from typing import Any
 
 from torch import Tensor
 
-from bnlab.functional import ops
-from bnlab.functional.noise import NoiseDraw, NoiseSpec
+from bnlab.functional import noise
 
 SOURCE = Path(__file__).with_name("native.cpp")
 NODE_NAME = "bnlab::TrainNormBackward"
@@ -39,6 +38,18 @@ _state: bool | None = None
 _why = ""
 _off = False
 """Set by :func:`disabled`: the Python Function path runs even where the glue is built."""
+_double_backward: Any = None
+"""The double-backward path (torch-op formulas), set by the kernels package
+(:func:`use_double_backward`): this module imports neither it nor the ops."""
+
+
+def use_double_backward(function: Any) -> None:
+    """Register the function a backward with ``create_graph=True`` calls (see native.cpp);
+    before the glue is loaded, or into the loaded glue."""
+    global _double_backward
+    _double_backward = function
+    if _module is not None:
+        _module.set_double_backward(function)
 
 
 def enabled() -> bool:
@@ -64,7 +75,8 @@ def load() -> Any:
                 extra_cflags=["-O2"],
                 verbose=False,
             )
-            module.set_double_backward(_double_backward)
+            if _double_backward is not None:
+                module.set_double_backward(_double_backward)
         except Exception as error:  # a missing compiler or ninja, or a failed build
             _state, _why = False, f"{type(error).__name__}: {error}"
             warnings.warn(
@@ -141,27 +153,14 @@ def output_cache(limit: int | None = None) -> tuple[int, int]:
     return int(held), int(cap)
 
 
-def _double_backward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    dy: Tensor,
-    p: float,
-    eps: float,
-    virtual_batch_size: int | None,
-    noise: tuple[float, float, float, float, int] | None,
-    needs: tuple[bool, bool, bool],
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    from bnlab.functional.kernels import torch_op_backward
+def _draw_key(generator: Any) -> int | None:
+    """A noise key drawn by the glue (as int64 ``random_`` draws it), or None when the glue is
+    not loaded or within :func:`disabled` (then :func:`noise.draw` draws it with a tensor)."""
+    glue = loaded()
+    return None if glue is None else int(glue.draw_key(generator))
 
-    draw = None
-    if noise is not None:
-        *conf, key = noise
-        draw = NoiseDraw.from_packed(NoiseSpec(*conf), key)
-    spec = ops.NormSpec(  # p < 0: lp's un-centred form (ops.NormSpec.kernel_p)
-        eps, abs(p), virtual_batch_size=virtual_batch_size, noise=draw, centered=p > 0
-    )
-    return torch_op_backward(needs, spec, x, weight, bias, dy)
+
+noise.use_key_source(_draw_key)
 
 
 def train(

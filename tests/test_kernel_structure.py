@@ -1,0 +1,92 @@
+"""The kernels package's structure (issue 15, item 4): no import circle between the kernels, the
+noise and the torch-op formulas; one table of the entries' C arguments that native.cpp and the
+entry templates follow."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import bnlab.functional
+
+FUNCTIONAL = Path(bnlab.functional.__file__).parent
+MODULES = {
+    "bnlab.functional.noise": FUNCTIONAL / "noise.py",
+    "bnlab.functional.ops": FUNCTIONAL / "ops.py",
+    "bnlab.functional.kernels": FUNCTIONAL / "kernels" / "__init__.py",
+    "bnlab.functional.kernels.native": FUNCTIONAL / "kernels" / "native.py",
+}
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module of MODULES that the file imports, at module level or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(name for name in names if name in MODULES)
+    return found
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the graph as a path, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path, node, nxt]
+            if nxt not in state and (found := visit(nxt, [*path, node])):
+                return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start, [])):
+            return found
+    return None
+
+
+def test_kernels_noise_and_ops_import_no_circle():
+    graph = {name: _imports(path) - {name} for name, path in MODULES.items()}
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
+
+
+def test_cycle_finder_finds_a_circle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+_C_TYPES = {"void*": "P", "double*": "D", "const double*": "D", "int64_t": "I", "double": "F"}
+
+
+def _native_pointer_types() -> dict[str, list[str]]:
+    """native.cpp's entry function pointer types, per stage, as ARGUMENTS' type codes."""
+    source = (FUNCTIONAL / "kernels" / "native.cpp").read_text()
+    found = {}
+    for stage, params in re.findall(r"using (\w+)Fn = void \(\*\)\(([^)]*)\);", source):
+        found[stage.lower()] = [_C_TYPES[" ".join(p.split())] for p in params.split(",")]
+    return found
+
+
+def test_native_glue_calls_the_entries_with_the_table_s_argument_types():
+    from bnlab.functional.kernels.entries import ARGUMENTS
+
+    assert _native_pointer_types() == {
+        stage: [code for _, code in arguments] for stage, arguments in ARGUMENTS.items()
+    }
+
+
+def test_entry_templates_take_the_table_s_arguments():
+    from bnlab.functional.kernels import entries
+
+    for name, (template, _) in entries._TEMPLATES.items():
+        names = list(inspect.signature(template).parameters)
+        assert names == [n for n, _ in entries.ARGUMENTS[name.split("_")[0]]], name
