@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # pip's constraints pin torch to the tested CPU build; users elsewhere install without them.
 PIP_INSTALL := $(BIN)/python -m pip install --quiet -c constraints.txt
 
-.PHONY: install test lint reproduce bench clean
+.PHONY: install test lint reproduce bench stress-distributed clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ reproduce: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_layers.py
+
+# the two-process training test 50 times in a row beside two CPU-bound processes (about an hour)
+stress-distributed: install
+	$(BIN)/python scripts/stress_distributed.py --runs 50 --busy 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

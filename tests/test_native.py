@@ -356,3 +356,12 @@ def test_the_batch_counter_moves_as_add_does():
         ours(x), reference(x)
     assert ours.num_batches_tracked.item() == reference.num_batches_tracked.item() == 3
     assert rel_err(ours.running_mean, reference.running_mean) <= 1e-6
+
+
+def test_each_checkout_builds_its_glue_in_a_folder_of_its_own(monkeypatch, tmp_path):
+    # one shared name made two checkouts on one machine rebuild each other's glue on import and
+    # wait on each other's build lock (seen with git worktrees: minutes per test)
+    here = native.extension_name()
+    assert here == native.extension_name() and here.isidentifier()
+    monkeypatch.setattr(native, "SOURCE", tmp_path / "other" / "native.cpp")
+    assert native.extension_name() != here

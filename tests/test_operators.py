@@ -4,6 +4,8 @@ torch.nn's numbers."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -130,6 +132,38 @@ def test_backward_with_graph_gives_the_torch_op_formulas_hessian_vector_products
     (grads, hvp), (want_grads, want_hvp) = results
     for a, b in zip((*grads, *hvp), (*want_grads, *want_hvp), strict=True):
         assert rel_err(a, b) <= 1e-10
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native glue", "python glue"])
+def test_an_eager_module_hvp_goes_through_the_closed_form_and_matches_torch_nn(native, monkeypatch):
+    """Both glues' create_graph backward runs operators.backward_with_graph (not the torch-op
+    re-derivation); the Hessian-vector product equals torch.nn's in float64."""
+    from bnlab.functional import kernels
+    from bnlab.functional.kernels import native as glue
+    from bnlab.nn import BatchNorm2d
+
+    assert kernels._graph_backward is operators.backward_with_graph
+    calls = []
+    monkeypatch.setattr(
+        kernels, "_graph_backward", lambda *a: calls.append(1) or operators.backward_with_graph(*a)
+    )
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64) * 2 + 1
+    v = torch.randn_like(x)
+    weight, bias = torch.rand(3, dtype=torch.float64) + 0.5, torch.rand(3, dtype=torch.float64)
+    hvps = []
+    for layer in (BatchNorm2d(3), torch.nn.BatchNorm2d(3)):
+        layer = layer.double()
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(bias)
+        xr = x.clone().requires_grad_()
+        with glue.disabled() if not native else contextlib.nullcontext():
+            loss = (layer(xr) ** 3).sum()
+            (g,) = torch.autograd.grad(loss, xr, create_graph=True)
+            hvps.append(torch.autograd.grad(g, xr, v)[0])
+        if not calls:
+            pytest.fail("the bnlab layer's double backward did not run the registered one")
+    assert rel_err(hvps[0], hvps[1]) <= 1e-10
 
 
 @pytest.mark.parametrize(("shape", "dtype", "channels_last"), CASES)

@@ -343,6 +343,9 @@ def backward_with_graph(
     )
 
 
+kernels.use_graph_backward(backward_with_graph)
+
+
 # --- eval ------------------------------------------------------------------------------------
 
 

@@ -11,8 +11,10 @@ fused two-pass backward; the backward saves x, the parameters and per-channel st
 x_hat. Two glues call them: the native one (:mod:`.native`, a C++ autograd node; BatchNorm, lp,
 ghost and noise through :func:`train_native`, and eval) and :class:`FusedTrainNorm`, a Python
 autograd.Function (renorm, and everything where the native glue is off or not built). A
-backward run with ``create_graph=True`` (double backward, e.g. Hessian-vector products)
-recomputes through the torch-op formulas on both, so higher derivatives are exact.
+backward run with ``create_graph=True`` (double backward, e.g. Hessian-vector products) runs
+the registered graph backward on both (:func:`use_graph_backward`: BatchNorm's closed-form
+second derivatives from :mod:`bnlab.functional.operators`, the torch-op formulas for the other
+variants), so higher derivatives are exact.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import importlib.util
 import math
 import os
 import sys
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -384,7 +387,7 @@ class FusedTrainNorm(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         if torch.is_grad_enabled():
             needs = tuple(ctx.needs_input_grad[:3])
-            grads = torch_op_backward(needs, ctx.state[0], x, weight, bias, dy)
+            grads = _graph_backward(needs, ctx.state[0], x, weight, bias, dy)
             return (*grads, None, None, None, None)
         spec, plan, stats, noise = ctx.state
         need_dx = bool(ctx.needs_input_grad[0])
@@ -504,7 +507,24 @@ def _native_double_backward(
     spec = ops.NormSpec(  # p < 0: lp's un-centred form (ops.NormSpec.kernel_p)
         eps, abs(p), virtual_batch_size=virtual_batch_size, noise=draw, centered=p > 0
     )
-    return torch_op_backward(needs, spec, x, weight, bias, dy)
+    return _graph_backward(needs, spec, x, weight, bias, dy)
+
+
+_graph_backward: Callable[..., tuple[Tensor | None, Tensor | None, Tensor | None]] = (
+    torch_op_backward
+)
+"""What a backward with ``create_graph=True`` runs, on both glues: :func:`torch_op_backward`
+until :mod:`bnlab.functional.operators` registers its closed-form double backward
+(:func:`use_graph_backward`); this package does not import the operators."""
+
+
+def use_graph_backward(
+    function: Callable[..., tuple[Tensor | None, Tensor | None, Tensor | None]],
+) -> None:
+    """Route every differentiable backward (double backward, HVPs) through ``function``, which
+    takes :func:`torch_op_backward`'s arguments."""
+    global _graph_backward
+    _graph_backward = function
 
 
 native.use_double_backward(_native_double_backward)

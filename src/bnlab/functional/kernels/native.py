@@ -17,6 +17,7 @@ Function does.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Iterator
@@ -29,6 +30,17 @@ from torch import Tensor
 from bnlab.functional import noise
 
 SOURCE = Path(__file__).with_name("native.cpp")
+
+
+def extension_name() -> str:
+    """The extension's name, and so its build folder under torch's extensions root: one per
+    checkout. torch's builder keys a folder on the name only, and its ninja file names the
+    source's path, so two checkouts sharing one name rebuilt each other's glue on every import
+    and waited on each other's build lock."""
+    digest = hashlib.sha1(str(SOURCE.resolve()).encode(), usedforsecurity=False).hexdigest()
+    return f"bnlab_native_{digest[:10]}"
+
+
 NODE_NAME = "bnlab::TrainNormBackward"
 """``grad_fn.name()`` of an output of the glue."""
 
@@ -70,7 +82,7 @@ def load() -> Any:
             from torch.utils import cpp_extension
 
             module = cpp_extension.load(
-                name="bnlab_native",
+                name=extension_name(),
                 sources=[str(SOURCE)],
                 extra_cflags=["-O2"],
                 verbose=False,
