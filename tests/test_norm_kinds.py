@@ -115,7 +115,7 @@ def test_a_registered_kind_reaches_every_reader_without_edits(halved_kind):
     assert ARMS["halved"] == "halved"
     study = santurkar_study("digits", quick=True, dln=False)
     assert study.arms["halved"] == "halved"
-    assert "halved" in study.experiment("landscape").sweep.grid["model.norm"]
+    assert "halved" in study.experiment("landscape_variants").sweep.grid["model.norm"]
     assert figures._label("halved") == "Halved BatchNorm"
     assert figures._color("halved") == "#000001"
     assert figures._label("standard") == "Standard"  # an arm named apart from its kind
