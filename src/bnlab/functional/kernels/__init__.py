@@ -498,8 +498,9 @@ def _native_double_backward(
     noise: tuple[float, float, float, float, int] | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The native glue's backward with ``create_graph=True``: :func:`torch_op_backward` of the
-    call as native.cpp describes it (``noise``: the configuration and the packed key)."""
+    """The native glue's backward with ``create_graph=True``: the registered graph backward
+    (:func:`use_graph_backward`) of the call as native.cpp describes it (``noise``: the
+    configuration and the packed key)."""
     draw = None
     if noise is not None:
         *conf, key = noise
