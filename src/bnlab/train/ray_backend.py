@@ -316,7 +316,13 @@ def _run_task(
 
     node = ray.get_runtime_context().get_node_id()[:8]
     where = {"host": socket.gethostname(), "node": node, "pid": os.getpid()}
-    board.started.remote(name, where, step, total)
+    # the board numbers attempts by the starts it has recorded, so wait until it has this one:
+    # a call left in flight (queued while the board actor is still being created) dies with a
+    # worker killed moments later, and the retry would then count as the first attempt
+    try:
+        ray.get(board.started.remote(name, where, step, total), timeout=60)
+    except ray.exceptions.RayError:
+        pass  # the board is restarting (progress only): train regardless
     context = _worker_context()
     messages = context.Queue()
     process = context.Process(
