@@ -13,6 +13,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) -e '.[dev,ray]'
+	# the build step: the native glue and the float32 CPU kernels, compiled once here
+	$(BIN)/bnlab compile
 	touch $@
 
 install: $(VENV)/.installed
