@@ -62,6 +62,18 @@ def test_opcheck_batch_norm_eval(shape, dtype, channels_last, is_var):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_renorm_correction(dtype):
+    scale, mean = torch.rand(5, dtype=dtype) + 0.5, torch.randn(5, dtype=dtype)
+    running_mean, running_var = torch.randn(5), torch.rand(5) + 0.1
+    args = (scale, mean, running_mean, running_var, 1e-5, 3.0, 5.0)
+    torch.library.opcheck(OPS.renorm_correction.default, args)
+    r, d = OPS.renorm_correction(*args)
+    sigma = (running_var.to(dtype) + 1e-5).sqrt()
+    torch.testing.assert_close(r, (scale / sigma).clamp(1 / 3, 3))
+    torch.testing.assert_close(d, ((mean - running_mean.to(dtype)) / sigma).clamp(-5, 5))
+
+
 @pytest.mark.parametrize("kernels", [True, False])
 def test_gradients_and_second_derivatives_are_exact(kernels):
     """Through the CPU kernels and through the torch-op implementation, float64."""

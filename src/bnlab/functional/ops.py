@@ -257,10 +257,59 @@ def train(
 
 
 def renorm_correction(stats: BatchStats, renorm: Renorm, eps: float) -> tuple[Tensor, Tensor]:
-    """Batch Renormalization's r and d (Ioffe 2017), held constant in the backward pass."""
+    """Batch Renormalization's r and d (Ioffe 2017), held constant in the backward pass.
+
+    Under ``torch.compile`` they come from the operator ``bnlab::renorm_correction``: AOTAutograd's
+    min-cut partitioner otherwise recomputes these cheap formulas in the backward graph from the
+    running buffers, which the step's update has changed in place by then (compiled weight
+    gradients 0.7-4% off). An operator is saved for the backward, never recomputed."""
     with torch.no_grad():
-        sigma = torch.sqrt(renorm.running_var.to(stats.scale.dtype) + eps)
-        r = (stats.scale / sigma).clamp(1.0 / renorm.r_max, renorm.r_max)
-        mean = renorm.running_mean.to(stats.mean.dtype)
-        d = ((stats.mean - mean) / sigma).clamp(-renorm.d_max, renorm.d_max)
+        scale, mean = stats.scale.detach(), stats.mean.detach()
+        args = (
+            scale,
+            mean,
+            renorm.running_mean,
+            renorm.running_var,
+            eps,
+            renorm.r_max,
+            renorm.d_max,
+        )
+        if torch.compiler.is_compiling():
+            found: tuple[Tensor, Tensor] = _renorm_correction_op(*args)
+            return found
+        return _renorm_correction(*args)
+
+
+def _renorm_correction(
+    scale: Tensor,
+    mean: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[Tensor, Tensor]:
+    """r = clip(s_B / sigma, 1/r_max, r_max), d = clip((mu_B - mu) / sigma, -d_max, d_max) with
+    sigma = sqrt(running_var + eps), in the dtype of the batch statistics."""
+    sigma = torch.sqrt(running_var.to(scale.dtype) + eps)
+    r = (scale / sigma).clamp(1.0 / r_max, r_max)
+    d = ((mean - running_mean.to(mean.dtype)) / sigma).clamp(-d_max, d_max)
     return r, d
+
+
+_renorm_correction_op = torch.library.custom_op("bnlab::renorm_correction", mutates_args=())(
+    _renorm_correction
+)
+
+
+@_renorm_correction_op.register_fake
+def _renorm_correction_fake(
+    scale: Tensor,
+    mean: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    r_max: float,
+    d_max: float,
+) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(scale), torch.empty_like(mean)
