@@ -303,13 +303,5 @@ _renorm_correction_op = torch.library.custom_op("bnlab::renorm_correction", muta
 
 
 @_renorm_correction_op.register_fake
-def _renorm_correction_fake(
-    scale: Tensor,
-    mean: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    eps: float,
-    r_max: float,
-    d_max: float,
-) -> tuple[Tensor, Tensor]:
+def _renorm_correction_fake(scale: Tensor, mean: Tensor, *_: object) -> tuple[Tensor, Tensor]:
     return torch.empty_like(scale), torch.empty_like(mean)
