@@ -25,10 +25,15 @@ def layer_cases(draw):
     n = draw(st.integers(2, 6))
     c = draw(st.integers(1, 5))
     spatial = {
-        1: draw(st.sampled_from([(), (3,), (5,)])),
-        2: (draw(st.integers(1, 4)), draw(st.integers(1, 4))),
-        3: (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))),
-    }[rank]
+        1: draw(st.sampled_from([(), (3,), (5,), (64,), (67,)])),
+        2: draw(
+            st.sampled_from([(8, 8), (9, 11)]) | st.tuples(st.integers(1, 4), st.integers(1, 4))
+        ),
+        3: draw(
+            st.sampled_from([(4, 4, 4), (3, 5, 6)])
+            | st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3))
+        ),
+    }[rank]  # from 64 values per (sample, channel) the kernels take the planar layout
     return {
         "rank": rank,
         "shape": (n, c, *spatial),
@@ -123,6 +128,27 @@ def test_matches_float64_reference(case):
     assert rel_err(layer.running_mean, R.running_update(np.zeros(c), cache.mean, 0.3)) <= tol
     unbiased = R.unbiased_variance(cache.scale**2 - layer.eps, m)
     assert rel_err(layer.running_var, R.running_update(np.ones(c), unbiased, 0.3)) <= tol
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 64), (4, 3, 8, 8), (2, 3, 4, 4, 5)])
+def test_spatial_sizes_from_64_take_the_planar_layout_and_match_torch_nn(shape):
+    from bnlab.functional import kernels
+
+    torch_cls, bn_cls = RANKS[len(shape) - 2][1], RANKS[len(shape) - 2][0]
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 3 + 5
+    ours, theirs = bn_cls(3), torch_cls(3)
+    kernels._plans.clear()
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), theirs(xb)
+    assert [p.planar for p in kernels._plans.values()] == [True]
+    dy = torch.randn_like(ya)
+    ya.backward(dy)
+    yb.backward(dy)
+    assert rel_err(ya, yb) <= TOL[torch.float32]
+    assert rel_err(xa.grad, xb.grad) <= TOL[torch.float32]
+    assert rel_err(ours.weight.grad, theirs.weight.grad) <= TOL[torch.float32]
+    assert rel_err(ours.running_var, theirs.running_var) <= TOL[torch.float32]
 
 
 def test_running_var_is_unbiased():
