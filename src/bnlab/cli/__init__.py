@@ -16,7 +16,7 @@ from bnlab import __version__
 # command name -> "module:attribute"; a command whose module is absent is not offered.
 COMMANDS: dict[str, str] = {
     "bench": "bnlab.cli.bench:bench",
-    "compile": "bnlab.cli.build:compile_kernels",
+    "compile": "bnlab.cli.kernels:compile_kernels",
     "train": "bnlab.cli.train:train",
     "sweep": "bnlab.cli.train:sweep",
     "reproduce": "bnlab.cli.study:reproduce",
