@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bnlab import landscape
-from bnlab.bench import hessian as bench
+from bnlab.bench import curvature_tools as bench
 
 
 def test_clustered_case_has_the_chosen_clustered_top():

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 import bnlab.nn as bnn
-from bnlab.bench.hessian import digits, small_cnn
+from bnlab.bench.curvature_tools import digits, small_cnn
 from bnlab.bench.layers import Clock, _parse_list, set_threads, time_interleaved
 from bnlab.models import build_model
 

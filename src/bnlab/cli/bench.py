@@ -11,7 +11,7 @@ from bnlab.cli import LazyGroup
     cls=LazyGroup,
     lazy={
         "layers": "bnlab.bench.layers:command",
-        "hessian": "bnlab.bench.hessian:command",
+        "hessian": "bnlab.bench.curvature_tools:command",
         "models": "bnlab.bench.models:command",
     },
 )

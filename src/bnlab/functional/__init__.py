@@ -24,7 +24,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from bnlab.functional import kernels, operators, ops
-from bnlab.functional.distributed import ProcessGroup, all_reduce_sum, resolve_group
+from bnlab.functional.cross_rank import ProcessGroup, all_reduce_sum, resolve_group
 from bnlab.functional.noise import NoiseDraw, NoiseSpec
 from bnlab.functional.noise import apply as _apply_noise
 from bnlab.functional.noise import draw as _draw

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bnlab.functional import noise
-from bnlab.functional.distributed import (
+from bnlab.functional.cross_rank import (
     ProcessGroup,
     all_gather_stack,
     all_reduce_sum,

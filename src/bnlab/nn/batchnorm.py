@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from bnlab import functional as F
 from bnlab.functional import ops
-from bnlab.functional.distributed import ProcessGroup
+from bnlab.functional.cross_rank import ProcessGroup
 from bnlab.functional.kernels import native
 
 
