@@ -189,20 +189,51 @@ def test_noisy_is_reproducible_from_seed_and_generator_and_changes_every_step():
     )
 
 
-def test_frozen_noise_repeats_one_draw_and_restores_the_generator():
+def test_frozen_noise_repeats_one_draw_and_restores_the_step_counter():
     layer = bnn.NoisyBatchNorm2d(3, seed=5)
     x = torch.randn(4, 3, 2, 2)
-    state = layer.generator.get_state()
+    layer(x)
     with bnn.frozen_noise(layer):
         first, second = layer(x), layer(x)
     assert torch.equal(first, second)
-    assert torch.equal(layer.generator.get_state(), state)
+    assert int(layer.noise_steps) == 1
     assert not torch.equal(layer(x), layer(x))
+    assert int(layer.noise_steps) == 3
+
+
+def test_noisy_step_t_uses_the_key_of_step_t_and_eval_draws_nothing():
+    from bnlab.functional.noise import seed_key, step_key
+
+    layer = bnn.NoisyBatchNorm2d(3, seed=21, momentum=None)
+    x = torch.randn(4, 3, 2, 2)
+    for t in range(3):
+        expected = F.batch_norm(
+            x, None, None, layer.weight, layer.bias, True,
+            noise=F.NoiseDraw(layer.noise, step_key(seed_key(21), t)),
+        )  # fmt: skip
+        assert torch.equal(layer(x), expected), t
+    layer.eval()
+    layer(x)
+    assert int(layer.noise_steps) == 3 and layer.noise_key.tolist() == list(seed_key(21))
+
+
+@given(
+    base=st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**31 - 1)),
+    step=st.integers(0, 2**62),
+)
+def test_step_keys_are_the_same_from_ints_and_from_tensors(base, step):
+    """Eager mode computes a step's key on Python ints, torch.compile on int64 tensors."""
+    from bnlab.functional.noise import step_key
+
+    ints = step_key(base, step)
+    tensors = step_key((torch.tensor(base[0]), torch.tensor(base[1])), torch.tensor(step))
+    assert [int(t) for t in tensors] == list(ints)
+    assert 0 <= ints[0] < 2**32 and 0 <= ints[1] < 2**31
 
 
 def test_noisy_draws_inside_and_outside_inference_mode(monkeypatch):
-    """The key is drawn into a reused buffer: one made under inference_mode must stay writable
-    outside it, and the draws must follow the generator either way."""
+    """A step under inference_mode advances the layer's counter like any other; the functional
+    draw's reused buffer, made under inference_mode, stays writable outside it."""
     import threading
 
     from bnlab.functional import noise
@@ -212,18 +243,31 @@ def test_noisy_draws_inside_and_outside_inference_mode(monkeypatch):
     x = torch.randn(4, 3, 2, 2)
     with torch.inference_mode():
         first = a(x)
+        drawn = F.draw_noise(x, a.noise, torch.Generator().manual_seed(1))
     second = a(x)
     assert torch.equal(first, b(x)) and torch.equal(second, b(x))
     assert not torch.equal(first, second)
+    assert drawn == F.draw_noise(x, a.noise, torch.Generator().manual_seed(1))
 
 
-def test_noisy_generator_state_travels_in_the_state_dict():
+def test_noisy_noise_stream_travels_in_the_state_dict():
     a = bnn.NoisyBatchNorm2d(3, seed=11)
     x = torch.randn(4, 3, 2, 2)
     a(x)
+    assert {"noise_key", "noise_steps"} <= set(a.state_dict())
     b = bnn.NoisyBatchNorm2d(3, seed=99)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a(x), b(x))
+
+
+def test_a_noisy_state_dict_from_before_the_step_counter_loads():
+    """Older checkpoints held the layer's generator in _extra_state: they load, and the noise
+    continues from the layer's own base key."""
+    layer = bnn.NoisyBatchNorm2d(3, seed=2)
+    old = {k: v for k, v in layer.state_dict().items() if not k.startswith("noise_")}
+    old["_extra_state"] = {"generator": torch.Generator().manual_seed(2).get_state()}
+    layer.load_state_dict(old)
+    assert int(layer.noise_steps) == 0
 
 
 def test_noisy_layer_rejects_bad_constants():

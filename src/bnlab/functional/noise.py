@@ -1,6 +1,9 @@
 """The noise of noisy BatchNorm (Algorithm 1), drawn so that every path regenerates it.
 
-One training step draws a 63-bit key from the layer's ``torch.Generator`` and nothing else.
+One training step has one 63-bit key and nothing else: a noisy layer's key for its step t is
+:func:`step_key` of the layer's base key (from its seed, drawn once) and t, integer arithmetic
+that runs on Python ints in eager mode and on tensors under ``torch.compile`` with the same
+result; the functional API draws a key from a ``torch.Generator`` (:func:`draw`).
 Everything else is a pure function of that key, computed where it is used:
 
 * per unit (channel) c, Algorithm 1's ``mu_t ~ U(-n_mu, n_mu)`` and ``sigma_t ~ U(1, n_sigma)``,
@@ -86,10 +89,11 @@ class NoiseDraw(NamedTuple):
     """One step's noise: the spec and the hash key (two 32-bit words, the second below 2^31)
     that fix every unit's ``mu_t``, ``sigma_t`` (:meth:`channel_params`) and every activation's
     ``u``, ``z`` (:func:`unit_noise`). A named tuple: made on every noisy training step, where
-    a frozen dataclass's construction cost a microsecond."""
+    a frozen dataclass's construction cost a microsecond. The words are Python ints, or int64
+    tensors under ``torch.compile`` (then only the torch-op path reads them)."""
 
     spec: NoiseSpec
-    key: tuple[int, int]
+    key: tuple[Word, Word]
 
     @property
     def packed_key(self) -> int:
@@ -159,10 +163,10 @@ def _mul32(x: Tensor, c: int) -> Tensor:
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
-def hash32(counter: Tensor, key: tuple[int, int]) -> Tensor:
+def hash32(counter: Any, key: tuple[Word, Word]) -> Any:
     """lowbias32 (C. Wellons), keyed: ``lowbias32((counter mod 2^32) ^ key[0]) + key[1]`` mod
-    2^32; int64 in, values in [0, 2^32) out. The kernels compute the same function
-    (``kernels.loops._hash32``)."""
+    2^32; int64 in (tensors or Python ints), values in [0, 2^32) out. The kernels compute the
+    same function (``kernels.loops._hash32``)."""
     x = (counter & _M32) ^ key[0]
     x = x ^ (x >> 16)
     x = _mul32(x, _MUL1)
@@ -170,6 +174,23 @@ def hash32(counter: Tensor, key: tuple[int, int]) -> Tensor:
     x = _mul32(x, _MUL2)
     x = x ^ (x >> 16)
     return (x + key[1]) & _M32
+
+
+Word = Any
+"""A 32-bit word: a Python int, or an int64 tensor holding one (under ``torch.compile``)."""
+
+
+def step_key(base: tuple[Word, Word], step: Word) -> tuple[Word, Word]:
+    """The key of step ``step`` from a layer's ``base`` key: ``(hash32(2 step, base),
+    hash32(2 step + 1, base) mod 2^31)``, as Python ints when every argument is an int, else as
+    int64 tensors (the same values)."""
+    return hash32(step * 2, base), hash32(step * 2 + 1, base) & 0x7FFFFFFF
+
+
+def seed_key(seed: int) -> tuple[int, int]:
+    """A layer's base key from an integer seed (any int: taken mod 2^63)."""
+    seed &= (1 << 63) - 1
+    return step_key((seed & _M32, seed >> 32), 0)
 
 
 def levels(bits: Tensor, dtype: torch.dtype) -> Tensor:

@@ -208,6 +208,15 @@ class BatchNorm(nn.Module):
         """This training step's output noise (None: none; noisy BatchNorm draws some)."""
         return None
 
+    def _upgrade_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, version: int | None
+    ) -> None:
+        """Fill in what older state_dicts lack, in place, before they load."""
+        # Like torch.nn: state_dicts older than version 2 carry no num_batches_tracked.
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+
     def _load_from_state_dict(
         self,
         state_dict: dict[str, Any],
@@ -218,11 +227,7 @@ class BatchNorm(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        # Like torch.nn: state_dicts older than version 2 carry no num_batches_tracked.
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        self._upgrade_state_dict(state_dict, prefix, local_metadata.get("version", None))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -11,9 +11,13 @@ without BatchNorm. Algorithm 1, with the paper's constants as defaults:
 
 n_mu = 0.5, n_sigma = 1.25, r_mu = r_sigma = 0.1; ``r_sigma`` is the standard deviation of s.
 
-Each step draws one key from the layer's generator; mu_t, sigma_t and every m, s are functions
-of that key and the unit and position (:mod:`bnlab.functional.noise`), applied inside the
-normalization (the fused CPU kernels regenerate s in the backward instead of storing it).
+Step t's noise is a function of one key, ``step_key(base, t)``: the layer's base key
+(``noise_key``, from its seed or drawn once) and its step counter (``noise_steps``), both
+buffers, so a state_dict holds where the noise stream is and a resumed run continues it, and
+``torch.compile`` traces the key as integer tensor arithmetic (no generator, no graph break).
+mu_t, sigma_t and every m, s are functions of that key and the unit and position
+(:mod:`bnlab.functional.noise`), applied inside the normalization (the fused CPU kernels
+regenerate s in the backward instead of storing it).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab import functional as F
+from bnlab.functional.noise import seed_key, step_key
 from bnlab.nn.batchnorm import BatchNorm, _Dims1d, _Dims2d, _Dims3d
 
 
@@ -35,10 +40,11 @@ class NoisyBatchNorm(BatchNorm):
 
     Noise constants ``n_mu``, ``n_sigma``, ``r_mu``, ``r_sigma`` (``r_sigma`` a standard
     deviation) as :class:`bnlab.functional.NoiseSpec`, the paper's values by default.
-    Reproducibility: pass ``seed`` (the layer keeps its own ``torch.Generator``, saved in the
-    state_dict's extra state so a resumed run draws the same noise) or a ``generator``; with
-    neither, the global RNG is used. Other arguments as :class:`bnlab.nn.BatchNorm`. Raises
-    ValueError for constants out of range (n_mu, r_mu, r_sigma >= 0, n_sigma >= 1).
+    Reproducibility: the base key comes from ``seed``, else is drawn once, at construction,
+    from ``generator`` or (with neither) the global RNG; each training step then advances the
+    ``noise_steps`` buffer (eval and frozen noise do not). Other arguments as
+    :class:`bnlab.nn.BatchNorm`. Raises ValueError for constants out of range (n_mu, r_mu,
+    r_sigma >= 0, n_sigma >= 1) or for both a seed and a generator.
     """
 
     def __init__(
@@ -66,9 +72,14 @@ class NoisyBatchNorm(BatchNorm):
         if seed is not None and generator is not None:
             raise ValueError("NoisyBatchNorm takes a seed or a generator, not both")
         self.seed = seed
-        self.generator = generator
         if seed is not None:
-            self.generator = torch.Generator(device=device or "cpu").manual_seed(seed)
+            base = seed_key(seed)
+        else:
+            base = F.draw_noise(torch.empty(0, device=device), self.noise, generator).key
+        self.register_buffer("noise_key", torch.tensor(base, dtype=torch.int64, device=device))
+        self.register_buffer("noise_steps", torch.tensor(0, dtype=torch.int64, device=device))
+        self.noise_key: Tensor
+        self.noise_steps: Tensor
         self._frozen: dict[tuple[Any, ...], F.NoiseDraw] | None = None
 
     def extra_repr(self) -> str:
@@ -78,29 +89,36 @@ class NoisyBatchNorm(BatchNorm):
             f"r_sigma={n.r_sigma}"
         )
 
-    def _generator_for(self, x: Tensor) -> torch.Generator | None:
-        if self.generator is not None and self.generator.device != x.device:
-            state = self.generator.initial_seed() if self.seed is None else self.seed
-            self.generator = torch.Generator(device=x.device).manual_seed(state)
-        return self.generator
+    def _next_draw(self) -> F.NoiseDraw:
+        """This step's key, and the step counter advanced: Python ints in eager mode, tensors
+        under torch.compile (the same values)."""
+        if torch.compiler.is_compiling():
+            key = step_key((self.noise_key[0], self.noise_key[1]), self.noise_steps)
+        else:
+            base = self.noise_key.tolist()
+            key = step_key((base[0], base[1]), int(self.noise_steps))
+        with torch.no_grad():
+            self.noise_steps.add_(1)
+        return F.NoiseDraw(self.noise, key)
 
     def _noise(self, input: Tensor) -> F.NoiseDraw:
         if self._frozen is None:
-            return F.draw_noise(input, self.noise, self._generator_for(input))
+            return self._next_draw()
         key = (tuple(input.shape), input.device, input.dtype)
         noise = self._frozen.get(key)
         if noise is None:
-            noise = self._frozen[key] = F.draw_noise(input, self.noise, self._generator_for(input))
+            noise = self._frozen[key] = self._next_draw()
         return noise
 
-    def get_extra_state(self) -> Any:
-        return {"generator": None if self.generator is None else self.generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        if isinstance(state, dict) and state.get("generator") is not None:
-            if self.generator is None:
-                self.generator = torch.Generator()
-            self.generator.set_state(state["generator"])
+    def _upgrade_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, version: int | None
+    ) -> None:
+        super()._upgrade_state_dict(state_dict, prefix, version)
+        # a state_dict from before the counter (its generator in _extra_state): the noise stream
+        # restarts from this layer's own base key
+        state_dict.pop(prefix + "_extra_state", None)
+        for name in ("noise_key", "noise_steps"):
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
 
 
 class NoisyBatchNorm1d(_Dims1d, NoisyBatchNorm):
@@ -118,16 +136,16 @@ class NoisyBatchNorm3d(_Dims3d, NoisyBatchNorm):
 @contextmanager
 def frozen_noise(model: nn.Module) -> Iterator[None]:
     """Within the block every noisy layer of ``model`` draws its noise once (per input shape) and
-    reuses it, so repeated evaluations see one fixed function; afterwards the layers' generators
-    are restored, as if the block had never drawn. The global RNG is the caller's to restore."""
+    reuses it, so repeated evaluations see one fixed function; afterwards the layers' step
+    counters are restored, as if the block had never drawn."""
     layers = [m for m in model.modules() if isinstance(m, NoisyBatchNorm)]
-    saved = [(m._frozen, None if m.generator is None else m.generator.get_state()) for m in layers]
+    saved = [(m._frozen, m.noise_steps.clone()) for m in layers]
     for m in layers:
         m._frozen = {}
     try:
         yield
     finally:
-        for m, (frozen, gen_state) in zip(layers, saved, strict=True):
+        for m, (frozen, steps) in zip(layers, saved, strict=True):
             m._frozen = frozen
-            if gen_state is not None and m.generator is not None:
-                m.generator.set_state(gen_state)
+            with torch.no_grad():
+                m.noise_steps.copy_(steps)
