@@ -26,9 +26,16 @@ SETTINGS = {
 }
 
 
-def _run(root: Path, norm: str, seed: int, loss_ranges: list[float], bound_ratio: float) -> str:
+def _run(
+    root: Path,
+    norm: str,
+    seed: int,
+    loss_ranges: list[float],
+    bound_ratio: float,
+    experiment: str = "landscape",
+) -> str:
     name = f"norm={norm},seed={seed}"
-    store = RunStore(root / "runs" / "landscape" / name)
+    store = RunStore(root / "runs" / experiment / name)
     config = {"seed": seed, "steps": 20, "model": {"norm": norm}, "optim": {"lr": 0.1}}
     store.write_config(tomli_w.dumps(config))
     for step in range(1, 21):
@@ -81,6 +88,15 @@ def make_study(root: Path, bn_range: float, standard_range: float, bound_ratio: 
     return root
 
 
+def add_extension_arm(root: Path, arm: str, norm: str, loss_range: float) -> None:
+    """Runs of an extension arm in the folder's landscape_variants, as the study trains them."""
+    names = [_run(root, norm, seed, [loss_range] * 2, 1.0, "landscape_variants") for seed in (0, 1)]
+    manifest = json.loads((root / "study.json").read_text())
+    manifest["extension_arms"] = {arm: norm}
+    manifest["experiments"].append({"name": "landscape_variants", "grid": {}, "runs": names})
+    (root / "study.json").write_text(json.dumps(manifest))
+
+
 def _verdicts(root: Path) -> dict[int, str]:
     claims = json.loads((root / "claims.json").read_text())["claims"]
     return {c["id"]: c["verdict"] for c in claims}
@@ -103,6 +119,20 @@ def test_numbers_in_claims_json_are_the_seed_values(tmp_path: Path) -> None:
     claim = json.loads((root / "claims.json").read_text())["claims"][0]
     bn = claim["numbers"]["BN, loss range along the gradient path"]
     assert bn["values"] == pytest.approx([0.01, 0.011]) and bn["n"] == 2
+
+
+def test_extension_arms_get_their_table_and_leave_the_claims_as_they_were(tmp_path: Path) -> None:
+    root = make_study(tmp_path, bn_range=0.01, standard_range=0.1, bound_ratio=0.999)
+    build_report(root)
+    before = json.loads((root / "claims.json").read_text())
+    assert "is the smoothing unique to BN?" not in (root / "report.html").read_text()
+    # an arm named apart from its kind: found through the study's extension_arms
+    add_extension_arm(root, "ln", "layer", loss_range=5.0)
+    page = build_report(root).read_text()
+    assert json.loads((root / "claims.json").read_text()) == before
+    table = page[page.index("is the smoothing unique to BN?") :]
+    assert "<td>ln</td><td>5 [5, 5] (n=2)</td>" in table
+    assert "below standard&#x27;s: bn; not below: ln." in table
 
 
 def test_a_failed_build_leaves_no_report_page(

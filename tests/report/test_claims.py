@@ -12,9 +12,19 @@ from typing import Any
 
 import pytest
 
-from bnlab.report.claims import claim_3, claim_4, claim_8, claim_10, claim_11
+from bnlab.report.claims import (
+    CLAIM_FUNCTIONS,
+    claim_3,
+    claim_4,
+    claim_5,
+    claim_8,
+    claim_10,
+    claim_11,
+    judge,
+)
 from bnlab.report.evidence import Run, StudyEvidence
-from bnlab.report.verdicts import Verdict
+from bnlab.report.extension import smoothing_numbers, smoothing_table
+from bnlab.report.verdicts import Spread, Verdict
 
 R, N, I = Verdict.REPRODUCED, Verdict.NOT_REPRODUCED, Verdict.INCONCLUSIVE
 VGG = {
@@ -39,6 +49,7 @@ DLN = {
 }
 ARMS = {"standard": "none", "bn": "bn", "noisy_bn": "noisy_bn", "l1": "l1", "l2": "l2"}
 ARMS["linf"] = "linf"
+EXTENSION_ARMS = {"layer": "layer", "group": "group"}
 Values = dict[str, float]  # arm -> the quantity's level; seed s adds s * SEED_STEP * level
 SEED_STEP = 0.02
 
@@ -71,7 +82,13 @@ def _run(
     probes: dict[str, list[dict[str, Any]]] = {
         "activation_distribution": _activations(level("shift"), setting["highlight_slots"]),
         "gradient_path": [
-            {"step": 10, "loss": 1.0, "losses": [1.0 + level("loss_range")]},
+            {
+                "step": 10,
+                "loss": 1.0,
+                "losses": [1.0 + level("loss_range")],
+                "gradient_differences": [level("gradient_change")],
+                "effective_beta_smoothness": level("beta"),
+            },
         ],
         "internal_covariate_shift": [
             {
@@ -108,7 +125,7 @@ def _run(
         name=f"{arm}{seed}",
         path=Path("."),
         arm=arm,
-        norm=ARMS[arm],
+        norm={**ARMS, **EXTENSION_ARMS}[arm],
         lr=setting["reference_lr"] if lr is None else lr,
         init_scale=1.0,
         seed=seed,
@@ -122,7 +139,11 @@ def _run(
     )
 
 
-def evidence(levels: dict[str, Values], *, dln: bool = False, seeds: int = 2) -> StudyEvidence:
+def evidence(
+    levels: dict[str, Values], *, dln: bool = False, seeds: int = 2, extension: bool = False
+) -> StudyEvidence:
+    """Every paper arm in each setting; with ``extension``, the extension arms too (in the
+    main setting, as the study trains them)."""
     settings = [VGG, DLN] if dln else [VGG]
     runs = [
         _run(arm, seed, setting, levels)
@@ -130,7 +151,10 @@ def evidence(levels: dict[str, Values], *, dln: bool = False, seeds: int = 2) ->
         for arm in ARMS
         for seed in range(seeds)
     ]
-    manifest = {"settings": VGG, "dln": DLN if dln else None, "arms": ARMS}
+    manifest: dict[str, Any] = {"settings": VGG, "dln": DLN if dln else None, "arms": ARMS}
+    if extension:
+        runs += [_run(arm, seed, VGG, levels) for arm in EXTENSION_ARMS for seed in range(seeds)]
+        manifest["extension_arms"] = EXTENSION_ARMS
     return StudyEvidence(Path("."), manifest, runs, {}, {})
 
 
@@ -317,3 +341,78 @@ def test_claim_3_notes_follow_the_measured_accuracies() -> None:
     acc = {"noisy_bn": 0.97, "bn": 0.98, "standard": 0.975}
     notes = " ".join(claim_3(evidence({"accuracy": acc, "shift": SHIFT})).notes)
     assert "Hypothesis (untested)" in notes and "+0.005" in notes
+
+
+# ----------------------------------------------------------------- extension arms (past the paper)
+
+# every paper claim reproduced; the extension arms far worse than any paper arm on every
+# quantity, so a claim that read them in place of (or beside) a paper arm would change
+PAPER = {
+    "accuracy": ACC | LP["accuracy"] | {"layer": 0.1, "group": 0.1},
+    "shift": SHIFT | LP["shift"] | {"layer": 0.0, "group": 0.0},
+    "ics": {"bn": 0.5, "standard": 0.5, "layer": 0.0, "group": 0.0},
+    "loss_range": LP["loss_range"] | {"layer": 50.0, "group": 50.0},
+    "gradient_change": {"bn": 0.1, "standard": 1.0, "layer": 50.0, "group": 50.0},
+    "beta": {"bn": 0.1, "standard": 1.0, "layer": 50.0, "group": 50.0},
+    "loss": LP["loss"] | {"layer": 1e3, "group": 1e3},
+    "act_curv": CURVATURE["act_curv"] | {"layer": 50.0, "group": 50.0},
+    "top": CURVATURE["top"] | {"layer": 50.0, "group": 50.0},
+}
+
+
+def test_extension_arms_change_no_paper_claim() -> None:
+    ids = [i for i in CLAIM_FUNCTIONS if i != 9]  # claim 9 is closed form on other data
+    without = judge(evidence(PAPER, dln=True), ids)
+    with_extension = judge(evidence(PAPER, dln=True, extension=True), ids)
+    assert [c.to_dict() for c in with_extension] == [c.to_dict() for c in without]
+    assert {c.id: c.verdict for c in without}[8] is R  # the arms they would spoil: judged
+
+
+# the table: standard rough, BN and LayerNorm smooth, GroupNorm as rough as standard on the loss
+SMOOTHING = {
+    "loss_range": {"standard": 1.0, "bn": 0.1, "layer": 0.2, "group": 1.5},
+    "gradient_change": {"standard": 4.0, "bn": 0.5, "layer": 3.9, "group": 2.0},
+    "beta": {"standard": 8.0, "bn": 1.0, "layer": 2.0, "group": 9.0},
+    "accuracy": {"standard": 0.8, "bn": 0.96, "layer": 0.95, "group": 0.7},
+}
+
+
+def _seeds(level: float, seeds: int = 3) -> Spread:
+    return Spread.of([level * (1 + SEED_STEP * s) for s in range(seeds)])
+
+
+def test_smoothing_table_cells_are_the_claims_per_seed_medians() -> None:
+    found = evidence(SMOOTHING, seeds=3, extension=True)
+    numbers = smoothing_numbers(found)
+    assert list(numbers) == ["standard", "bn", "layer", "group"]
+    for arm in numbers:
+        for measured, quantity in zip(numbers[arm].values(), SMOOTHING, strict=True):
+            assert measured.values == pytest.approx(_seeds(SMOOTHING[quantity][arm]).values)
+    # BN's and standard's cells are the numbers claim 5 judged
+    judged = claim_5(found).numbers
+    assert numbers["bn"]["loss_range"] == judged["BN, loss range along the gradient path"]
+    table = smoothing_table(found)
+    assert table is not None and [row[0] for row in table.rows] == list(numbers)
+    assert table.rows[2][1].describe() == "0.204 [0.2, 0.208] (n=3)"  # layer, seeds 0-2
+    assert len(table.columns) == 5
+
+
+def test_smoothing_summary_says_what_the_numbers_show() -> None:
+    table = smoothing_table(evidence(SMOOTHING, seeds=3, extension=True))
+    assert table is not None
+    assert "Loss range along the gradient path: below standard's: bn, layer; not below: group." in (
+        table.note
+    )
+    # LayerNorm's gradient change is 2.5% below standard's: under the 10% margin
+    assert "change along the path: below standard's: bn, group; undecided: layer." in table.note
+    assert "Final test accuracy: within 3% of BN's or above: layer; below it: group." in table.note
+    flipped = {**SMOOTHING, "loss_range": swap(SMOOTHING["loss_range"], "layer", "group")}
+    table = smoothing_table(evidence(flipped, seeds=3, extension=True))
+    assert table is not None
+    assert "Loss range along the gradient path: below standard's: bn, group; not below: layer." in (
+        table.note
+    )
+
+
+def test_no_smoothing_table_without_extension_runs() -> None:
+    assert smoothing_table(evidence(SMOOTHING)) is None

@@ -85,6 +85,11 @@ def test_quick_reproduce_writes_report_claims_and_figures(study: Path) -> None:
     assert "Where the time went" in html and "Environment" in html
     assert "Protocol: the paper" in html and "Verdict thresholds" in html
     assert "Extension (past the paper): edge of stability" in html
+    # LayerNorm and GroupNorm beside the paper's arms, in their table, not among the claims
+    variants = study / "runs" / "landscape_variants"
+    assert {"norm=layer,seed=0", "norm=group,seed=0"} <= {p.name for p in variants.iterdir()}
+    table = html[html.index("Extension (past the paper): is the smoothing unique to BN?") :]
+    assert "<td>layer</td>" in table and "<td>group</td>" in table
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from bnlab.studies import santurkar_study
@@ -18,9 +20,12 @@ def test_full_study_declares_every_arm_grid_and_claim() -> None:
     manifest = study.to_dict()
     assert manifest["claims"] == list(range(1, 12))
     runs = _runs(study)
-    for landscape in ("landscape", "dln"):
+    paper = {"none", "bn", "noisy_bn", "l1", "l2", "linf"}
+    # LayerNorm and GroupNorm, past the paper: in the VGG setting only, beside the paper's arms
+    assert manifest["extension_arms"] == {"layer": "layer", "group": "group"}
+    for landscape, extension in (("landscape", {"layer", "group"}), ("dln", set())):
         norms = {c.model.norm for _, c in runs[landscape] + runs[f"{landscape}_variants"]}
-        assert norms == {"none", "bn", "noisy_bn", "l1", "l2", "linf"}
+        assert norms == paper | extension
         # ICS and the Hessian probes where claims 4 and 11 read them: standard and BN
         for _, config in runs[landscape]:
             assert config.model.norm in ("none", "bn")
@@ -131,3 +136,37 @@ def test_time_estimate_counts_every_run_and_step(monkeypatch: pytest.MonkeyPatch
     )
     expected = 0.01 * (steps + estimate.PROBE_OVERHEAD * probed) / 2
     assert seconds == pytest.approx(expected)
+
+
+@pytest.fixture
+def wide_kind():
+    """A kind registered as an extension arm for one test, then removed."""
+    from bnlab import nn as bnn
+
+    kind = bnn.register(
+        bnn.NormKind(
+            "wide_group",
+            (bnn.GroupNorm,) * 4,
+            bnn.Statistics("sample", running=None),
+            "Wide GroupNorm",
+            "#000002",
+            arm=bnn.Arm("wide", "extension"),
+        )
+    )
+    yield kind
+    bnn.unregister("wide_group")
+
+
+def test_a_registered_extension_arm_trains_at_the_other_arms_settings(wide_kind) -> None:
+    from bnlab.studies.santurkar import ARMS
+
+    study = santurkar_study("digits", quick=True)
+    assert study.extension_arms["wide"] == "wide_group" and "wide" not in ARMS
+    assert study.to_dict()["extension_arms"]["wide"] == "wide_group"
+    runs = _runs(study)
+    assert "wide_group" not in {c.model.norm for _, c in runs["dln_variants"]}
+    configs = {(c.model.norm, c.seed): c for _, c in runs["landscape_variants"]}
+    # every setting of the lp arm's runs, the norm kind aside: steps, rate, seeds, probes
+    for seed in study.settings.seeds:
+        wide, l1 = configs[("wide_group", seed)], configs[("l1", seed)]
+        assert replace(wide, model=replace(wide.model, norm="l1")) == l1

@@ -426,6 +426,7 @@ def build_report(folder: str | Path) -> Path:
                 run_table(evidence),
                 time_table(evidence),
                 extension.table(extension_runs),
+                extension.smoothing_table(evidence),
             )
             if t is not None
         ],

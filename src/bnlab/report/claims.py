@@ -67,6 +67,21 @@ def series_median(probe: str, value: str) -> Reducer:
     return reduce
 
 
+SMOOTHNESS_MEASURES = {
+    "loss_range": "loss range along the gradient path",
+    "gradient_change": "largest gradient change along the path",
+    "beta": "effective beta-smoothness",
+}
+"""The gradient path's quantities claims 5, 6 and 7 compare (see ``probe_series``), with the
+words the report uses for them."""
+
+
+def smoothness(runs: Sequence[Run], value: str) -> Spread:
+    """Per seed, the median over probed steps of one of :data:`SMOOTHNESS_MEASURES` (claims
+    5-8 compare these; the report's extension section shows them for the other arms)."""
+    return per_seed(runs, series_median("gradient_path", value))
+
+
 def layers_median(probe: str, value: str, layers: Sequence[str]) -> Reducer:
     """A run's median over training and ``layers`` of ``value:<layer>`` of a probe."""
 
@@ -442,14 +457,14 @@ def ics_reducer(kind: str, layers: Sequence[str]) -> Reducer:
 
 
 def _smoothness_claim(
-    evidence: StudyEvidence, claim_id: int, value: str, title: str, statement: str, label: str
+    evidence: StudyEvidence, claim_id: int, value: str, title: str, statement: str
 ) -> ClaimResult:
+    label = SMOOTHNESS_MEASURES[value]
     judged = Judged()
     used = []
     for setting in evidence.setting_names():
-        reduce = series_median("gradient_path", value)
-        bn = per_seed(evidence.arm("bn", setting=setting), reduce)
-        std = per_seed(evidence.arm("standard", setting=setting), reduce)
+        bn = smoothness(evidence.arm("bn", setting=setting), value)
+        std = smoothness(evidence.arm("standard", setting=setting), value)
         if not (bn.n and std.n):
             continue
         used.append(setting)
@@ -484,7 +499,6 @@ def claim_5(evidence: StudyEvidence) -> ClaimResult:
         "loss_range",
         "BN reduces the loss variation along the gradient",
         "Moving along the gradient, the loss of the BN network changes over a smaller range.",
-        "loss range along the gradient path",
     )
 
 
@@ -495,7 +509,6 @@ def claim_6(evidence: StudyEvidence) -> ClaimResult:
         "gradient_change",
         "BN makes gradients more predictive",
         "Moving along the gradient, the BN network's gradient changes less (l2).",
-        "largest gradient change along the path",
     )
 
 
@@ -506,7 +519,6 @@ def claim_7(evidence: StudyEvidence) -> ClaimResult:
         "beta",
         "BN lowers the effective beta-smoothness",
         "The largest ratio ||g(w) - g(w - eta g)|| / ||eta g|| along the path is smaller with BN.",
-        "effective beta-smoothness",
     )
 
 
@@ -535,7 +547,7 @@ def claim_8(evidence: StudyEvidence) -> ClaimResult:
         quality_label = "final test accuracy" if classification else "-log10 final train loss"
         tolerance = ACCURACY_TOLERANCE if classification else math.log10(LOSS_FACTOR)
         bn_quality = per_seed(arm("bn", setting=setting), quality)
-        std_range = per_seed(standard, series_median("gradient_path", "loss_range"))
+        std_range = smoothness(standard, "loss_range")
         std_shift = per_seed(standard, distribution_shift)
         for variant, name in variants:
             runs = arm(variant, setting=setting)
@@ -548,7 +560,7 @@ def claim_8(evidence: StudyEvidence) -> ClaimResult:
                 (f"BN, {quality_label}", bn_quality),
                 _where(evidence, setting),
             )
-            loss_range = per_seed(runs, series_median("gradient_path", "loss_range"))
+            loss_range = smoothness(runs, "loss_range")
             judged.part(
                 f"{title}: {name} is smoother than standard",
                 smaller(loss_range, std_range, SMOOTHNESS_MARGIN),

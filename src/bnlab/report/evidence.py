@@ -186,7 +186,8 @@ def load_study(root: str | Path) -> StudyEvidence:
             "or `bnlab measure ... --out` first"
         )
     manifest = _read_json(manifest_path)
-    arms = manifest.get("arms", {})
+    # the extension arms are named like the paper's, so the report finds them by arm too
+    arms = {**manifest.get("extension_arms", {}), **manifest.get("arms", {})}
     main = str(manifest.get("settings", {}).get("name", "vgg"))
     runs = []
     for experiment in manifest.get("experiments", []):

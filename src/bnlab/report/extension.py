@@ -1,8 +1,12 @@
-"""The extension section: edge of stability and effective learning rates, from the stored runs.
+"""The extension section: edge of stability, effective learning rates and the normalizations
+past the paper's, from the stored runs.
 
 Reads the run records ``bnlab.studies.extension`` wrote under ``OUT/extension`` (nothing is
 trained here) and draws two figures; :func:`table` states per run whether it showed
 progressive sharpening and whether it hovered at 2/lr (the rules are in the study module).
+:func:`smoothing_table` sets the extension arms (LayerNorm, GroupNorm: the study's
+``extension_arms``) beside standard and BN on the quantities of claims 5-8, reduced by the
+claims' own functions.
 """
 
 from __future__ import annotations
@@ -14,10 +18,25 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from bnlab.report.claims import (
+    ACCURACY_TOLERANCE,
+    SMOOTHNESS_MARGIN,
+    SMOOTHNESS_MEASURES,
+    per_seed,
+    smoothness,
+)
 from bnlab.report.document import FigureFile, Table
+from bnlab.report.evidence import StudyEvidence, final_test_accuracy
 from bnlab.report.figures import save_figure
+from bnlab.report.verdicts import Spread, Verdict, at_least, smaller
 
-__all__ = ["edge_of_stability", "effective_learning_rate", "load_runs", "table"]
+__all__ = [
+    "edge_of_stability",
+    "effective_learning_rate",
+    "load_runs",
+    "smoothing_table",
+    "table",
+]
 
 
 def load_runs(out: Path) -> list[dict[str, Any]]:
@@ -139,5 +158,96 @@ def table(runs: Sequence[Mapping[str, Any]]) -> Table | None:
             "first tenth's median), which lay below 0.8 x 2/lr; hovers at 2/lr = at least 60% "
             "of the second half's measurements within 20% of 2/lr. Not one of the paper's "
             "claims (Cohen et al., ICLR 2021)."
+        ),
+    )
+
+
+ACCURACY = "final test accuracy"
+
+
+def smoothing_numbers(evidence: StudyEvidence) -> dict[str, dict[str, Spread]]:
+    """Arm -> quantity -> per-seed Spread for standard, BN and each extension arm with runs at
+    the main setting's reference rate: the three gradient-path quantities of claims 5-7
+    (:func:`bnlab.report.claims.smoothness`) and the final test accuracy (claims 3 and 8).
+    Empty when no extension arm has runs."""
+    extension_arms = [a for a in evidence.manifest.get("extension_arms", {}) if evidence.arm(a)]
+    if not extension_arms:
+        return {}
+    numbers = {}
+    for arm in ("standard", "bn", *extension_arms):
+        runs = evidence.arm(arm)
+        numbers[arm] = {value: smoothness(runs, value) for value in SMOOTHNESS_MEASURES}
+        numbers[arm][ACCURACY] = per_seed(runs, final_test_accuracy)
+    return numbers
+
+
+def _grouped(verdicts: Mapping[str, Verdict], words: Mapping[Verdict, str]) -> str:
+    """The arms grouped by verdict ("word arm, arm; word arm"), in ``words``' order, naming
+    only the verdicts that occur."""
+    groups = []
+    for verdict, word in words.items():
+        named = [arm for arm, v in verdicts.items() if v is verdict]
+        if named:
+            groups.append(f"{word} {', '.join(named)}")
+    return "; ".join(groups)
+
+
+def smoothing_summary(numbers: Mapping[str, Mapping[str, Spread]]) -> str:
+    """What the table shows, in sentences computed from its numbers: per quantity, which arms
+    lie below the standard network's (the comparison of claims 5-7), and which arms' accuracy
+    is about BN's (claim 8's tolerance)."""
+    others = [arm for arm in numbers if arm != "standard"]
+    sentences = []
+    for value, label in SMOOTHNESS_MEASURES.items():
+        standard = numbers["standard"][value]
+        verdicts = {a: smaller(numbers[a][value], standard, SMOOTHNESS_MARGIN) for a in others}
+        grouped = _grouped(
+            verdicts,
+            {
+                Verdict.REPRODUCED: "below standard's:",
+                Verdict.NOT_REPRODUCED: "not below:",
+                Verdict.INCONCLUSIVE: "undecided:",
+            },
+        )
+        sentences.append(f"{label[0].upper()}{label[1:]}: {grouped}.")
+    if "bn" in numbers:
+        bn = numbers["bn"][ACCURACY]
+        rest = [a for a in others if a != "bn"]
+        verdicts = {a: at_least(numbers[a][ACCURACY], bn, ACCURACY_TOLERANCE) for a in rest}
+        grouped = _grouped(
+            verdicts,
+            {
+                Verdict.REPRODUCED: f"within {ACCURACY_TOLERANCE:.0%} of BN's or above:",
+                Verdict.NOT_REPRODUCED: "below it:",
+                Verdict.INCONCLUSIVE: "undecided:",
+            },
+        )
+        sentences.append(f"Final test accuracy: {grouped}.")
+    return " ".join(sentences)
+
+
+def smoothing_table(evidence: StudyEvidence) -> Table | None:
+    """The table "Is the smoothing unique to BN?": per arm (standard, BN, each extension arm)
+    the loss variation, gradient change and effective beta-smoothness along the gradient and
+    the final test accuracy, median [min, max] over seeds, with a summary computed from them.
+    None when the study trained no extension arm."""
+    numbers = smoothing_numbers(evidence)
+    if not numbers:
+        return None
+    knobs = evidence.settings
+    return Table(
+        title="Extension (past the paper): is the smoothing unique to BN?",
+        columns=["arm", *SMOOTHNESS_MEASURES.values(), ACCURACY],
+        rows=[[arm, *measured.values()] for arm, measured in numbers.items()],
+        note=(
+            f"{evidence.title()}, lr {knobs.get('reference_lr')}, {knobs.get('steps')} steps: "
+            "the extension arms train with the paper's other arms (landscape_variants: same "
+            "rate, steps, seeds and gradient-path probe as standard and BN). Per seed, the "
+            "median over probed steps, reduced as claims 5-7 reduce them; median [min, max] "
+            "(n = seeds). Below standard's = seed median at least "
+            f"{SMOOTHNESS_MARGIN:.0%} lower with separated seed ranges (the rule of claims "
+            f"5-7); within {ACCURACY_TOLERANCE:.0%} of BN's accuracy: claim 8's tolerance; "
+            "undecided: neither way (a gap under the margin, overlapping seed ranges, or fewer "
+            "than two finite seeds). Not one of the paper's claims. " + smoothing_summary(numbers)
         ),
     )

@@ -7,7 +7,9 @@ The paper has two settings (appendix A.1), and so does the study:
 - **VGG** (``settings``): a VGG trained with plain SGD, batch 128, fixed learning rate 0.1,
   Glorot initialization, no augmentation. On the embedded digits the network is
   ``vgg10_digits`` (ten 3x3 convolutions), on ``cifar10:PATH --protocol paper`` the paper's
-  VGG-16 for 15,000 steps. Experiments ``landscape`` (every norm arm at lr 0.1, with the probes),
+  VGG-16 for 15,000 steps. Experiments ``landscape`` (standard and BN at lr 0.1, with every
+  probe), ``landscape_variants`` (the other arms, with the probes their claims read; past the
+  paper, the extension arms LayerNorm and GroupNorm train here too, judged by no claim),
   ``learning_rate`` (standard vs BN over the other rates, ICS probed) and ``init_scale``.
   Feature-vector data (cancer, mouse) get an MLP in this slot.
 - **DLN** (``dln``): the 25-layer deep linear network on synthetic Gaussian data, full-batch
@@ -30,7 +32,7 @@ gradient scales by 1 / (N d)), and every probe step is the same multiple of the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -48,6 +50,9 @@ from bnlab.train import (
 
 # arm name in the report -> norm kind: the paper's arms, as bnlab.nn.VARIANTS declares them
 ARMS: Mapping[str, str] = arms("paper")
+# the kinds compared past the paper (LayerNorm, GroupNorm, any registered later): trained beside
+# the other paper arms in the main setting's landscape_variants, reported in the extension section
+EXTENSION_ARMS: Mapping[str, str] = arms("extension")
 # the arms whose ICS and Hessian probes a claim (4, 11) or a figure reads; the other arms get the
 # probes their claims read (gradient path: claim 8; activation distributions: claims 3 and 8)
 FULLY_PROBED_ARMS = ("standard", "bn")
@@ -218,6 +223,8 @@ class Study:
     claims: tuple[int, ...] = CLAIMS
     conditioning: tuple[str, ...] = ("mouse", "cancer")
     arms: dict[str, str] = field(default_factory=lambda: dict(ARMS))
+    extension_arms: dict[str, str] = field(default_factory=dict)
+    """Arm -> kind of the arms trained past the paper (no claim reads them); {}: none."""
     model_spec: str = ""  # FILE.py:FACTORY of a user's model (bnlab measure); runs in-process
     dln: StudySettings | None = None
     protocol: str = "default"
@@ -247,6 +254,7 @@ class Study:
             "claims": list(self.claims),
             "conditioning": list(self.conditioning),
             "arms": dict(self.arms),
+            "extension_arms": dict(self.extension_arms),
             "model_spec": self.model_spec,
             "settings": _described(self.settings),
             "dln": None if self.dln is None else _described(self.dln),
@@ -398,10 +406,16 @@ def variant_probes(settings: StudySettings) -> list[ProbeConfig]:
 
 
 def setting_experiments(
-    data: str, settings: StudySettings, device: str, *, main: bool
+    data: str,
+    settings: StudySettings,
+    device: str,
+    *,
+    main: bool,
+    extension: Sequence[str] = (),
 ) -> list[Experiment]:
     """The experiments of one setting: every arm at the reference rate with the landscape
-    probes; standard vs BN over the other rates (with ICS) and init scales."""
+    probes; standard vs BN over the other rates (with ICS) and init scales. ``extension``: the
+    kinds of the extension arms, trained with the other paper arms (same runs, same probes)."""
     base = base_config(data, settings, device)
     seeds = list(settings.seeds)
     prefix = "" if main else f"{settings.name}_"
@@ -418,12 +432,14 @@ def setting_experiments(
         )
     ]
     variants = [kind for arm, kind in ARMS.items() if arm not in FULLY_PROBED_ARMS]
+    variants += [kind for kind in extension if kind not in variants]
     if variants:
+        past = f" (past the paper: {', '.join(extension)})" if extension else ""
         experiments.append(
             Experiment(
                 f"{landscape_name}_variants",
-                f"{settings.title}: the other norm arms at lr {settings.reference_lr:g}, with "
-                "the gradient path and activation distributions",
+                f"{settings.title}: the other norm arms{past} at lr {settings.reference_lr:g}, "
+                "with the gradient path and activation distributions",
                 SweepConfig(
                     replace(base, probes=variant_probes(settings)),
                     {"model.norm": variants, "seed": seeds},
@@ -500,7 +516,11 @@ def santurkar_study(
         main = replace(main, seeds=tuple(range(seeds)))
         if dln_settings is not None:
             dln_settings = replace(dln_settings, seeds=tuple(range(seeds)))
-    experiments = setting_experiments(data, main, device, main=True)
+    # past the paper: not under the paper's protocol (as the edge-of-stability extension)
+    extension_arms = {} if protocol == "paper" else dict(EXTENSION_ARMS)
+    experiments = setting_experiments(
+        data, main, device, main=True, extension=list(extension_arms.values())
+    )
     if dln_settings is not None:
         experiments += setting_experiments(data, dln_settings, device, main=False)
     return Study(
@@ -511,6 +531,7 @@ def santurkar_study(
         settings=main,
         experiments=tuple(experiments),
         dln=dln_settings,
+        extension_arms=extension_arms,
         protocol=protocol,
         protocol_rows=protocol_rows(data, main, dln_settings, protocol),
         extension=(
