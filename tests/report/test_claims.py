@@ -23,7 +23,7 @@ from bnlab.report.claims import (
     judge,
 )
 from bnlab.report.evidence import Run, StudyEvidence
-from bnlab.report.extension import smoothing_numbers, smoothing_table
+from bnlab.report.extension_section import smoothing_numbers, smoothing_table
 from bnlab.report.verdicts import Spread, Verdict
 
 R, N, I = Verdict.REPRODUCED, Verdict.NOT_REPRODUCED, Verdict.INCONCLUSIVE

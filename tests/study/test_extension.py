@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bnlab.report import extension as report
+from bnlab.report import extension_section as report
 from bnlab.studies.extension import (
     ExtensionSettings,
     hovers_at_edge,

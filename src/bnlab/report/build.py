@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bnlab.report import extension, figures
+from bnlab.report import extension_section, figures
 from bnlab.report.claims import judge
 from bnlab.report.document import FigureFile, ReportContent, Table, write_report
 from bnlab.report.evidence import (
@@ -398,10 +398,10 @@ def build_report(folder: str | Path) -> Path:
     evidence = load_study(out)
     (out / "report.html").unlink(missing_ok=True)
     drawn = draw_figures(evidence, out)
-    extension_runs = extension.load_runs(out)
+    extension_runs = extension_section.load_runs(out)
     for figure in (
-        extension.edge_of_stability(extension_runs, out),
-        extension.effective_learning_rate(extension_runs, out),
+        extension_section.edge_of_stability(extension_runs, out),
+        extension_section.effective_learning_rate(extension_runs, out),
     ):
         if figure is not None:
             drawn[figure.name] = figure
@@ -425,8 +425,8 @@ def build_report(folder: str | Path) -> Path:
                 thresholds_table(),
                 run_table(evidence),
                 time_table(evidence),
-                extension.table(extension_runs),
-                extension.smoothing_table(evidence),
+                extension_section.table(extension_runs),
+                extension_section.smoothing_table(evidence),
             )
             if t is not None
         ],
