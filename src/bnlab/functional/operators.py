@@ -1,6 +1,6 @@
 """bnlab's normalizations as PyTorch operators (``torch.library``, namespace ``bnlab``).
 
-Three operators, each with a schema, a CPU implementation over the fused kernels
+Five operators, each with a schema, a CPU implementation over the fused kernels
 (:mod:`bnlab.functional.kernels`; the torch-op formulas for what the kernels do not take:
 fp16/bf16, empty inputs), a torch-op implementation for every other device, a fake
 implementation (shapes and dtypes only, for ``torch.compile`` and export) and a registered
@@ -17,6 +17,10 @@ autograd formula:
   ``create_graph=True`` backward that goes through it.
 - ``bnlab::batch_norm_eval(x, mean, spread, weight, bias, eps, is_var) -> y``: normalization
   with running statistics.
+- ``bnlab::norm_train(x, weight, bias, eps, p, centered, group_size, noise_key, noise)`` and
+  ``bnlab::norm_backward(...)``: the same pair for lp, Ghost and noisy BatchNorm (the variant
+  in the arguments; noisy BatchNorm's step key an int64 tensor, so a compiled step computes it
+  in the graph); their double backward differentiates the torch-op backward.
 
 The operators are what ``torch.compile(fullgraph=True)`` and ``torch.func.grad`` see: Dynamo
 records one node per layer and never traces into the kernels. Eager calls on the CPU keep the
@@ -35,6 +39,7 @@ import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from bnlab.functional import kernels, ops
+from bnlab.functional.noise import NoiseDraw, NoiseSpec
 
 __all__ = ["batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_train", "wanted"]
 
@@ -183,15 +188,21 @@ def _batch_norm_backward_cpu(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not _on_loops(x):
         return _backward_formulas(dy, x, weight, stats, need_dx)
-    x, plan = kernels._planned(x, None)
-    # The loops' backward behind the Python Function (FusedTrainNorm), given what its forward
-    # would have kept; the weight's stand-in gives dweight and dbias in x's dtype.
+    return _fused_backward(dy, x, weight, stats, ops.NormSpec(eps), need_dx)
+
+
+def _fused_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, spec: ops.NormSpec, need_dx: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The loops' backward behind the Python Function (FusedTrainNorm), given what its forward
+    would have kept (``stats`` as the loops wrote them); the weight's stand-in gives dweight
+    and dbias in x's dtype."""
+    x, plan = kernels._planned(x, spec.virtual_batch_size)
     w = weight if weight is not None else torch.ones(x.shape[1], dtype=x.dtype)
-    spec = ops.NormSpec(eps)
     ctx = SimpleNamespace(
         saved_tensors=(x, w, w),
         needs_input_grad=(need_dx, True, True),
-        state=(spec, plan, stats.numpy(), kernels._noise_args(None)),
+        state=(spec, plan, stats.numpy(), kernels._noise_args(spec.noise)),
     )
     with torch.no_grad():
         dx, dweight, dbias, *_ = kernels.FusedTrainNorm.backward(ctx, dy)
@@ -344,6 +355,235 @@ def backward_with_graph(
 
 
 kernels.use_graph_backward(backward_with_graph)
+
+
+# --- the variants: lp, Ghost and noisy BatchNorm -------------------------------------------------
+#
+# One operator pair for every statistics variant the loops compute (not renorm, whose r and d
+# read the running buffers: it runs as torch-op formulas under compile). The variant is in the
+# arguments: p (1, 2, inf), centered (False: lp as the paper defines it), group_size (Ghost
+# BatchNorm's virtual batch; 0: the whole batch) and noisy BatchNorm's step key (int64 (2,),
+# None: no noise) with its constants (n_mu, n_sigma, r_mu, r_sigma).
+
+
+def _variant_spec(*variant: Any, key_as_ints: bool) -> ops.NormSpec:
+    """The NormSpec of an operator call's (eps, p, centered, group_size, noise_key, noise).
+    ``key_as_ints``: the key's words as Python ints (the loops take them), else as int64
+    tensors (no device sync, for the torch-op formulas)."""
+    eps, p, centered, group_size, noise_key, noise = variant
+    draw = None
+    if noise_key is not None:
+        words = noise_key.tolist() if key_as_ints else (noise_key[0], noise_key[1])
+        draw = NoiseDraw(NoiseSpec(*noise), (words[0], words[1]))
+    return ops.NormSpec(
+        eps, p, virtual_batch_size=group_size or None, noise=draw, centered=centered
+    )
+
+
+@torch.library.custom_op("bnlab::norm_train", mutates_args=())
+def norm_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    p: float,
+    centered: bool,
+    group_size: int,
+    noise_key: Tensor | None,
+    noise: list[float],
+) -> tuple[Tensor, Tensor]:
+    """Training-mode lp, Ghost or noisy BatchNorm of x (N, C, *): (y, stats (5, G, C)
+    float64, G the number of groups). This body is the torch-op implementation."""
+    variant = (eps, p, centered, group_size, noise_key, noise)
+    return _variant_formulas(x, weight, bias, _variant_spec(*variant, key_as_ints=False))
+
+
+def _variant_formulas(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: ops.NormSpec
+) -> tuple[Tensor, Tensor]:
+    y, stats = ops.train(_compute(x), weight, bias, spec)
+    mean, spread = stats.mean.double(), stats.spread.double()
+    scale = torch.sqrt(spread + spec.eps) if spec.p == 2 else spread + spec.eps
+    rows = [mean, spread, scale, torch.ones_like(mean), torch.zeros_like(mean)]
+    return y.to(x.dtype), torch.stack(rows)
+
+
+@norm_train.register_kernel("cpu")
+def _norm_train_cpu(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, *variant: Any
+) -> tuple[Tensor, Tensor]:
+    spec = _variant_spec(*variant, key_as_ints=_on_loops(x))
+    if not _on_loops(x):
+        return _variant_formulas(x, weight, bias, spec)
+    x, plan = kernels._planned(x, spec.virtual_batch_size)
+    found: list[Any] = []
+    with torch.no_grad():  # the Function would otherwise wire its own autograd node
+        y = kernels.FusedTrainNorm.apply(
+            x, weight, bias, spec, plan, kernels._track_args(None, x.dtype), found
+        )
+    return y, torch.from_numpy(found[0])
+
+
+@norm_train.register_fake
+def _norm_train_fake(x: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+    group_size = args[5]
+    groups = 1 if group_size == 0 else -(-x.shape[0] // group_size)
+    return torch.empty_like(x), x.new_empty((5, groups, x.shape[1]), dtype=torch.float64)
+
+
+def _norm_train_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, weight, _, eps, p, centered, group_size, noise_key, noise = inputs
+    ctx.save_for_backward(x, weight, output[1], noise_key)
+    ctx.variant = (eps, p, centered, group_size, noise)
+
+
+def _norm_train_backward(
+    ctx: Any, dy: Tensor | None, _dstats: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    x, weight, stats, noise_key = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if dy is None:
+        return (None,) * 9
+    eps, p, centered, group_size, noise = ctx.variant
+    dx, dweight, dbias = norm_backward(
+        dy, x, weight, stats, eps, p, centered, group_size, noise_key, noise, bool(needs[0])
+    )
+    return (
+        dx if needs[0] else None,
+        dweight.to(weight.dtype) if needs[1] else None,
+        dbias if needs[2] else None,
+        *(None,) * 6,
+    )
+
+
+norm_train.register_autograd(_norm_train_backward, setup_context=_norm_train_setup)
+
+
+@torch.library.custom_op("bnlab::norm_backward", mutates_args=())
+def norm_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    eps: float,
+    p: float,
+    centered: bool,
+    group_size: int,
+    noise_key: Tensor | None,
+    noise: list[float],
+    need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of :func:`norm_train`: (dx, dweight, dbias) as :func:`batch_norm_backward`.
+    This body is the torch-op implementation (the differentiated forward formulas)."""
+    spec = _variant_spec(eps, p, centered, group_size, noise_key, noise, key_as_ints=False)
+    return _variant_backward_formulas(dy, x, weight, spec, need_dx)
+
+
+def _variant_backward_formulas(
+    dy: Tensor, x: Tensor, weight: Tensor | None, spec: ops.NormSpec, need_dx: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    xc, dyc = _compute(x).detach(), _compute(dy)
+    c = x.shape[1]
+    w = torch.ones(c, dtype=xc.dtype, device=x.device) if weight is None else weight.detach()
+    b = torch.zeros(c, dtype=xc.dtype, device=x.device)
+    # torch.func: an operator's body runs below autograd, where a plain autograd graph is not
+    # recorded
+    pullback = torch.func.vjp(lambda x, w, b: ops.train(x, w, b, spec)[0], xc, w, b)[1]
+    dx, dweight, dbias = pullback(dyc)
+    return (dx.to(x.dtype) if need_dx else torch.zeros_like(x)), dweight.to(xc.dtype), dbias
+
+
+@norm_backward.register_kernel("cpu")
+def _norm_backward_cpu(
+    dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, *variant: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    need_dx = variant[-1]
+    spec = _variant_spec(*variant[:-1], key_as_ints=_on_loops(x))
+    if not _on_loops(x):
+        return _variant_backward_formulas(dy, x, weight, spec, need_dx)
+    return _fused_backward(dy, x, weight, stats, spec, need_dx)
+
+
+@norm_backward.register_fake
+def _norm_backward_fake(dy: Tensor, x: Tensor, *_: Any) -> tuple[Tensor, Tensor, Tensor]:
+    c = x.shape[1]
+    dtype = _compute(x).dtype
+    return torch.empty_like(x), x.new_empty(c, dtype=dtype), x.new_empty(c, dtype=dtype)
+
+
+def _norm_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: object) -> None:
+    dy, x, weight, _, eps, p, centered, group_size, noise_key, noise, _ = inputs
+    ctx.save_for_backward(dy, x, weight, noise_key)
+    ctx.variant = (eps, p, centered, group_size, noise)
+
+
+def _norm_double_backward(
+    ctx: Any, ddx: Tensor | None, ddweight: Tensor | None, ddbias: Tensor | None
+) -> tuple[Tensor | None, ...]:
+    """Gradients of (dx, dweight, dbias) with respect to (dy, x, weight): the torch-op backward
+    re-derived and differentiated (third derivatives too when the graph is wanted)."""
+    dy, x, weight, noise_key = ctx.saved_tensors
+    eps, p, centered, group_size, noise = ctx.variant
+    spec = _variant_spec(eps, p, centered, group_size, noise_key, noise, key_as_ints=False)
+    needs = ctx.needs_input_grad[:3]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        g = _compute(dy).detach().requires_grad_()
+        xc = _compute(x).detach().requires_grad_()
+        w = None if weight is None else weight.detach().requires_grad_()
+        b = torch.zeros(x.shape[1], dtype=xc.dtype, device=x.device, requires_grad=True)
+        grads = kernels.torch_op_backward((True, w is not None, True), spec, xc, w, b, g)
+        outs: list[Tensor] = []
+        dds: list[Tensor] = []
+        for out, dd in zip(grads, (ddx, ddweight, ddbias), strict=True):
+            if out is not None and dd is not None:
+                outs.append(out)
+                dds.append(dd)
+        leaves = (g, xc, w)
+        inputs = [t for t, need in zip(leaves, needs, strict=True) if need and t is not None]
+        found: list[Tensor | None] = [None] * len(inputs)
+        if outs and inputs:
+            found = list(
+                torch.autograd.grad(outs, inputs, dds, allow_unused=True, create_graph=create_graph)
+            )
+    taken = iter(found)
+    result = [
+        next(taken) if need and t is not None else None
+        for t, need in zip(leaves, needs, strict=True)
+    ]
+    d_dy, d_x, d_w = (
+        None if r is None else r.to(like.dtype)
+        for r, like in zip(result, (dy, x, weight if weight is not None else x), strict=True)
+    )
+    return (d_dy, d_x, d_w, *(None,) * 8)
+
+
+norm_backward.register_autograd(_norm_double_backward, setup_context=_norm_backward_setup)
+
+
+def normalize(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: ops.NormSpec
+) -> tuple[Tensor, ops.GroupStats]:
+    """Training-mode lp, Ghost or noisy BatchNorm (``spec``, no renorm) through
+    ``bnlab::norm_train``: (y, per-group statistics). Raises ValueError when a (virtual)
+    batch has one value per channel."""
+    n = x.shape[0]
+    v = n if spec.virtual_batch_size is None else min(spec.virtual_batch_size, n)
+    per_sample = x.numel() // max(1, n * x.shape[1])
+    counts = tuple(min(v, n - start) * per_sample for start in range(0, n, v))
+    ops.check_batch_size(min(counts), x)
+    key = None
+    if spec.noise is not None:
+        words = spec.noise.key
+        key = (
+            torch.stack([torch.as_tensor(w, dtype=torch.int64) for w in words]).to(x.device)
+            if isinstance(words[0], Tensor)
+            else torch.tensor(words, dtype=torch.int64, device=x.device)
+        )
+    noise = [] if spec.noise is None else list(spec.noise.spec.constants)
+    group_size = 0 if spec.virtual_batch_size is None else v
+    y, stats = norm_train(x, weight, bias, spec.eps, spec.p, spec.centered, group_size, key, noise)
+    return y, ops.GroupStats(stats[MEAN], stats[SPREAD], counts)
 
 
 # --- eval ------------------------------------------------------------------------------------
