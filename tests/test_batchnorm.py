@@ -138,10 +138,10 @@ def test_spatial_sizes_from_64_take_the_planar_layout_and_match_torch_nn(shape):
     torch.manual_seed(0)
     x = torch.randn(shape) * 3 + 5
     ours, theirs = bn_cls(3), torch_cls(3)
-    kernels._plans.clear()
+    kernels.plan._plans.clear()
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = ours(xa), theirs(xb)
-    assert [p.planar for p in kernels._plans.values()] == [True]
+    assert [p.planar for p in kernels.plan._plans.values()] == [True]
     dy = torch.randn_like(ya)
     ya.backward(dy)
     yb.backward(dy)

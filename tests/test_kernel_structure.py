@@ -17,6 +17,8 @@ MODULES = {
     "bnlab.functional.ops": FUNCTIONAL / "ops.py",
     "bnlab.functional.kernels": FUNCTIONAL / "kernels" / "__init__.py",
     "bnlab.functional.kernels.native": FUNCTIONAL / "kernels" / "native.py",
+    "bnlab.functional.kernels.plan": FUNCTIONAL / "kernels" / "plan.py",
+    "bnlab.functional.kernels.runtime": FUNCTIONAL / "kernels" / "runtime.py",
 }
 
 

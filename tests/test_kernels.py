@@ -282,7 +282,7 @@ def test_constant_channel_is_finite_and_nan_stays_in_its_channel(channels_last, 
 
 
 def _assert_parallel(x: torch.Tensor) -> None:
-    plan = kernels._plan(kernels._readable(x), x.shape[0])
+    plan = kernels.plan_for(kernels.readable(x), x.shape[0])
     assert plan.parallel and plan.threads == 2
 
 
@@ -299,7 +299,7 @@ def test_parallel_passes_match_torch_op_path(channels, channels_last, variant, g
         x = x.contiguous(memory_format=torch.channels_last)
     _assert_parallel(x)
     if not channels_last:
-        plan = kernels._plan(kernels._readable(x), 3 if variant == "ghost" else 40)
+        plan = kernels.plan_for(kernels.readable(x), 3 if variant == "ghost" else 40)
         assert (plan.blocks == 1) == (channels == 8 or variant == "ghost")
     spec = _spec(variant, channels, torch.float32)
     weight, bias = torch.rand(channels) + 0.5, torch.randn(channels)
@@ -493,7 +493,7 @@ def test_large_outputs_are_advised_to_huge_pages_and_stay_correct(channels_last,
         advised.append((start, length, advice))
         return 0
 
-    monkeypatch.setattr(kernels, "_madvise", record)
+    monkeypatch.setattr(kernels.plan, "_madvise", record)
     torch.manual_seed(6)
     x = torch.randn(64, 8, 48, 48) * 2 + 3  # 4.7 MB of float32
     if channels_last:

@@ -192,7 +192,7 @@ def test_row_layout_with_many_groups_in_parallel_matches_torch_op_path(
     x[:, 1] += 1e4
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     channels = shape[1]
-    plan = kernels._plan(kernels._readable(x), 8)
+    plan = kernels.plan_for(kernels.readable(x), 8)
     assert plan.parallel and plan.threads == 2 and not plan.planar and plan.groups > 4
     spec = ops.NormSpec(1e-5, p, virtual_batch_size=8)
     weight, bias = torch.rand(channels, dtype=x.dtype) + 0.5, torch.randn(channels, dtype=x.dtype)

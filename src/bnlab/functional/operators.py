@@ -197,7 +197,7 @@ def _fused_backward(
     """The loops' backward behind the Python Function (FusedTrainNorm), given what its forward
     would have kept (``stats`` as the loops wrote them); the weight's stand-in gives dweight
     and dbias in x's dtype."""
-    x, plan = kernels._planned(x, spec.virtual_batch_size)
+    x, plan = kernels.planned(x, spec.virtual_batch_size)
     w = weight if weight is not None else torch.ones(x.shape[1], dtype=x.dtype)
     ctx = SimpleNamespace(
         saved_tensors=(x, w, w),
@@ -415,7 +415,7 @@ def _norm_train_cpu(
     spec = _variant_spec(*variant, key_as_ints=_on_loops(x))
     if not _on_loops(x):
         return _variant_formulas(x, weight, bias, spec)
-    x, plan = kernels._planned(x, spec.virtual_batch_size)
+    x, plan = kernels.planned(x, spec.virtual_batch_size)
     found: list[Any] = []
     with torch.no_grad():  # the Function would otherwise wire its own autograd node
         y = kernels.FusedTrainNorm.apply(

@@ -15,17 +15,18 @@ backward run with ``create_graph=True`` (double backward, e.g. Hessian-vector pr
 the registered graph backward on both (:func:`use_graph_backward`: BatchNorm's closed-form
 second derivatives from :mod:`bnlab.functional.operators`, the torch-op formulas for the other
 variants), so higher derivatives are exact.
+
+The package: :mod:`.runtime` (loading numba and the loops, fork handling), :mod:`.plan` (an
+input's geometry on the loops, output allocation), :mod:`.loops` and :mod:`.eval_loops` (the
+numba loops), :mod:`.entries` (their C entry points), :mod:`.native` (the C++ glue),
+:mod:`.prepare` (ahead-of-time compilation); this module holds the Python autograd Functions
+and the calls the dispatcher makes (:func:`train_native`, :func:`train_normalize`,
+:func:`eval_normalize`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import math
-import os
-import sys
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -34,261 +35,32 @@ from torch import Tensor
 
 from bnlab.functional import ops
 from bnlab.functional.kernels import native
+from bnlab.functional.kernels.plan import (
+    HUGE_PAGE,
+    PARALLEL_MIN_NUMEL,
+    PLANAR_MIN_SPATIAL,
+    Plan,
+    output_like,
+    plan_for,
+    planned,
+    readable,
+)
+from bnlab.functional.kernels.runtime import numba_available
 from bnlab.functional.noise import NoiseDraw, NoiseSpec
 
+__all__ = [
+    "HUGE_PAGE", "KERNEL_DTYPES", "PARALLEL_MIN_NUMEL", "PLANAR_MIN_SPATIAL", "FusedEvalNorm",
+    "FusedTrainNorm", "Plan", "eval_normalize", "numba_available", "output_like", "plan_for",
+    "planned", "readable", "supports", "torch_op_backward", "train_native", "train_normalize",
+    "use_graph_backward",
+]  # fmt: skip
+
 KERNEL_DTYPES = (torch.float32, torch.float64)
-PARALLEL_MIN_NUMEL = 1 << 15
-"""Below this many elements a pass runs on one thread: waking the pool costs more."""
-
-_loops_module: ModuleType | None = None
-_numba_found: bool | None = None
-_forked_child = False
-
-
-def _mark_forked_child() -> None:
-    # numba's default OpenMP layer (GNU libgomp) cannot run a parallel region in a child forked
-    # from a process that used it: forked workers (e.g. the loss-surface pool) run serially.
-    global _forked_child
-    _forked_child = True
-
-
-os.register_at_fork(after_in_child=_mark_forked_child)
-
-
-def numba_available() -> bool:
-    """Whether numba can be imported (checked without importing it)."""
-    global _numba_found
-    if _numba_found is None:
-        _numba_found = importlib.util.find_spec("numba") is not None
-    return _numba_found
-
-
-def _loops() -> Any:
-    global _loops_module
-    if _loops_module is None:
-        # numba's OpenMP pool, started here, resets the process-wide OpenMP thread count that
-        # torch reads as its intra-op thread count: keep the user's torch.set_num_threads.
-        threads = torch.get_num_threads()
-        import numba
-
-        from bnlab.functional.kernels import loops
-
-        numba.get_num_threads()  # starts the pool now rather than inside a later call
-        torch.set_num_threads(threads)
-        _loops_module = loops
-    return _loops_module
 
 
 def supports(x: Tensor) -> bool:
     """Whether the kernels can normalize x (CPU, float32/float64, not empty)."""
     return x.is_cpu and x.dtype in KERNEL_DTYPES and x.numel() > 0
-
-
-PLANAR_MIN_SPATIAL = 64
-"""A contiguous input with fewer spatial values per (sample, channel) runs on the row loops,
-one row per sample, as (N, C * S): rows of 16 values are too short for the vector units."""
-
-_PLAN_CACHE_SIZE = 512
-_plans: dict[tuple[Any, ...], _Plan] = {}
-
-
-class _Plan:
-    """How one input geometry runs on the loops, worked out once per (shape, strides, dtype,
-    virtual batch size, thread count) and cached: the per-call path then only makes NumPy
-    views, allocates the output and calls the loop (a few microseconds, see the README).
-
-    The loops see a (N, C, *) tensor as planar (N, C, S), or as rows (M, C * k) whose column j
-    holds channel j // k: channels-last (M = N * S, k = 1) or (M = N, k = S). A plan is made
-    for a contiguous or a dense channels-last tensor only (:func:`_readable`).
-    """
-
-    __slots__ = (
-        "backward", "blocks", "channels", "counts", "dtype", "eval", "forward", "groups", "k",
-        "min_count", "n", "native_eval", "native_train", "parallel", "perm", "planar",
-        "row_blocks", "rows_per_sample", "size", "strides", "threads", "v", "view_shape",
-    )  # fmt: skip
-
-    def __init__(self, x: Tensor, v: int, threads: int) -> None:
-        _loops()
-        self.strides = x.stride()
-        self.n, self.channels = x.shape[0], x.shape[1]
-        self.size = x.numel() // (self.n * self.channels)
-        channels_last = not x.is_contiguous()
-        self.planar = self.size >= PLANAR_MIN_SPATIAL and not channels_last
-        self.k = 1 if channels_last else self.size
-        self.rows_per_sample = self.size if channels_last else 1
-        self.perm = (0, *range(2, x.dim()), 1) if channels_last else None
-        if self.planar:
-            self.view_shape: tuple[int, ...] = (self.n, self.channels, self.size)
-        elif channels_last:
-            self.view_shape = (self.n * self.size, self.channels)
-        else:
-            self.view_shape = (self.n, self.channels * self.size)
-        import numba
-
-        self.threads = min(threads, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
-        self.parallel = x.numel() >= PARALLEL_MIN_NUMEL and not _forked_child and self.threads > 1
-        self.v = v
-        self.groups = -(-self.n // v)
-        self.counts = tuple(min(v, self.n - start) * self.size for start in range(0, self.n, v))
-        self.min_count = min(self.counts)  # the smallest group: the last virtual batch
-        self.blocks, self.row_blocks = self._blocks()
-        from bnlab.functional.kernels import entries
-
-        shape = "planar" if self.planar else "rows"
-        self.forward = entries.python_driver(f"forward_{shape}", self.parallel)
-        self.backward = entries.python_driver(f"backward_{shape}", self.parallel)
-        self.eval = entries.python_driver(f"eval_{shape}", self.parallel)
-
-        self.dtype = "float32" if x.dtype == torch.float32 else "float64"
-        self.native_train: tuple[int, ...] | None = None
-        self.native_eval: tuple[int, ...] | None = None
-
-    def _native_geometry(self) -> tuple[int, int, int, int, int, int, int, int]:
-        """(n0, n1, n2, groups, channels, v, blocks, row_blocks) as the entries take them."""
-        if self.planar:
-            n0, n1, n2 = self.view_shape
-            v = self.v
-        else:
-            n0, n1 = self.view_shape
-            n2, v = self.k, self.v * self.rows_per_sample
-        return n0, n1, n2, self.groups, self.channels, v, self.blocks, self.row_blocks
-
-    def train_ints(
-        self, kind: int, virtual_batch_size: int | None, noise: NoiseDraw | None
-    ) -> tuple[int, ...]:
-        """The native glue's ``ints`` for training: geometry and entry addresses (made once),
-        then the running-buffer kind, the virtual batch size (0: none), the noise configuration's
-        length (0: no noise) and the packed noise key."""
-        if self.native_train is None:
-            from bnlab.functional.kernels import entries
-
-            layout = "planar" if self.planar else "rows"
-            forward = entries.address(f"forward_{layout}", self.parallel, self.dtype)
-            backward = entries.address(f"backward_{layout}", self.parallel, self.dtype)
-            self.native_train = (*self._native_geometry(), forward, backward)
-        if noise is None:
-            return (*self.native_train, kind, virtual_batch_size or 0, 0, 0)
-        return (*self.native_train, kind, virtual_batch_size or 0, 4, noise.packed_key)
-
-    def eval_ints(self) -> tuple[int, ...]:
-        """The native glue's plan for eval, made once."""
-        if self.native_eval is None:
-            from bnlab.functional.kernels import entries
-
-            layout = "planar" if self.planar else "rows"
-            address = entries.address(f"eval_{layout}", self.parallel, self.dtype)
-            self.native_eval = (*self._native_geometry(), address, 0, 0, 0)
-        return self.native_eval
-
-    def _blocks(self) -> tuple[int, int]:
-        """(reduction blocks per group, row blocks for the elementwise passes)."""
-        if not self.parallel:
-            return 1, 1
-        threads = self.threads
-        if self.planar:
-            tasks = self.groups * self.channels
-            blocks = 1 if tasks >= 4 * threads else math.ceil(4 * threads / tasks)
-            return max(1, min(blocks, self.v)), min(4 * threads, self.n * self.channels)
-        rows = self.n * self.rows_per_sample
-        blocks = max(1, min(math.ceil(2 * threads / self.groups), self.v * self.rows_per_sample))
-        return blocks, max(1, min(4 * threads, rows))
-
-    def array(self, t: Tensor) -> np.ndarray:
-        """The NumPy view of t, which has this plan's strides (so the reshape never copies)."""
-        a = t.numpy(force=True)  # CPU, no conjugate: a view without detach's Python call
-        if self.perm is not None:
-            a = a.transpose(self.perm)
-        return a.reshape(self.view_shape)
-
-    def like(self, t: Tensor, x: Tensor) -> Tensor:
-        """t with x's strides (t itself when they match already)."""
-        return t if t.stride() == self.strides else torch.empty_like(x).copy_(t)
-
-    def enter(self) -> None:
-        """Set numba's thread count for this (calling) thread before a parallel loop."""
-        if self.parallel:
-            import numba
-
-            if numba.get_num_threads() != self.threads:
-                numba.set_num_threads(self.threads)
-
-
-HUGE_PAGE = 2 << 20
-HUGE_PAGE_MIN_BYTES = 2 * HUGE_PAGE
-"""Outputs at least this large ask the kernel for transparent huge pages (see :func:`_output`)."""
-_MADV_HUGEPAGE = 14
-_madvise: Any = None
-
-
-def _huge_pages() -> Any:
-    """libc's madvise on Linux, else False (checked once)."""
-    global _madvise
-    if _madvise is None:
-        _madvise = False
-        if sys.platform.startswith("linux"):
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                _madvise = libc.madvise
-            except (OSError, AttributeError):
-                pass
-    return _madvise
-
-
-def _output(x: Tensor) -> Tensor:
-    """A new tensor with x's shape and strides for a loop to write.
-
-    torch's CPU allocator hands large blocks back to the OS when they are freed, so every large
-    output is fresh memory whose first write faults in one 4 KiB page at a time: 100 MB cost
-    44 ms to allocate and fill against 5 ms to fill (one thread). Large outputs are advised
-    (madvise MADV_HUGEPAGE on their whole 2 MiB pages) so the kernel backs them with huge pages
-    where transparent huge pages are enabled ("madvise" or "always"): 10 ms. Elsewhere it is
-    a no-op; torch's own ``THP_MEM_ALLOC_ENABLE=1`` does the same for every allocation.
-    Where the native glue is loaded, large outputs come from its cache of freed outputs
-    (:func:`native.output_cache`), as the glue's own do.
-    """
-    nbytes = x.numel() * x.element_size()
-    if nbytes >= HUGE_PAGE_MIN_BYTES:
-        glue = native.loaded()
-        if glue is not None:
-            return glue.output_like(x)
-    out = torch.empty_like(x)
-    if nbytes >= HUGE_PAGE_MIN_BYTES:
-        madvise = _huge_pages()
-        if madvise:
-            ptr = out.data_ptr()
-            start = -(-ptr // HUGE_PAGE) * HUGE_PAGE
-            end = (ptr + nbytes) // HUGE_PAGE * HUGE_PAGE
-            if end > start:
-                madvise(start, end - start, _MADV_HUGEPAGE)
-    return out
-
-
-def _readable(x: Tensor) -> Tensor:
-    """x, or a contiguous copy when it is neither contiguous nor dense channels-last."""
-    if x.is_contiguous():
-        return x
-    dims = x.dim()
-    if dims == 4:
-        dense_rows = x.is_contiguous(memory_format=torch.channels_last)
-    elif dims == 5:
-        dense_rows = x.is_contiguous(memory_format=torch.channels_last_3d)
-    else:
-        dense_rows = dims > 2 and x.movedim(1, -1).is_contiguous()
-    return x if dense_rows else x.contiguous()
-
-
-def _plan(x: Tensor, v: int) -> _Plan:
-    """The cached plan of a readable x (:func:`_readable`) with virtual batch size v."""
-    threads = torch.get_num_threads()
-    key = (x.shape, x.stride(), x.dtype, v, threads, _forked_child)
-    plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) >= _PLAN_CACHE_SIZE:
-            _plans.clear()
-        plan = _plans[key] = _Plan(x, v, threads)
-    return plan
 
 
 _FILLED: dict[tuple[int, float, torch.dtype], np.ndarray] = {}
@@ -340,7 +112,7 @@ class FusedTrainNorm(torch.autograd.Function):
     """Training-mode normalization on the fused kernels: returns y and appends the (5, G, C)
     float64 statistics (rows mean, spread, ...; per group (virtual batch) and channel) to
     ``out_stats``, outside the graph: one differentiable output keeps autograd's per-call cost
-    down. ``x`` is readable (:func:`_readable`) and ``plan`` is its plan; ``track`` holds the
+    down. ``x`` is readable (:func:`readable`) and ``plan`` is its plan; ``track`` holds the
     running buffers the kernel moves (:func:`_track_args`)."""
 
     @staticmethod
@@ -350,12 +122,12 @@ class FusedTrainNorm(torch.autograd.Function):
         weight: Tensor | None,
         bias: Tensor | None,
         spec: ops.NormSpec,
-        plan: _Plan,
+        plan: Plan,
         track: tuple[np.ndarray, np.ndarray, float, int],
         out_stats: list[np.ndarray],
     ) -> Tensor:
         xa = plan.array(x)
-        y = _output(x)
+        y = output_like(x)
         ya = plan.array(y)
         channels = plan.channels
         w = _param(weight, channels, 1.0, x.dtype)
@@ -393,7 +165,7 @@ class FusedTrainNorm(torch.autograd.Function):
         need_dx = bool(ctx.needs_input_grad[0])
         xa = plan.array(x)
         dya = plan.array(plan.like(dy, x))
-        dx = _output(x)
+        dx = output_like(x)
         dxa = plan.array(dx)
         w = _param(weight, plan.channels, 1.0, x.dtype)
         args = (
@@ -444,16 +216,6 @@ def _native_module(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Any
     if (weight is not None and weight.dtype != dtype) or (bias is not None and bias.dtype != dtype):
         return None
     return native.active()
-
-
-def _planned(x: Tensor, virtual_batch_size: int | None) -> tuple[Tensor, _Plan]:
-    """x made readable and its plan for training; raises ValueError when a (virtual) batch has
-    one value per channel."""
-    x = _readable(x)
-    n = x.shape[0]
-    plan = _plan(x, n if virtual_batch_size is None else min(virtual_batch_size, n))
-    ops.check_batch_size(plan.min_count, x)
-    return x, plan
 
 
 def _plain(t: Tensor | None, dtype: torch.dtype) -> bool:
@@ -540,12 +302,12 @@ def _eval_kernel(
     eps: float,
     is_var: bool,
 ) -> Tensor:
-    x = _readable(x)
-    plan = _plan(x, x.shape[0])
+    x = readable(x)
+    plan = plan_for(x, x.shape[0])
     if _native_module(x, weight, bias) is not None:
         plan.enter()
         return native.eval_forward(x, mean, spread, weight, bias, plan.eval_ints(), eps, is_var)
-    y = _output(x)
+    y = output_like(x)
     channels = plan.channels
     w = _param(weight, channels, 1.0, x.dtype)
     b = _param(bias, channels, 0.0, x.dtype)
@@ -626,7 +388,7 @@ def train_native(
         kind = 0
     elif not (_plain(running_mean, x.dtype) and _plain(running_second, x.dtype)):
         return None
-    x, plan = _planned(x, virtual_batch_size)
+    x, plan = planned(x, virtual_batch_size)
     plan.enter()
     ints = plan.train_ints(kind, virtual_batch_size, noise)
     reals = (p, eps, momentum, *_noise_reals(noise))
@@ -644,7 +406,7 @@ def train_normalize(
     """Training-mode normalization on the kernels: ``(y, stats, updated)`` like
     :func:`ops.train`; ``updated`` says whether the kernel moved ``update``'s buffers. Raises
     ValueError when a (virtual) batch has one value per channel."""
-    x, plan = _planned(x, spec.virtual_batch_size)
+    x, plan = planned(x, spec.virtual_batch_size)
     if spec.renorm is None and _native_module(x, weight, bias) is not None:
         mean_buf, second_buf, momentum, kind = _track_tensors(update, x.dtype)
         ints = plan.train_ints(kind, spec.virtual_batch_size, spec.noise)

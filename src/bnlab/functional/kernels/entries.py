@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 from numba import carray, cfunc, njit, types
 
-from bnlab.functional.kernels import _loops, eval_loops, loops
+from bnlab.functional.kernels import eval_loops, loops
+from bnlab.functional.kernels.runtime import load_loops
 
 # Replaced per compiled twin (see _twin): the driver the entry calls and whether it runs on
 # the thread pool.
@@ -264,7 +265,7 @@ def address(name: str, parallel: bool, dtype: str) -> int:
     if compiled is None:
         # The thread pool must be up first: it registers the symbols (allocate_sched, ...)
         # that a parallel entry loaded from the cache links against.
-        _loops()
+        load_loops()
         stage = name.split("_")[0]
         numba_dtype = types.float32 if key[2] == "float32" else types.float64
         compiled = cfunc(_signature(stage, numba_dtype), cache=True)(_twin(name, parallel))
@@ -280,6 +281,6 @@ def python_driver(name: str, parallel: bool) -> Any:
     key = (name, parallel)
     found = _python.get(key)
     if found is None:
-        _loops()
+        load_loops()
         found = _python[key] = njit(cache=True)(_twin(name, parallel, python=True))
     return found
