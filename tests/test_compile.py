@@ -55,9 +55,27 @@ def test_compiled_model_with_every_kind_matches_eager_without_graph_breaks():
 
 
 @pytest.mark.slow
-def test_inductor_compiled_batch_norm_matches_eager():
+def test_inductor_compiled_batch_norm_and_variants_match_eager():
     torch._dynamo.reset()
-    _compare_training_and_eval(("bn",))
+    _compare_training_and_eval(("bn", "l1", "noisy_bn", "ghost"))
+
+
+@pytest.mark.slow
+def test_inductor_fuses_batch_norm_s_formulas_and_calls_the_variants_operator():
+    """Inductor decomposes BatchNorm's operators into their formulas (it fuses them with the
+    neighbouring ops); the variants' pair stays an operator call."""
+    from torch._inductor import config
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model = _model(("bn", "l1"))
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(16, 3, 4, 4)
+    with config.patch(force_disable_caches=True):
+        _, code = run_and_get_code(lambda: compiled(x).square().mean().backward())
+    code = "\n".join(code)
+    assert "torch.ops.bnlab.batch_norm" not in code  # no call ("Original ATen" notes may name it)
+    assert "torch.ops.bnlab.norm_train.default(" in code
 
 
 def test_compiled_batch_renorm_weight_gradients_match_eager():
