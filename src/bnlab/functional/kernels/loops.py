@@ -67,8 +67,13 @@ _UNIT_SCALE = 1.0 / (1 << 16)
 # z = Phi^-1((k + 1/2) / 2^16) for the hash's low 16 bits k: global arrays, which numba
 # compiles in as constants (noise.NORMAL_QUANTILES, the torch-op path's table, and its float32
 # rounding, which the torch-op path computes for float32). A float32 loop gathers from the
-# 256 KiB float32 table: 0.5-0.6 ns per value against 1.1 from the float64 one (hash and
-# look-up, one thread; the hash alone 0.4).
+# 256 KiB float32 table. Measured on the 2-core AMD EPYC VM (Zen 4, AVX-512, no SVML), float32,
+# one thread, per value: the vectorized hash 0.13 ns; the look-up 0.5 ns (the loads, not the
+# gather instruction: scalar loads cost the same; a 1024-entry table in L1 0.35); an
+# arithmetic quantile (Giles' single-precision erfinv with a bit-level log, within 4 float32
+# ulp of this table, vectorized) adds 1.2 ns in the row forward loop where the look-up adds
+# 0.7, so the table stays. A step makes z twice per value: in the forward and in the
+# backward's sums pass (which keeps gy for the dx pass).
 _NORMAL = NORMAL_QUANTILES
 _NORMAL32 = NORMAL_QUANTILES.astype(np.float32)
 # Noise values are hashed per batch into a scratch vector of counters, then turned into u and
@@ -728,35 +733,42 @@ def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
 # --------------------------------------------------------------------------------------------
 # Backward: one read of (dy, x) for sum(gy) and sum(gy * (x - mean)) (and sum(sign(x - mean))
 # for p = 1), where gy = dy * (sigma_t + r_sigma z) is the gradient at the BN output; then one read
-# of (dy, x) and one write of dx. With noise both passes hash z again (storing gy for the
-# second pass would cost a write of the whole tensor: measured slower from the L2 cache size
-# up, (16384, 128) float32 sums pass 1.39 ms storing against 1.02 not storing, one thread).
+# of (dy, x) and one write of dx. With noise the sums pass stores gy in dx (when dx is wanted)
+# and the dx pass reads it back in place of dy: one more write of the tensor, but z (a hash and
+# a gather from the quantile table, 0.5-1 ns per value) is made once, not twice. One thread,
+# float32, (64, 128, 16, 16) channels-last: the backward 7.4 ms making z twice, 4.4 storing gy.
 # p = inf also needs the arg-max of
 # |x - mean| per channel: the row layout tracks it per column in the first pass; the planar
 # layout adds a scan of x per (group, channel).
 
 
 @njit(cache=True, fastmath=_REDUCE, inline="always")
-def _noisy_gradient_sums(dy, x, m, start, sigma_t, r_sigma, key, iota, s_gy, s_gx):
+def _noisy_gradient_sums(dy, x, m, start, sigma_t, r_sigma, key, iota, gy_out, s_gy, s_gx):
     """Noise, a planar row: the sums sum(gy), sum(gy (x - m)) of gy = dy (sigma_t + r_sigma z),
-    hashed and summed in one loop per batch of counters."""
+    hashed and summed in one loop per batch of counters. gy is stored in ``gy_out``: the row of
+    dx (dy's length), for the dx pass to read back, or a scratch run of _RUN values."""
     size = dy.shape[0]
     sigma, scale = dy.dtype.type(sigma_t), dy.dtype.type(r_sigma)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
+    whole = gy_out.shape[0] == size
     for s0 in range(0, size, _RUN):
         run = min(_RUN, size - s0)
         first = np.uint32(start + s0)
         dy_run, x_run = dy[s0 : s0 + run], x[s0 : s0 + run]
+        out = gy_out[s0 : s0 + run] if whole else gy_out[:run]
         for i in range(run):
             h = _iota_hash(iota, i, first, k0, k1)
-            gy = np.float64(dy_run[i] * (sigma + scale * _normal(h & _LOW16, dy)))
+            g = dy_run[i] * (sigma + scale * _normal(h & _LOW16, dy))
+            out[i] = g
+            gy = np.float64(g)
             s_gy += gy
             s_gx += gy * (np.float64(x_run[i]) - m)
     return s_gy, s_gx
 
 
 @njit(cache=True, fastmath=_REDUCE)
-def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part):
+def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part, dx, need_dx):
+    """Sums of task t; with noise, gy is stored in dx when ``need_dx`` (see the pass note)."""
     n_total, c_total, size = x.shape
     b = t % blocks
     gc = t // blocks
@@ -768,13 +780,14 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part):
     s_sign = 0.0
     noisy = noise.shape[1] != 0  # with p = 2 only (NormSpec checks)
     iota = _iota()
+    scratch = np.empty(0 if need_dx or not noisy else _RUN, dtype=dy.dtype)
     for n in range(n0, n1):
         grad = dy[n, c]
         if noisy:
             start = (c * n_total + n) * size
             s_gy, s_gx = _noisy_gradient_sums(
                 dy[n, c], x[n, c], m, start, noise[_SIGMA_T, c], noise[_R_SIGMA, c], key, iota,
-                s_gy, s_gx,
+                dx[n, c] if need_dx else scratch, s_gy, s_gx,
             )  # fmt: skip
             continue
         x_row = x[n, c]
@@ -791,10 +804,10 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part):
 
 
 @njit(cache=True, fastmath=_REDUCE, inline="always")
-def _rows_noisy_grad_sums(dy, x, r0, r1, m, noise, key, base, k, s_gy, s_gx):
+def _rows_noisy_grad_sums(dy, x, r0, r1, m, noise, key, base, k, dx, need_dx, s_gy, s_gx):
     """Noise, rows r0..r1 of one group, on tiles (see _TILE): gy = dy (sigma_t + r_sigma z)
     summed per tile value, then folded into the per-column sums ``s_gy``, ``s_gx`` (which start
-    at 0). ``noise``: (4, C * k) per column."""
+    at 0); gy stored in dx when ``need_dx``. ``noise``: (4, C * k) per column."""
     columns = x.shape[1]
     rows, span = _tile_rows(columns)
     counters = _tile_counters(base, k, columns, rows)
@@ -804,15 +817,20 @@ def _rows_noisy_grad_sums(dy, x, r0, r1, m, noise, key, base, k, s_gy, s_gx):
     acc_gy, acc_gx = np.zeros(span), np.zeros(span)
     _tile(m, rows, mean)
     _tile(noise[_SIGMA_T], rows, sigma)
-    dyf, xf = dy.reshape(-1), x.reshape(-1)
+    dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     z, no_u = np.empty(span, dtype=dy.dtype), np.empty(0, dtype=dy.dtype)
+    scratch = np.empty(0 if need_dx else span, dtype=dy.dtype)
     for r in range(r0, r1, rows):
         n = min(rows, r1 - r) * columns
-        dys, xs = dyf[r * columns : r * columns + n], xf[r * columns : r * columns + n]
+        lo = r * columns
+        dys, xs = dyf[lo : lo + n], xf[lo : lo + n]
+        out = dxf[lo : lo + n] if need_dx else scratch[:n]
         _hash_tile(counters, np.uint32(r * k), k0, k1, n, dy, z, no_u)
         for i in range(n):
-            gy = np.float64(dys[i] * (sigma[i] + scale * z[i]))
+            g = dys[i] * (sigma[i] + scale * z[i])
+            out[i] = g
+            gy = np.float64(g)
             acc_gy[i] += gy
             acc_gx[i] += gy * (np.float64(xs[i]) - mean[i])
     for t in range(rows):
@@ -839,11 +857,12 @@ def _grad_sums4(dy, x, r, m, s_gy, s_gx):
 
 @njit(cache=True, fastmath=_REDUCE)
 def _rows_grad_sums_task(
-    dy, x, t, v_rows, blocks, p, mean, center, noise, key, base, k, part, top, first
+    dy, x, t, v_rows, blocks, p, mean, center, noise, key, base, k, part, top, first, dx, need_dx
 ):  # fmt: skip
     """Per-column partial sums of block t; p = inf: ``top``/``first`` get each column's
     largest |x - center| (center: the mean, or 0 for the un-centred form) and the first row
-    holding it (merged by :func:`_rows_argmax_channel`)."""
+    holding it (merged by :func:`_rows_argmax_channel`). With noise, gy is stored in dx when
+    ``need_dx`` (see the pass note)."""
     m_total, c_total = x.shape
     g, b = t // blocks, t % blocks
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
@@ -865,7 +884,7 @@ def _rows_grad_sums_task(
             top_t[c] = -1.0
             first_t[c] = -1
     if noise.shape[1] != 0:  # with p = 2 only (NormSpec checks)
-        _rows_noisy_grad_sums(dy, x, r0, r1, m, noise, key, base, k, s_gy, s_gx)
+        _rows_noisy_grad_sums(dy, x, r0, r1, m, noise, key, base, k, dx, need_dx, s_gy, s_gx)
         return
     if not track:  # 2-D indexing, no row slices: short rows pay for slices
         if p == 2.0:  # short rows: four rows per sweep, as the forward's sums
@@ -976,34 +995,24 @@ def _store_grad_coefficients(
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noise, key, dx):
-    """dx = a gy + b phi + k over rows (n, c) of block t; gy = dy, or dy (sigma_t + r_sigma z)
-    with noise (``noise`` (4, C), or (4, 0))."""
+def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noisy, dx):
+    """dx = a gy + b phi + k over rows (n, c) of block t; gy = dy, or with noise (``noisy``)
+    dy (sigma_t + r_sigma z), which the sums pass stored in dx."""
     n_total, c_total, _ = x.shape
     r0, r1 = _block(0, n_total * c_total, t, row_blocks)
-    iota = _iota()
     for r in range(r0, r1):
-        _planar_dx_row(dy, x, r // c_total, r % c_total, v, p, coef, noise, key, iota, dx)
+        _planar_dx_row(dy, x, r // c_total, r % c_total, v, p, coef, noisy, dx)
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _planar_dx_row(dy, x, n, c, v, p, coef, noise, key, iota, dx):
-    n_total, _, size = x.shape
+def _planar_dx_row(dy, x, n, c, v, p, coef, noisy, dx):
+    size = x.shape[2]
     g = n // v
     mh, ml, a, b, k = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c], coef[4, g, c]
-    if noise.shape[1] != 0:  # p = 2
-        sigma, scale = x.dtype.type(noise[_SIGMA_T, c]), x.dtype.type(noise[_R_SIGMA, c])
-        k0, k1 = np.uint32(key[0]), np.uint32(key[1])
-        start = (c * n_total + n) * size
-        for s0 in range(0, size, _RUN):
-            run = min(_RUN, size - s0)
-            first = np.uint32(start + s0)
-            x_run, dy_run = x[n, c, s0 : s0 + run], dy[n, c, s0 : s0 + run]
-            dx_run = dx[n, c, s0 : s0 + run]
-            for i in range(run):
-                h = _iota_hash(iota, i, first, k0, k1)
-                gy = dy_run[i] * (sigma + scale * _normal(h & _LOW16, x))
-                dx_run[i] = a * gy + b * ((x_run[i] - mh) - ml) + k
+    if noisy:  # p = 2; gy in dx, stored by the sums pass
+        x_row, dx_row = x[n, c], dx[n, c]
+        for s in range(size):
+            dx_row[s] = a * dx_row[s] + b * ((x_row[s] - mh) - ml) + k
     elif p == 1.0:
         one_t = x.dtype.type  # the sign in x's dtype: an integer sign made the loop float64
         for s in range(size):
@@ -1015,17 +1024,18 @@ def _planar_dx_row(dy, x, n, c, v, p, coef, noise, key, iota, dx):
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, key, base, k, dx):
-    """Row-layout :func:`_planar_dx_task` (``noise`` (4, C * k) per column, or (4, 0))."""
+def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noisy, dx):
+    """Row-layout :func:`_planar_dx_task`."""
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
-    if noise.shape[1] != 0:
-        _rows_noisy_dx(dy, x, r0, r1, v_rows, coef, noise, key, base, k, dx)
-        return
     for g in range(r0 // v_rows, (r1 + v_rows - 1) // v_rows if r1 > r0 else 0):  # as normalize
         mh, ml, a, b, offset = coef[0, g], coef[1, g], coef[2, g], coef[3, g], coef[4, g]
         g0, g1 = max(r0, g * v_rows), min(r1, (g + 1) * v_rows)
-        if p == 1.0:
+        if noisy:  # p = 2; gy in dx, stored by the sums pass
+            for r in range(g0, g1):
+                for c in range(c_total):
+                    dx[r, c] = a[c] * dx[r, c] + b[c] * ((x[r, c] - mh[c]) - ml[c]) + offset[c]
+        elif p == 1.0:
             one_t = x.dtype.type  # the sign in x's dtype (see _planar_dx_row)
             for r in range(g0, g1):
                 for c in range(c_total):
@@ -1036,31 +1046,6 @@ def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noise, key, base, k, dx
             for r in range(g0, g1):
                 for c in range(c_total):
                     dx[r, c] = a[c] * dy[r, c] + b[c] * ((x[r, c] - mh[c]) - ml[c]) + offset[c]
-
-
-@njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _rows_noisy_dx(dy, x, r0, r1, v_rows, coef, noise, key, base, k, dx):
-    """Noisy rows r0..r1 of :func:`_rows_dx_task` on tiles, as :func:`_rows_noisy_normalize`."""
-    columns = x.shape[1]
-    rows, counters, tiles = _noisy_tiles(x, base, k, noise[_SIGMA_T : _SIGMA_T + 1], 5)
-    mh, ml, a, b, offset = tiles[0], tiles[1], tiles[2], tiles[3], tiles[4]
-    sigma = tiles[5]
-    scale = noise[_R_SIGMA, 0]  # one value for every channel
-    dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
-    k0, k1 = np.uint32(key[0]), np.uint32(key[1])
-    z, no_u = np.empty(counters.shape[0], dtype=x.dtype), np.empty(0, dtype=x.dtype)
-    for g in range(r0 // v_rows, (r1 + v_rows - 1) // v_rows if r1 > r0 else 0):
-        for j in range(5):
-            _tile(coef[j, g], rows, tiles[j])
-        g0, g1 = max(r0, g * v_rows), min(r1, (g + 1) * v_rows)
-        for r in range(g0, g1, rows):
-            n = min(rows, g1 - r) * columns
-            lo = r * columns
-            dys, xs, dxs = dyf[lo : lo + n], xf[lo : lo + n], dxf[lo : lo + n]
-            _hash_tile(counters, np.uint32(r * k), k0, k1, n, x, z, no_u)
-            for i in range(n):
-                gy = dys[i] * (sigma[i] + scale * z[i])
-                dxs[i] = a[i] * gy + b[i] * ((xs[i] - mh[i]) - ml[i]) + offset[i]
 
 
 @njit(cache=True)
@@ -1461,7 +1446,7 @@ def _planar_fused_backward_task(
     c_total = x.shape[1]
     g, c = t // c_total, t % c_total
     mean = stats[MEAN]
-    _planar_grad_sums_task(dy, x, t, v, np.int64(1), p, mean, noise, key, part)
+    _planar_grad_sums_task(dy, x, t, v, np.int64(1), p, mean, noise, key, part, dx, need_dx)
     if p != 1.0 and p != 2.0:
         _planar_argmax_task(x, t, v, center, argmax_at, argmax_sign)
     part[2, t], terms[t] = _store_grad_coefficients(
@@ -1469,9 +1454,9 @@ def _planar_fused_backward_task(
         weight, g, c, c, c + 1, coef,
     )  # fmt: skip
     if need_dx:
-        iota = _iota()
+        noisy = noise.shape[1] != 0
         for n in range(g * v, min(x.shape[0], (g + 1) * v)):
-            _planar_dx_row(dy, x, n, c, v, p, coef, noise, key, iota, dx)
+            _planar_dx_row(dy, x, n, c, v, p, coef, noisy, dx)
 
 
 @njit(cache=True, parallel=_PARALLEL)
@@ -1484,8 +1469,9 @@ def backward_planar(
     gy = dy, or dy (sigma_t + r_sigma z) with noise): ``reference.batch_norm_backward``,
     ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``.
 
-    Memory passes: read dy and x (sums), read dy and x, write dx (with noise, both passes hash
-    z again). p = inf: plus a scan of x per (group, channel) for the arg-max of |x - mean|.
+    Memory passes: read dy and x (sums), read dy and x, write dx (with noise, the sums pass
+    hashes z and writes gy to dx, the dx pass reads gy and x). p = inf: plus a scan of x per
+    (group, channel) for the arg-max of |x - mean|.
     With ``blocks`` 1 a task does all of this for one (group, channel) (see
     :func:`forward_planar`): one read of dy and x from memory where a channel fits the cache.
     ``p`` < 0: lp's un-centred form of |p|.
@@ -1501,6 +1487,7 @@ def backward_planar(
     # p = inf: the arg-max of |x - center|, center the mean or (un-centred) 0.
     center = mean if centered else _filled(0.0, (groups, c_total))
     params = _noise_params(noise, key, c_total)
+    noisy = noise.shape[0] != 0  # the sums pass stores gy in dx
     argmax_sign = _filled(0.0, (groups, c_total))
     argmax_at = _no_index(groups, c_total)
     dparams = np.empty((2, c_total), dtype=weight.dtype)
@@ -1531,10 +1518,14 @@ def backward_planar(
         return dparams
     if parallel:
         for t in prange(tasks):
-            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, params, key, part)
+            _planar_grad_sums_task(
+                dy, x, t, v, blocks, p, mean, params, key, part, dx, need_dx
+            )
     else:
         for t in range(tasks):
-            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, params, key, part)
+            _planar_grad_sums_task(
+                dy, x, t, v, blocks, p, mean, params, key, part, dx, need_dx
+            )
     sums = _filled(0.0, (3, groups, c_total))
     for t in range(tasks):
         gc = t // blocks
@@ -1553,9 +1544,9 @@ def backward_planar(
     if need_dx:
         if parallel:
             for t in prange(row_blocks):
-                _planar_dx_task(dy, x, t, row_blocks, v, p, coef, params, key, dx)
+                _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noisy, dx)
         else:
-            _planar_dx_task(dy, x, np.int64(0), np.int64(1), v, p, coef, params, key, dx)
+            _planar_dx_task(dy, x, np.int64(0), np.int64(1), v, p, coef, noisy, dx)
         _add_at_argmax(dx, argmax_at, sums[2])
     return dparams
 
@@ -1565,8 +1556,8 @@ def backward_rows(
     dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, noise, key, dx, need_dx, parallel,
 ):  # fmt: skip
     """Row-layout :func:`backward_planar` (columns as :func:`forward_rows`). Memory passes:
-    read dy and x (sums, and the arg-max for p = inf), read dy and x, write dx (with noise, both
-    passes hash z again). ``p`` as :func:`backward_planar`."""
+    read dy and x (sums, and the arg-max for p = inf), read dy and x, write dx (with noise as
+    :func:`backward_planar`). ``p`` as :func:`backward_planar`."""
     centered = p > 0.0
     p = abs(p)
     m_total, columns = x.shape
@@ -1583,18 +1574,19 @@ def backward_rows(
     col_mean = stats[MEAN] if k == 1 else _columns(stats[MEAN : MEAN + 1], k)[0]
     col_center = col_mean if centered else _filled(0.0, (groups, columns))
     col_noise = _noise_columns(_noise_params(noise, key, channels), k, x)
+    noisy = noise.shape[0] != 0  # the sums pass stores gy in dx
     base = _column_base(columns, k, m_total)
     if parallel:
         for t in prange(tasks):
             _rows_grad_sums_task(
                 dy, x, t, v_rows, blocks, p, col_mean, col_center, col_noise, key, base, k,
-                part, top, first,
+                part, top, first, dx, need_dx,
             )  # fmt: skip
     else:
         for t in range(tasks):
             _rows_grad_sums_task(
                 dy, x, t, v_rows, blocks, p, col_mean, col_center, col_noise, key, base, k,
-                part, top, first,
+                part, top, first, dx, need_dx,
             )  # fmt: skip
     argmax = (groups, channels) if track else (0, 0)
     argmax_at = np.empty(argmax, dtype=np.int64)
@@ -1617,11 +1609,9 @@ def backward_rows(
     if need_dx:
         if parallel:
             for t in prange(row_blocks):
-                _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, col_noise, key, base, k, dx)
+                _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noisy, dx)
         else:
-            _rows_dx_task(
-                dy, x, np.int64(0), v_rows, np.int64(1), p, coef, col_noise, key, base, k, dx
-            )
+            _rows_dx_task(dy, x, np.int64(0), v_rows, np.int64(1), p, coef, noisy, dx)
         _add_at_argmax(dx, argmax_at, addend)
     return dparams
 
