@@ -169,7 +169,7 @@ def _untouched(model: nn.Module) -> Iterator[None]:
     come back as they were; in a distributed run its norm layers keep statistics local."""
     modes = [m.training for m in model.modules()]
     buffers = [b.detach().clone() for b in model.buffers()]
-    # extra state (noisy layers' generators) restored module by module: a partial
+    # extra state (a module's get_extra_state, if any) restored module by module: a partial
     # load_state_dict would let BN's legacy-checkpoint rule reset num_batches_tracked
     stateful = [m for m in model.modules() if _has_extra_state(m)]
     extra = [m.get_extra_state() for m in stateful]
