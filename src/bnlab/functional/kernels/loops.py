@@ -1518,14 +1518,10 @@ def backward_planar(
         return dparams
     if parallel:
         for t in prange(tasks):
-            _planar_grad_sums_task(
-                dy, x, t, v, blocks, p, mean, params, key, part, dx, need_dx
-            )
+            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, params, key, part, dx, need_dx)
     else:
         for t in range(tasks):
-            _planar_grad_sums_task(
-                dy, x, t, v, blocks, p, mean, params, key, part, dx, need_dx
-            )
+            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, params, key, part, dx, need_dx)
     sums = _filled(0.0, (3, groups, c_total))
     for t in range(tasks):
         gc = t // blocks
