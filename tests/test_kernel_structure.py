@@ -92,3 +92,36 @@ def test_entry_templates_take_the_table_s_arguments():
     for name, (template, _) in entries._TEMPLATES.items():
         names = list(inspect.signature(template).parameters)
         assert names == [n for n, _ in entries.ARGUMENTS[name.split("_")[0]]], name
+
+
+def _undocumented_kernels(path: Path) -> list[str]:
+    """Top-level functions of ``path`` whose docstring neither names an existing function of
+    bnlab.functional.reference (``reference.NAME``) nor says it is a helper."""
+    from bnlab.functional import reference
+
+    missing = []
+    for node in ast.parse(path.read_text()).body:
+        if not isinstance(node, ast.FunctionDef):
+            continue
+        doc = ast.get_docstring(node) or ""
+        names = re.findall(r"``reference\.(\w+)``", doc)
+        if not ("A helper" in doc or (names and all(hasattr(reference, n) for n in names))):
+            missing.append(node.name)
+    return missing
+
+
+def test_every_loop_names_the_reference_function_it_implements():
+    kernels = FUNCTIONAL / "kernels"
+    for name in ("loops.py", "eval_loops.py"):
+        assert _undocumented_kernels(kernels / name) == [], name
+
+
+def test_the_docstring_check_sees_a_missing_or_wrong_pointer(tmp_path: Path):
+    source = tmp_path / "loops.py"
+    source.write_text(
+        'def a():\n    """y = x. Implements ``reference.batch_norm_forward``."""\n'
+        'def b():\n    """y = x."""\n'
+        'def c():\n    """Implements ``reference.no_such_function``."""\n'
+        'def d():\n    """A helper: no equation of its own."""\n'
+    )
+    assert _undocumented_kernels(source) == ["b", "c"]

@@ -21,7 +21,9 @@ from bnlab.functional.kernels.loops import _ELEMENTWISE, _PARALLEL, _block, _ser
 
 @njit(cache=True)
 def _coefficients(mean, spread, eps, is_var, weight, bias, k, dtype_of):
-    """(3, C * k) rows mean, a, b in x's dtype, each channel's values repeated k times."""
+    """(3, C * k) rows mean, a, b in x's dtype, each channel's values repeated k times.
+    Implements (a part of) ``reference.batch_norm_inference``,
+    ``reference.lp_batch_norm_inference``."""
     channels = mean.shape[0]
     coef = np.empty((3, channels * k), dtype=dtype_of.dtype)
     for c in range(channels):
@@ -37,6 +39,10 @@ def _coefficients(mean, spread, eps, is_var, weight, bias, k, dtype_of):
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
 def _planar_rows(x, r0, r1, coef, y):
+    """Rows r0..r1 of the (N * C) planar rows: y = (x - mean) a + b with a = w / s and
+    b = bias, s = sqrt(running_var + eps) or the running scale (:func:`_coefficients`).
+    Implements (a part of) ``reference.batch_norm_inference``,
+    ``reference.lp_batch_norm_inference``."""
     c_total = x.shape[1]
     for r in range(r0, r1):
         n, c = r // c_total, r % c_total
@@ -49,7 +55,9 @@ def _planar_rows(x, r0, r1, coef, y):
 
 @njit(cache=True, parallel=_PARALLEL)
 def eval_planar(x, mean, spread, eps, is_var, weight, bias, y, row_blocks, parallel):
-    """Eval normalization of (N, C, S) into y. Memory passes: read x, write y."""
+    """Eval normalization of (N, C, S) into y. Memory passes: read x, write y.
+    Implements (a part of) ``reference.batch_norm_inference``,
+    ``reference.lp_batch_norm_inference``."""
     n_total, c_total, _ = x.shape
     coef = _coefficients(mean, spread, eps, is_var, weight, bias, np.int64(1), x)
     rows = n_total * c_total
@@ -63,6 +71,9 @@ def eval_planar(x, mean, spread, eps, is_var, weight, bias, y, row_blocks, paral
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
 def _rows(x, r0, r1, coef, y):
+    """Rows r0..r1 of (M, C * k): y = (x - mean) a + b per column (:func:`_coefficients`).
+    Implements (a part of) ``reference.batch_norm_inference``,
+    ``reference.lp_batch_norm_inference``."""
     m, a, b = coef[0], coef[1], coef[2]
     columns = x.shape[1]
     for r in range(r0, r1):  # 2-D indexing: a slice per short row costs more than the row
@@ -72,7 +83,9 @@ def _rows(x, r0, r1, coef, y):
 
 @njit(cache=True, parallel=_PARALLEL)
 def eval_rows(x, k, mean, spread, eps, is_var, weight, bias, y, row_blocks, parallel):
-    """Eval normalization of rows (M, C * k) into y. Memory passes: read x, write y."""
+    """Eval normalization of rows (M, C * k) into y. Memory passes: read x, write y.
+    Implements (a part of) ``reference.batch_norm_inference``,
+    ``reference.lp_batch_norm_inference``."""
     coef = _coefficients(mean, spread, eps, is_var, weight, bias, k, x)
     m_total = x.shape[0]
     if parallel:

@@ -1,5 +1,9 @@
 """The numba loops behind ``bnlab.functional.kernels``: imported on first use only.
 
+Each function's docstring states what it computes and names the function of
+:mod:`bnlab.functional.reference` (``reference.*``) it implements a part of, or says it is a
+helper; ``tests/test_kernel_structure.py`` checks that every one does.
+
 Two memory layouts, each a plain 2-D or 3-D NumPy view of the tensor's buffer:
 
 * planar ``(N, C, S)``: contiguous NCHW-style input of any rank, S = prod(spatial);
@@ -97,7 +101,8 @@ _MEAN_HI, _MEAN_LO, _A, _B = range(4)
 @njit(cache=True, inline="always")
 def _hash32(counter: np.uint32, k0: np.uint32, k1: np.uint32) -> np.uint32:
     """lowbias32 (C. Wellons), keyed: mirrored by noise.hash32 (whose counter is taken mod
-    2^32, as the uint32 counters here wrap)."""
+    2^32, as the uint32 counters here wrap).
+    Implements (a part of) ``reference._lowbias32``."""
     x = np.uint32(counter ^ k0)
     x = np.uint32(x ^ (x >> _S16))
     x = np.uint32(x * _MUL1)
@@ -111,17 +116,21 @@ def _hash32(counter: np.uint32, k0: np.uint32, k1: np.uint32) -> np.uint32:
 def _level(bits, unit, like):
     """16-bit integer k -> sqrt(3) (2k + 1 - 2^16) / 2^16 in the dtype of the array ``like``
     (unit = sqrt(3) / 2^16 in that dtype): noise.levels. The integer is converted first:
-    int32 times float32 would be computed in float64."""
+    int32 times float32 would be computed in float64.
+    Implements (a part of) ``reference.noise_draws``."""
     return like.dtype.type(np.int32(np.int32(bits) * np.int32(2) + _LEVEL_OFFSET)) * unit
 
 
 def _quantiles(like):
-    """The quantile table in the dtype of the array ``like`` (compiled by the overload)."""
+    """The quantile table in the dtype of the array ``like`` (compiled by the overload).
+    Implements (a part of) ``reference._normal_quantiles``."""
     raise NotImplementedError("numba only")
 
 
 @overload(_quantiles, inline="always")
 def _quantiles_for(like):
+    """The overload behind :func:`_quantiles`: the float32 table for float32 arrays.
+    A helper: no equation of its own."""
     if like.dtype == numba_types.float32:
         return lambda like: _NORMAL32
     return lambda like: _NORMAL
@@ -130,7 +139,8 @@ def _quantiles_for(like):
 @njit(cache=True, inline="always")
 def _normal(bits, like):
     """16-bit integer k -> Phi^-1((k + 1/2) / 2^16) in the dtype of the array ``like``:
-    noise.normal_levels."""
+    noise.normal_levels.
+    Implements (a part of) ``reference._normal_quantiles``, ``reference.noise_draws``."""
     return _quantiles(like)[bits]
 
 
@@ -138,19 +148,23 @@ def _normal(bits, like):
 def _iota_hash(iota, i, first, k0, k1):
     """Hash of counter first + i (uint32, wrapping), i < len(iota) = _RUN. The counter is read
     from the vector iota = 0, 1, ...: hashing a uint32 load keeps LLVM on 32-bit lanes
-    (hashing first + i from the loop index, it vectorized over 64-bit lanes at half the speed)."""
+    (hashing first + i from the loop index, it vectorized over 64-bit lanes at half the speed).
+    Implements (a part of) ``reference.noise_draws``."""
     return _hash32(np.uint32(iota[i] + first), k0, k1)
 
 
 @njit(cache=True)
 def _iota():
+    """0, 1, ..., _RUN - 1 as uint32: the offsets :func:`_iota_hash` adds to a run's counter.
+    A helper: no equation of its own."""
     return np.arange(_RUN, dtype=np.uint32)
 
 
 @njit(cache=True)
 def _hash_run(start, count, key, h):
     """h[i] = hash of counter start + i for i < count, in batches of _RUN as the planar loops
-    hash (the tests' window on them)."""
+    hash (the tests' window on them).
+    Implements (a part of) ``reference.noise_draws``."""
     iota = _iota()
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     for s0 in range(0, count, _RUN):
@@ -166,7 +180,8 @@ def _noise_params(conf, key, channels):
     configuration ``conf`` (n_mu, n_sigma, r_mu, r_sigma; empty: no noise, (4, 0) returned) and
     the key: mu_t, sigma_t as NoiseDraw.channel_params (same operations, no contraction, so the
     same bits). r_mu and r_sigma are the configuration's, one for all channels: the row loops
-    read them as scalars."""
+    read them as scalars.
+    Implements (a part of) ``reference.algorithm1_noise``."""
     if conf.shape[0] == 0:
         return np.empty((4, 0))
     params = np.empty((4, channels))
@@ -184,6 +199,8 @@ def _noise_params(conf, key, channels):
 
 @njit(cache=True, inline="always")
 def _block(lo: int, hi: int, b: int, blocks: int) -> tuple[int, int]:
+    """Block b of ``blocks`` equal parts of [lo, hi): (start, stop).
+    A helper: no equation of its own."""
     span = hi - lo
     return lo + span * b // blocks, lo + span * (b + 1) // blocks
 
@@ -196,6 +213,10 @@ def _block(lo: int, hi: int, b: int, blocks: int) -> tuple[int, int]:
 
 @njit(cache=True, fastmath=_REDUCE)
 def _planar_sums_task(x, t, v, blocks, p, part):
+    """Partial sums of task t (block b of (group g, channel c)) over d = x - shift,
+    shift = the group's first value of the channel: s1 = sum d and s2 = sum d^2 (p = 2), s1
+    (p = 1), s1, min d and max d (p = inf), into column t of ``part``.
+    Implements (a part of) ``reference.batch_norm_forward``, ``reference.lp_dispersion``."""
     n_total, c_total, size = x.shape
     b = t % blocks
     gc = t // blocks
@@ -231,6 +252,8 @@ def _planar_sums_task(x, t, v, blocks, p, part):
 
 @njit(cache=True, fastmath=_REDUCE)
 def _planar_absdev_task(x, t, v, blocks, mean, part):
+    """p = 1's second read: part[1, t] = sum |x - mean[g, c]| over task t's values.
+    Implements (a part of) ``reference.lp_dispersion``."""
     n_total, c_total, size = x.shape
     b = t % blocks
     gc = t // blocks
@@ -250,7 +273,8 @@ _SHORT_ROW = 64
 
 @njit(cache=True, inline="always")
 def _shifted4(x, r, c, k):
-    """x[r .. r + 3, c] - k, each difference in x's dtype, as float64."""
+    """x[r .. r + 3, c] - k, each difference in x's dtype, as float64.
+    A helper: no equation of its own."""
     return (
         np.float64(x[r, c] - k), np.float64(x[r + 1, c] - k),
         np.float64(x[r + 2, c] - k), np.float64(x[r + 3, c] - k),
@@ -259,6 +283,9 @@ def _shifted4(x, r, c, k):
 
 @njit(cache=True, fastmath=_REDUCE)
 def _rows_sums_task(x, t, v_rows, blocks, p, part):
+    """Row layout of :func:`_planar_sums_task`: per-column partial sums of block b of
+    group g's rows into ``part[:, t]`` (s1, s2; lo, hi for p = inf).
+    Implements (a part of) ``reference.batch_norm_forward``, ``reference.lp_dispersion``."""
     m_total, c_total = x.shape
     g, b = t // blocks, t % blocks
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
@@ -314,6 +341,8 @@ def _rows_sums_task(x, t, v_rows, blocks, p, part):
 
 @njit(cache=True, fastmath=_REDUCE)
 def _rows_absdev_task(x, t, v_rows, blocks, mean, part):
+    """Row layout of :func:`_planar_absdev_task`: per column, sum |x - mean[g]|.
+    Implements (a part of) ``reference.lp_dispersion``."""
     m_total, c_total = x.shape
     g, b = t // blocks, t % blocks
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
@@ -329,7 +358,8 @@ def _rows_absdev_task(x, t, v_rows, blocks, mean, part):
 @njit(cache=True, inline="always")
 def _rows_merge_unit(shift, part, p, scratch):
     """Scratch rows first, s1, s2, lo, hi of a batch of channels with one column each from
-    part (rows, blocks, batch): the blocks' sums in order, as the column merge adds them."""
+    part (rows, blocks, batch): the blocks' sums in order, as the column merge adds them.
+    Implements (a part of) ``reference.batch_norm_forward``, ``reference.lp_dispersion``."""
     width = shift.shape[0]
     first, s1, s2, lo, hi = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
     for i in range(width):
@@ -352,7 +382,8 @@ def _rows_merge_unit(shift, part, p, scratch):
 @njit(cache=True, inline="always")
 def _rows_merge_channel(shift, part, g, blocks, c, k, n, first, p, means_only):
     """(s1, s2, lo, hi) of channel c's k columns re-centred on ``first`` (see
-    :func:`_rows_stats_task`); p = 1 after the absolute deviations: s2 is their plain sum."""
+    :func:`_rows_stats_task`); p = 1 after the absolute deviations: s2 is their plain sum.
+    Implements (a part of) ``reference.batch_norm_forward``, ``reference.lp_dispersion``."""
     s1, s2, lo, hi = 0.0, 0.0, math.inf, -math.inf
     for j in range(c * k, (c + 1) * k):
         j1, j2, j_lo, j_hi = 0.0, 0.0, math.inf, -math.inf
@@ -393,7 +424,8 @@ def _rows_stats_task(
     Rows of stats, coef and part lie a multiple of 4 KiB apart (C = 4096: 32 KiB per group):
     a loop that touches many of them at once thrashes the L1 sets (and 4k-aliases loads with
     stores), measured 13 ns per (group, channel). So a batch of channels goes through scratch
-    rows, and each output row is written by a loop of its own."""
+    rows, and each output row is written by a loop of its own.
+    Implements (a part of) ``reference.batch_norm_forward``, ``reference.lp_dispersion``."""
     channels = x.shape[1] // k
     c0, c1 = _block(0, channels, t, cblocks)
     means_only = col_mean.shape[0] != 0
@@ -460,7 +492,9 @@ def _rows_stats_task(
 
 @njit(cache=True)
 def _finish_stats(part, shift, count, p, centered, eps, running, limits, stats):
-    """(4, G, C) sums -> stats rows MEAN, SPREAD, SCALE, R, D."""
+    """(4, G, C) sums -> stats rows MEAN, SPREAD, SCALE, R, D.
+    Implements (a part of) ``reference.batch_norm_forward``, ``reference.lp_scale``,
+    ``reference.batch_renorm_forward``."""
     groups, channels = shift.shape
     for g in range(groups):
         for c in range(channels):
@@ -473,7 +507,9 @@ def _finish_stats(part, shift, count, p, centered, eps, running, limits, stats):
 
 @njit(cache=True, inline="always")
 def _finish_into(stats, g, c, s1, s2, lo, hi, k, m, p, centered, eps, running, limits):
-    """:func:`_finish_one` of (group g, channel c) into the stats rows."""
+    """:func:`_finish_one` of (group g, channel c) into the stats rows.
+    Implements (a part of) ``reference.batch_norm_forward``, ``reference.lp_scale``,
+    ``reference.batch_renorm_forward``."""
     values = _finish_one(s1, s2, lo, hi, k, m, p, centered, eps, running, limits, c)
     stats[MEAN, g, c], stats[SPREAD, g, c], stats[SCALE, g, c] = values[:3]
     stats[R, g, c], stats[D, g, c] = values[3], values[4]
@@ -483,7 +519,9 @@ def _finish_into(stats, g, c, s1, s2, lo, hi, k, m, p, centered, eps, running, l
 def _finish_one(s1, s2, lo, hi, k, m, p, centered, eps, running, limits, c):
     """(mean, spread, scale, r, d) of channel c from its sums shifted by k over m values (for
     p = 1, s2 is the sum of |x - mean| (``centered``) or of |x|). ``centered`` False: lp's
-    un-centred spread, the mean square (p = 2) or max |x| (p = inf)."""
+    un-centred spread, the mean square (p = 2) or max |x| (p = inf).
+    Implements (a part of) ``reference.batch_norm_forward``, ``reference.lp_scale``,
+    ``reference.batch_renorm_forward``."""
     mean_shifted = s1 / m
     mean = k + mean_shifted
     if p == 2.0:
@@ -516,7 +554,8 @@ def _finish_one(s1, s2, lo, hi, k, m, p, centered, eps, running, limits, c):
 def _update_running(stats, count, track_mean, track_second, momentum, kind, c0, c1):
     """running <- lerp(running, batch value, momentum) in place, as ``Tensor.lerp_``, for
     channels c0 <= c < c1: the mean, and the unbiased variance (``kind`` 1; averaged over
-    groups) or the divisor s (``kind`` 2)."""
+    groups) or the divisor s (``kind`` 2).
+    Implements (a part of) ``reference.running_update``, ``reference.unbiased_variance``."""
     if kind == 0:
         return
     groups = stats.shape[1]
@@ -537,7 +576,8 @@ def _update_running(stats, count, track_mean, track_second, momentum, kind, c0, 
 
 @njit(cache=True, inline="always")
 def _lerp(old, end, weight):
-    """``torch.lerp``'s formula (in float64; the caller stores it in the buffer's dtype)."""
+    """``torch.lerp``'s formula (in float64; the caller stores it in the buffer's dtype).
+    Implements (a part of) ``reference.running_update``."""
     old64 = np.float64(old)
     if weight < 0.5:
         return old64 + weight * (end - old64)
@@ -546,7 +586,9 @@ def _lerp(old, end, weight):
 
 @njit(cache=True)
 def _coefficients(stats, weight, bias, coef):
-    """y = ((x - mean_hi) - mean_lo) * a + b with a = w r / s, b = w d + bias."""
+    """y = ((x - mean_hi) - mean_lo) * a + b with a = w r / s, b = w d + bias.
+    Implements (a part of) ``reference.batch_norm_forward``,
+    ``reference.lp_batch_norm_forward``, ``reference.batch_renorm_forward``."""
     for g in range(coef.shape[1]):
         _store_coefficient_rows(stats[:, g], 0, coef.shape[2], weight, bias, 1, coef[:, g])
 
@@ -554,7 +596,9 @@ def _coefficients(stats, weight, bias, coef):
 @njit(cache=True, inline="always")
 def _store_coefficient_rows(stats, c0, c1, weight, bias, k, coef):
     """:func:`_coefficients` of channels c0 <= c < c1 (stats (5, c1 - c0) rows, from column 0)
-    into coef (4, C * k) columns c k to (c + 1) k, one row per loop (indexed from 0)."""
+    into coef (4, C * k) columns c k to (c + 1) k, one row per loop (indexed from 0).
+    Implements (a part of) ``reference.batch_norm_forward``,
+    ``reference.lp_batch_norm_forward``, ``reference.batch_renorm_forward``."""
     dtype = coef.dtype.type
     width = c1 - c0
     mean, scale, r, d = stats[MEAN], stats[SCALE], stats[R], stats[D]
@@ -587,7 +631,9 @@ def _store_coefficient_rows(stats, c0, c1, weight, bias, k, coef):
 @njit(cache=True, fastmath=_ELEMENTWISE)
 def _planar_normalize_task(x, t, row_blocks, v, coef, noise, key, y):
     """Rows (n, c) of block t of ``row_blocks``: a block amortizes the call over many short
-    rows (S = 16 for a 4x4 feature map). ``noise``: (4, C) per-channel parameters, or (4, 0)."""
+    rows (S = 16 for a 4x4 feature map). ``noise``: (4, C) per-channel parameters, or (4, 0).
+    Implements (a part of) ``reference.batch_norm_forward``,
+    ``reference.lp_batch_norm_forward``, ``reference.noisy_batch_norm_forward``."""
     n_total, c_total, _ = x.shape
     r0, r1 = _block(0, n_total * c_total, t, row_blocks)
     iota = _iota()
@@ -597,6 +643,11 @@ def _planar_normalize_task(x, t, row_blocks, v, coef, noise, key, y):
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
 def _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y):
+    """Row (n, c): y = ((x - mean_hi) - mean_lo) a + b (see :func:`_coefficients`);
+    with noise, y <- y (sigma_t + r_sigma z) + (mu_t + r_mu u), u and z hashed from the
+    activation's logical position.
+    Implements (a part of) ``reference.batch_norm_forward``,
+    ``reference.lp_batch_norm_forward``, ``reference.noisy_batch_norm_forward``."""
     n_total, _, size = x.shape
     g = n // v
     mh, ml, a, b = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c]
@@ -624,7 +675,9 @@ def _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y):
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
 def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, key, base, k, y):
-    """Rows of block t; ``noise`` (4, C * k) per column in the input dtype, or (4, 0)."""
+    """Rows of block t; ``noise`` (4, C * k) per column in the input dtype, or (4, 0).
+    Implements (a part of) ``reference.batch_norm_forward``,
+    ``reference.lp_batch_norm_forward``, ``reference.noisy_batch_norm_forward``."""
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
     if noise.shape[1] != 0:
@@ -650,7 +703,8 @@ _TILE = 512
 
 @njit(cache=True, inline="always")
 def _tile_rows(columns):
-    """Rows per tile and values per tile for rows of ``columns`` values."""
+    """Rows per tile and values per tile for rows of ``columns`` values.
+    A helper: no equation of its own."""
     rows = max(1, _TILE // columns)
     return rows, rows * columns
 
@@ -658,7 +712,8 @@ def _tile_rows(columns):
 @njit(cache=True, inline="always")
 def _tile_counters(base, k, columns, rows):
     """Counter of each tile value (row t of the tile, column j), less the tile's first row
-    times k: base[j] + t k."""
+    times k: base[j] + t k.
+    A helper: no equation of its own."""
     counters = np.empty(rows * columns, dtype=np.uint32)
     for t in range(rows):
         for j in range(columns):
@@ -668,7 +723,8 @@ def _tile_counters(base, k, columns, rows):
 
 @njit(cache=True, inline="always")
 def _tile(values, rows, out):
-    """out = values (one per column) repeated for each of the tile's rows."""
+    """out = values (one per column) repeated for each of the tile's rows.
+    A helper: no equation of its own."""
     columns = values.shape[0]
     for t in range(rows):
         row = out[t * columns : (t + 1) * columns]
@@ -679,7 +735,8 @@ def _tile(values, rows, out):
 @njit(cache=True, inline="always")
 def _noisy_tiles(x, base, k, per_column, n_coef):
     """(rows per tile, tile counters, tiles) for the noisy row loops: ``n_coef`` tiles of
-    per-group coefficients (filled by the caller per group), then ``per_column`` tiled."""
+    per-group coefficients (filled by the caller per group), then ``per_column`` tiled.
+    A helper: no equation of its own."""
     columns = x.shape[1]
     rows, span = _tile_rows(columns)
     tiles = np.empty((n_coef + per_column.shape[0], span), dtype=x.dtype)
@@ -693,7 +750,8 @@ def _hash_tile(counters, offset, k0, k1, n, like, z, u):
     """z[i] (and, when u is not empty, u[i]) of tile values i < n, counter counters[i] + offset:
     the hash and the quantile look-up in a loop of their own. In the loop that uses them, the
     look-up's gather kept LLVM from vectorizing (4 ns per value against 1.2 ns so, one thread,
-    (8192, 32) float32)."""
+    (8192, 32) float32).
+    Implements (a part of) ``reference.noise_draws``."""
     unit = like.dtype.type(_UNIT_SCALE)
     if u.shape[0] == 0:
         for i in range(n):
@@ -707,6 +765,9 @@ def _hash_tile(counters, offset, k0, k1, n, like, z, u):
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
 def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
+    """Noise, rows r0..r1 on tiles: y = y_bn (sigma_t + r_sigma z) + (mu_t + r_mu u)
+    per value, y_bn as :func:`_coefficients`, u and z from :func:`_hash_tile`.
+    Implements (a part of) ``reference.noisy_batch_norm_forward``."""
     columns = x.shape[1]
     rows, counters, tiles = _noisy_tiles(x, base, k, noise[:2], 4)
     mh, ml, a, b = tiles[0], tiles[1], tiles[2], tiles[3]
@@ -746,7 +807,8 @@ def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
 def _noisy_gradient_sums(dy, x, m, start, sigma_t, r_sigma, key, iota, gy_out, s_gy, s_gx):
     """Noise, a planar row: the sums sum(gy), sum(gy (x - m)) of gy = dy (sigma_t + r_sigma z),
     hashed and summed in one loop per batch of counters. gy is stored in ``gy_out``: the row of
-    dx (dy's length), for the dx pass to read back, or a scratch run of _RUN values."""
+    dx (dy's length), for the dx pass to read back, or a scratch run of _RUN values.
+    Implements (a part of) ``reference.noisy_batch_norm_backward``."""
     size = dy.shape[0]
     sigma, scale = dy.dtype.type(sigma_t), dy.dtype.type(r_sigma)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
@@ -768,7 +830,9 @@ def _noisy_gradient_sums(dy, x, m, start, sigma_t, r_sigma, key, iota, gy_out, s
 
 @njit(cache=True, fastmath=_REDUCE)
 def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part, dx, need_dx):
-    """Sums of task t; with noise, gy is stored in dx when ``need_dx`` (see the pass note)."""
+    """Sums of task t; with noise, gy is stored in dx when ``need_dx`` (see the pass note).
+    Implements (a part of) ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``."""
     n_total, c_total, size = x.shape
     b = t % blocks
     gc = t // blocks
@@ -807,7 +871,8 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part, dx, n
 def _rows_noisy_grad_sums(dy, x, r0, r1, m, noise, key, base, k, dx, need_dx, s_gy, s_gx):
     """Noise, rows r0..r1 of one group, on tiles (see _TILE): gy = dy (sigma_t + r_sigma z)
     summed per tile value, then folded into the per-column sums ``s_gy``, ``s_gx`` (which start
-    at 0); gy stored in dx when ``need_dx``. ``noise``: (4, C * k) per column."""
+    at 0); gy stored in dx when ``need_dx``. ``noise``: (4, C * k) per column.
+    Implements (a part of) ``reference.noisy_batch_norm_backward``."""
     columns = x.shape[1]
     rows, span = _tile_rows(columns)
     counters = _tile_counters(base, k, columns, rows)
@@ -844,7 +909,8 @@ def _rows_noisy_grad_sums(dy, x, r0, r1, m, noise, key, base, k, dx, need_dx, s_
 @njit(cache=True, fastmath=_REDUCE, inline="always")
 def _grad_sums4(dy, x, r, m, s_gy, s_gx):
     """Rows r .. r + 3 into the per-column sums of gy = dy and gy (x - m) (short rows: one load
-    and store of the sums for four values)."""
+    and store of the sums for four values).
+    Implements (a part of) ``reference.batch_norm_backward``."""
     for c in range(x.shape[1]):
         mc = m[c]
         g0, g1 = np.float64(dy[r, c]), np.float64(dy[r + 1, c])
@@ -862,7 +928,9 @@ def _rows_grad_sums_task(
     """Per-column partial sums of block t; p = inf: ``top``/``first`` get each column's
     largest |x - center| (center: the mean, or 0 for the un-centred form) and the first row
     holding it (merged by :func:`_rows_argmax_channel`). With noise, gy is stored in dx when
-    ``need_dx`` (see the pass note)."""
+    ``need_dx`` (see the pass note).
+    Implements (a part of) ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``."""
     m_total, c_total = x.shape
     g, b = t // blocks, t % blocks
     r0, r1 = _block(g * v_rows, min(m_total, (g + 1) * v_rows), b, blocks)
@@ -936,7 +1004,9 @@ def _rows_grad_sums_task(
 def _grad_coefficients(sums, stats, count, p, centered, weight, coef, argmax_sign, dparams):
     """dx = A gy + B phi(x - mean) + C per (group, channel); phi = x - mean (p = 2), its sign
     (p = 1), of x itself for the un-centred form; p = inf adds -A (S_gx / s) sign_k at the
-    arg-max k (into sums[2]). Also d weight, d bias."""
+    arg-max k (into sums[2]). Also d weight, d bias.
+    Implements (a part of) ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``, ``reference._dispersion_gradient``."""
     groups, channels = coef.shape[1], coef.shape[2]
     totals = np.zeros((2, channels))
     for g in range(groups):
@@ -962,7 +1032,9 @@ def _store_grad_coefficients(
 
     Un-centred (lp as the paper defines it): s depends on x, not on x - mean, so its gradient
     skips the mean subtraction's projection (the s_sign and k_sign terms of the offset) and
-    phi takes x itself (the coefficients' mean is 0)."""
+    phi takes x itself (the coefficients' mean is 0).
+    Implements (a part of) ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``."""
     s = stats[SCALE, g, c]
     r = stats[R, g, c]
     a = np.float64(weight[c]) * r / s
@@ -997,7 +1069,9 @@ def _store_grad_coefficients(
 @njit(cache=True, fastmath=_ELEMENTWISE)
 def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noisy, dx):
     """dx = a gy + b phi + k over rows (n, c) of block t; gy = dy, or with noise (``noisy``)
-    dy (sigma_t + r_sigma z), which the sums pass stored in dx."""
+    dy (sigma_t + r_sigma z), which the sums pass stored in dx.
+    Implements (a part of) ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``."""
     n_total, c_total, _ = x.shape
     r0, r1 = _block(0, n_total * c_total, t, row_blocks)
     for r in range(r0, r1):
@@ -1006,6 +1080,10 @@ def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noisy, dx):
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
 def _planar_dx_row(dy, x, n, c, v, p, coef, noisy, dx):
+    """Row (n, c): dx = a gy + b phi(x - mean) + k, phi the identity (p = 2) or the sign
+    (p = 1); gy = dy, or with noise the stored dy (sigma_t + r_sigma z).
+    Implements (a part of) ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``."""
     size = x.shape[2]
     g = n // v
     mh, ml, a, b, k = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c], coef[4, g, c]
@@ -1025,7 +1103,9 @@ def _planar_dx_row(dy, x, n, c, v, p, coef, noisy, dx):
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
 def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noisy, dx):
-    """Row-layout :func:`_planar_dx_task`."""
+    """Row-layout :func:`_planar_dx_task`.
+    Implements (a part of) ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``."""
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
     for g in range(r0 // v_rows, (r1 + v_rows - 1) // v_rows if r1 > r0 else 0):  # as normalize
@@ -1051,7 +1131,8 @@ def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noisy, dx):
 @njit(cache=True)
 def _planar_argmax_task(x, gc, v, mean, argmax_at, argmax_sign):
     """The first (in (n, spatial) order) largest |x - mean| of one (group, channel): where
-    p = inf's divisor takes its gradient (the reference's tie rule)."""
+    p = inf's divisor takes its gradient (the reference's tie rule).
+    Implements (a part of) ``reference._dispersion_gradient``."""
     n_total, c_total, size = x.shape
     g, c = gc // c_total, gc % c_total
     m = mean[g, c]
@@ -1072,7 +1153,9 @@ def _rows_grad_task(
 ):  # fmt: skip
     """Channels of block t of ``cblocks``, every group: the per-channel sums from the
     per-(task, column) partials (in task, then column order), the arg-max for p = inf, the dx
-    coefficients per column (:func:`_store_grad_coefficients`) and d weight, d bias."""
+    coefficients per column (:func:`_store_grad_coefficients`) and d weight, d bias.
+    Implements (a part of) ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``."""
     columns = x.shape[1]
     c0, c1 = _block(0, columns // k, t, cblocks)
     track = p != 1.0 and p != 2.0
@@ -1123,7 +1206,8 @@ def _rows_grad_task(
 def _rows_argmax_channel(x, g, c, k, blocks, col_center, top, first, argmax_at):
     """The first largest |x - mean| of (group g, channel c) in its logical order, row-major over
     (row, column), from the per-(task, column) maxima of :func:`_rows_grad_sums_task`: the
-    largest ``top`` with the smallest flat index. Stores the flat index, returns the sign."""
+    largest ``top`` with the smallest flat index. Stores the flat index, returns the sign.
+    Implements (a part of) ``reference._dispersion_gradient``."""
     columns = x.shape[1]
     best = -1.0
     at_best = -1
@@ -1146,7 +1230,8 @@ def _rows_argmax_channel(x, g, c, k, blocks, col_center, top, first, argmax_at):
 
 @njit(cache=True)
 def _add_at_argmax(dx, argmax_at, addend):
-    """p = inf: dx at each (group, channel)'s arg-max (a flat index, -1: none) += its addend."""
+    """p = inf: dx at each (group, channel)'s arg-max (a flat index, -1: none) += its addend.
+    Implements (a part of) ``reference._dispersion_gradient``."""
     flat = dx.reshape(-1)
     for g in range(argmax_at.shape[0]):
         for c in range(argmax_at.shape[1]):
@@ -1156,11 +1241,15 @@ def _add_at_argmax(dx, argmax_at, addend):
 
 @njit(cache=True)
 def _fill(a, value):
+    """a[:] = value (a helper: no equation of its own).
+    A helper: no equation of its own."""
     a[...] = value
 
 
 @njit(cache=True)
 def _filled(value, shape):
+    """A new array of ``shape`` holding ``value`` (a helper: no equation of its own).
+    A helper: no equation of its own."""
     a = np.empty(shape)
     a[...] = value
     return a
@@ -1168,12 +1257,15 @@ def _filled(value, shape):
 
 @njit(cache=True)
 def _no_index(groups, channels):
+    """An empty index array: no arg-max to correct (a helper: no equation of its own).
+    A helper: no equation of its own."""
     return np.full((groups, channels), -1)
 
 
 @njit(cache=True)
 def _group_counts(n_total, v, per_sample):
-    """Values per (group, channel): groups of ``v`` samples, the last one possibly smaller."""
+    """Values per (group, channel): groups of ``v`` samples, the last one possibly smaller.
+    A helper: no equation of its own."""
     groups = (n_total + v - 1) // v
     count = np.empty(groups)
     for g in range(groups):
@@ -1187,7 +1279,10 @@ def _planar_fused_forward_task(
     stats, coef, y,
 ):  # fmt: skip
     """Statistics, coefficients and normalized rows of (group, channel) t: the unfused passes'
-    own functions on one task, in their order (the same numbers, bit for bit)."""
+    own functions on one task, in their order (the same numbers, bit for bit).
+    Implements (a part of) ``reference.batch_norm_forward``,
+    ``reference.lp_batch_norm_forward``, ``reference.batch_renorm_forward``,
+    ``reference.noisy_batch_norm_forward``."""
     c_total = x.shape[1]
     g, c = t // c_total, t % c_total
     _planar_sums_task(x, t, v, np.int64(1), p, part)
@@ -1241,6 +1336,9 @@ def forward_planar(
     one (group, channel), so the second read comes from the cache wherever one channel's values
     fit in it (1.6 MB for (128, 64, 56, 56) float32): one read of x from memory. ``p`` < 0:
     lp's un-centred form of |p| (:func:`_finish_one`).
+    Implements (a part of) ``reference.batch_norm_forward``,
+    ``reference.lp_batch_norm_forward``, ``reference.batch_renorm_forward``,
+    ``reference.noisy_batch_norm_forward``, ``reference.running_update``.
     """
     centered = p > 0.0
     p = abs(p)
@@ -1321,7 +1419,8 @@ def forward_planar(
 
 @njit(cache=True)
 def _columns(a, k):
-    """Per-channel values (A, G, C) -> per column (A, G, C * k): channel c covers k columns."""
+    """Per-channel values (A, G, C) -> per column (A, G, C * k): channel c covers k columns.
+    A helper: no equation of its own."""
     n_a, groups, channels = a.shape
     out = np.empty((n_a, groups, channels * k), dtype=a.dtype)
     for i in range(n_a):
@@ -1335,7 +1434,8 @@ def _columns(a, k):
 @njit(cache=True)
 def _column_base(columns, k, m_total):
     """Noise counter of column j at row r: base[j] + r * k, i.e. c * (N * S) + n * S + s,
-    mod 2^32 (wrapping, as the hash takes it)."""
+    mod 2^32 (wrapping, as the hash takes it).
+    A helper: no equation of its own."""
     base = np.empty(columns, dtype=np.uint32)
     for c in range(columns // k):  # no division per column: it cost microseconds per call
         for s in range(k):
@@ -1345,7 +1445,8 @@ def _column_base(columns, k, m_total):
 
 @njit(cache=True)
 def _noise_columns(noise, k, like):
-    """Per-channel noise parameters (4, C) float64 -> per column (4, C * k) in like's dtype."""
+    """Per-channel noise parameters (4, C) float64 -> per column (4, C * k) in like's dtype.
+    Implements (a part of) ``reference.algorithm1_noise``."""
     n_rows, channels = noise.shape
     out = np.empty((n_rows, channels * k), dtype=like.dtype)
     for i in range(n_rows):
@@ -1382,6 +1483,9 @@ def forward_rows(
     channels-last, k = S for a contiguous input with a small feature map); groups are
     ``v_rows`` rows. Fills and returns the (5, G, C) ``stats``. Memory passes and ``p`` as
     :func:`forward_planar`.
+    Implements (a part of) ``reference.batch_norm_forward``,
+    ``reference.lp_batch_norm_forward``, ``reference.batch_renorm_forward``,
+    ``reference.noisy_batch_norm_forward``, ``reference.running_update``.
     """
     centered = p > 0.0
     p = abs(p)
@@ -1442,7 +1546,9 @@ def _planar_fused_backward_task(
 ):  # fmt: skip
     """Sums, coefficients and dx rows of (group, channel) t, as the unfused passes compute them
     (bit for bit): part[2, t] becomes the arg-max addend (p = inf), terms[t] the group's
-    d weight term."""
+    d weight term.
+    Implements (a part of) ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``."""
     c_total = x.shape[1]
     g, c = t // c_total, t % c_total
     mean = stats[MEAN]
@@ -1475,6 +1581,8 @@ def backward_planar(
     With ``blocks`` 1 a task does all of this for one (group, channel) (see
     :func:`forward_planar`): one read of dy and x from memory where a channel fits the cache.
     ``p`` < 0: lp's un-centred form of |p|.
+    Implements (a part of) ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``.
     """
     centered = p > 0.0
     p = abs(p)
@@ -1553,7 +1661,9 @@ def backward_rows(
 ):  # fmt: skip
     """Row-layout :func:`backward_planar` (columns as :func:`forward_rows`). Memory passes:
     read dy and x (sums, and the arg-max for p = inf), read dy and x, write dx (with noise as
-    :func:`backward_planar`). ``p`` as :func:`backward_planar`."""
+    :func:`backward_planar`). ``p`` as :func:`backward_planar`.
+    Implements (a part of) ``reference.batch_norm_backward``,
+    ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``."""
     centered = p > 0.0
     p = abs(p)
     m_total, columns = x.shape
@@ -1615,7 +1725,8 @@ def backward_rows(
 def _serial_twin(dispatcher: Any) -> Any:
     """The same driver compiled without ``parallel``: a parallel-compiled function costs
     milliseconds per call on a busy machine even when it runs no parallel region (measured 4 ms
-    against 11 us for a 16k-element backward). Its own name keeps its own disk cache entry."""
+    against 11 us for a 16k-element backward). Its own name keeps its own disk cache entry.
+    A helper: no equation of its own."""
     f = dispatcher.py_func
     twin = types.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial", f.__defaults__)
     twin.__qualname__ = f.__qualname__ + "_serial"
