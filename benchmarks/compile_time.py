@@ -24,10 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-TEMPLATES = (
-    "forward_planar", "forward_rows", "backward_planar", "backward_rows", "eval_planar",
-    "eval_rows",
-)  # fmt: skip
+from bnlab.functional.kernels.entries import TEMPLATES
 
 _CHILD = """
 import sys, time

@@ -575,8 +575,7 @@ def normalize(
     batch has one value per channel."""
     n = x.shape[0]
     v = n if spec.virtual_batch_size is None else min(spec.virtual_batch_size, n)
-    per_sample = x.numel() // max(1, n * x.shape[1])
-    counts = tuple(min(v, n - start) * per_sample for start in range(0, n, v))
+    counts = ops.group_counts(n, v, x.numel() // max(1, n * x.shape[1]))
     ops.check_batch_size(min(counts), x)
     key = None
     if spec.noise is not None:

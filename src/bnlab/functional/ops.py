@@ -59,6 +59,12 @@ def channel_view(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
+def group_counts(n: int, v: int, per_sample: int) -> tuple[int, ...]:
+    """Values per channel in each group of ``v`` consecutive samples of ``n`` (the last group
+    possibly smaller), ``per_sample`` values per sample and channel."""
+    return tuple(min(v, n - start) * per_sample for start in range(0, n, v))
+
+
 def check_batch_size(count: int, x: Tensor) -> None:
     if count <= 1:
         raise ValueError(

@@ -220,6 +220,8 @@ _TEMPLATES: dict[str, tuple[Callable[..., None], Any]] = {
     "eval_planar": (_eval_planar, eval_loops),
     "eval_rows": (_eval_rows, eval_loops),
 }
+TEMPLATES: tuple[str, ...] = tuple(_TEMPLATES)
+"""Every entry's name, ``stage_layout`` (what :func:`address` and :func:`python_driver` take)."""
 _PY_TEMPLATES: dict[str, Callable[..., Any]] = {
     "forward_planar": _py_forward_planar,
     "forward_rows": _py_forward_rows,

@@ -67,7 +67,7 @@ class Plan:
         self.parallel = x.numel() >= PARALLEL_MIN_NUMEL and not forked_child() and self.threads > 1
         self.v = v
         self.groups = -(-self.n // v)
-        self.counts = tuple(min(v, self.n - start) * self.size for start in range(0, self.n, v))
+        self.counts = ops.group_counts(self.n, v, self.size)
         self.min_count = min(self.counts)  # the smallest group: the last virtual batch
         self.blocks, self.row_blocks = self._blocks()
         from bnlab.functional.kernels.entries import python_driver

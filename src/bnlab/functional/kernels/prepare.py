@@ -18,8 +18,6 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-LAYOUTS = ("planar", "rows")
-STAGES = ("forward", "backward", "eval")
 DTYPES = ("float32", "float64")
 
 
@@ -49,15 +47,14 @@ class Prepared:
 def entries_for(dtypes: Iterable[str], parallel: Iterable[bool]) -> list[Entry]:
     """Every template for each dtype and build, the slowest to compile first (the forward and
     backward entries; eval's are small) so the workers finish together."""
+    dtypes, parallel = tuple(dtypes), tuple(parallel)
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise ValueError(f"kernel dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    from bnlab.functional.kernels.entries import TEMPLATES
+
     found = [
-        Entry(f"{stage}_{layout}", build, dtype)
-        for build in parallel
-        for dtype in dtypes
-        for stage in STAGES
-        for layout in LAYOUTS
+        Entry(name, build, dtype) for build in parallel for dtype in dtypes for name in TEMPLATES
     ]
     return sorted(found, key=lambda e: (e.name.startswith("eval"), not e.parallel))
 
