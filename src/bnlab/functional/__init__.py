@@ -151,10 +151,10 @@ def normalize_train(
     low = x.dtype in ops.LOW_PRECISION
     xc = x.float() if low else x
     updated = False
-    if group is None and spec.renorm is None and operators.wanted(xc):
-        y, stats = operators.normalize(xc, weight, bias, spec)
-    elif group is None and _on_kernels(xc):
+    if group is None and _on_kernels(xc):  # eager CPU first: the common call, one check
         y, stats, updated = kernels.train_normalize(xc, weight, bias, spec, update)
+    elif group is None and spec.renorm is None and operators.wanted(xc):
+        y, stats = operators.normalize(xc, weight, bias, spec)
     else:
         y, stats = ops.train(xc, weight, bias, spec, group)
     if update is not None and not updated:
