@@ -202,3 +202,53 @@ def test_noisy_module_constants_default_to_the_paper_and_are_configurable():
 def test_noise_spec_rejects_constants_out_of_range(bad):
     with pytest.raises(ValueError, match="n_sigma >= 1"):
         F.NoiseSpec(**bad)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_the_kernels_keep_the_multipliers_for_a_backward_only(layout):
+    """With a gradient wanted the fused forward keeps s = sigma_t + r_sigma z (x's shape and
+    strides), the values :func:`noise.multipliers` computes with tensor ops; the backward reads
+    them (the reference test above checks its gradients). Without a gradient it keeps none."""
+    if not kernels.numba_available():
+        pytest.skip("numba not installed")
+    shape, channels_last = LAYOUTS[layout]
+    draw = _draw(ODD, 3)
+    spec = ops.NormSpec(1e-5, noise=draw)
+    expected = noise.multipliers(torch.Size(shape), draw, torch.float64)
+    for wanted in (True, False):
+        x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x, plan = kernels.planned(x.requires_grad_(wanted), None)
+        out: list = []
+        track = kernels._track_args(None, x.dtype)
+        kernels.FusedTrainNorm.apply(x, None, None, spec, plan, track, out)
+        kept = out[1]
+        if not wanted:
+            assert kept is None
+            continue
+        assert kept.shape == x.shape and kept.stride() == x.stride()
+        torch.testing.assert_close(kept, expected, rtol=1e-14, atol=0)
+
+
+def test_norm_train_gives_the_same_multipliers_on_the_loops_and_the_formulas():
+    """``bnlab::norm_train``'s third output (what the loops' backward reads under compile) is
+    the same s on the CPU loops and on the torch-op formulas; empty without noise."""
+    from bnlab.functional import operators
+
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    draw = _draw(ODD, 9)
+    key = torch.tensor(draw.key, dtype=torch.int64)
+    found = []
+    for on_kernels in (True, False):
+        with F.use_kernels(on_kernels):
+            found.append(
+                operators.norm_train(x, None, None, 1e-5, 2.0, True, 0, key, list(ODD.constants))[2]
+            )
+            plain = operators.norm_train(x, None, None, 1e-5, 2.0, True, 0, None, [])[2]
+            assert plain.numel() == 0
+    assert found[0].stride() == found[1].stride() == x.stride()
+    torch.testing.assert_close(found[0], found[1], rtol=1e-14, atol=0)
+    torch.testing.assert_close(
+        found[0], noise.multipliers(x.shape, draw, x.dtype), rtol=1e-14, atol=0
+    )

@@ -52,10 +52,12 @@ def _args(spec):
 def test_opcheck_norm_train_and_backward(spec, shape, dtype, channels_last):
     x, weight, bias = _inputs(shape, dtype, channels_last)
     torch.library.opcheck(OPS.norm_train.default, (x, weight, bias, *_args(spec)))
-    _, stats = OPS.norm_train(x, weight, bias, *_args(spec))
+    _, stats, kept = OPS.norm_train(x, weight, bias, *_args(spec))
+    assert kept.shape == (x.shape if spec.noise is not None else (0,))
     dy = torch.randn_like(x)
-    torch.library.opcheck(OPS.norm_backward.default, (dy, x, weight, stats, *_args(spec), True))
-    torch.library.opcheck(OPS.norm_backward.default, (dy, x, None, stats, *_args(spec), False))
+    for w, need_dx in ((weight, True), (None, False)):
+        args = (dy, x, w, stats, kept, *_args(spec), need_dx)
+        torch.library.opcheck(OPS.norm_backward.default, args)
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -14,11 +14,14 @@ Everything else is a pure function of that key, computed where it is used:
   then ``m = mu_t + r_mu u ~ U(mu_t - r_mu, mu_t + r_mu)`` and
   ``s = sigma_t + r_sigma z ~ N(sigma_t, r_sigma)``, and the activation a becomes ``s a + m``.
 
-So the noise costs no memory (the backward regenerates s), is deterministic for any thread
-count, and is the same on the fused CPU kernels, on the torch-op path (which computes it with
-tensor ops, on any device) and in the float64 reference (``reference.noise_draws``). The hash is
-lowbias32 (C. Wellons), one round, keyed; it is integer arithmetic on 32-bit lanes, so the
-kernels generate it with vector instructions.
+So the noise is deterministic for any thread count, and is the same on the fused CPU kernels,
+on the torch-op path (which computes it with tensor ops, on any device) and in the float64
+reference (``reference.noise_draws``). The hash is lowbias32 (C. Wellons), one round, keyed;
+it is integer arithmetic on 32-bit lanes, so the kernels generate it with vector instructions.
+Where a gradient is wanted the fused kernels' forward keeps s (one value per activation, as
+dropout keeps its mask) for the backward, which reads it (:func:`multipliers` computes the
+same s with tensor ops): making z again cost more than reading s back (a gather from the
+quantile table per value).
 """
 
 from __future__ import annotations
@@ -232,6 +235,17 @@ def unit_noise(
     )
     h = hash32(counter, draw.key)
     return levels(h >> 16, dtype).reshape(shape), normal_levels(h & 0xFFFF, dtype).reshape(shape)
+
+
+def multipliers(
+    shape: torch.Size, draw: NoiseDraw, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Algorithm 1's multipliers ``s = sigma_t + r_sigma z`` of every activation of the given
+    (N, C, *) shape (contiguous), as :func:`apply` multiplies by them."""
+    _, z = unit_noise(shape, draw, dtype, device)
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    _, sigma = draw.channel_params(shape[1], device, dtype)
+    return sigma.reshape(view) + draw.spec.r_sigma * z
 
 
 def apply(y: Tensor, draw: NoiseDraw) -> Tensor:

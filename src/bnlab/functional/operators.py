@@ -17,10 +17,12 @@ autograd formula:
   ``create_graph=True`` backward that goes through it.
 - ``bnlab::batch_norm_eval(x, mean, spread, weight, bias, eps, is_var) -> y``: normalization
   with running statistics.
-- ``bnlab::norm_train(x, weight, bias, eps, p, centered, group_size, noise_key, noise)`` and
-  ``bnlab::norm_backward(...)``: the same pair for lp, Ghost and noisy BatchNorm (the variant
-  in the arguments; noisy BatchNorm's step key an int64 tensor, so a compiled step computes it
-  in the graph); their double backward differentiates the torch-op backward.
+- ``bnlab::norm_train(x, weight, bias, eps, p, centered, group_size, noise_key, noise) ->
+  (y, stats, kept)`` and ``bnlab::norm_backward(dy, x, weight, stats, kept, ...)``: the same
+  pair for lp, Ghost and noisy BatchNorm (the variant in the arguments; noisy BatchNorm's step
+  key an int64 tensor, so a compiled step computes it in the graph; ``kept`` its noise
+  multipliers s, x's shape, which the loops' backward reads, or empty without noise); their
+  double backward differentiates the torch-op backward.
 
 The operators are what ``torch.compile(fullgraph=True)`` and ``torch.func.grad`` see: Dynamo
 records one node per layer and never traces into the kernels. Eager calls on the CPU keep the
@@ -40,6 +42,7 @@ from torch import Tensor
 
 from bnlab.functional import kernels, ops
 from bnlab.functional.noise import NoiseDraw, NoiseSpec
+from bnlab.functional.noise import multipliers as noise_multipliers
 
 __all__ = ["batch_norm", "batch_norm_backward", "batch_norm_eval", "batch_norm_train", "wanted"]
 
@@ -193,17 +196,25 @@ def _batch_norm_backward_cpu(
 
 
 def _fused_backward(
-    dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, spec: ops.NormSpec, need_dx: bool
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    spec: ops.NormSpec,
+    need_dx: bool,
+    kept: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The loops' backward behind the Python Function (FusedTrainNorm), given what its forward
-    would have kept (``stats`` as the loops wrote them); the weight's stand-in gives dweight
-    and dbias in x's dtype."""
+    would have kept (``stats`` as the loops wrote them, ``kept`` the noise multipliers); the
+    weight's stand-in gives dweight and dbias in x's dtype."""
     x, plan = kernels.planned(x, spec.virtual_batch_size)
     w = weight if weight is not None else torch.ones(x.shape[1], dtype=x.dtype)
+    if kept is not None and spec.noise is not None:
+        kept = plan.like(kept, x)
     ctx = SimpleNamespace(
-        saved_tensors=(x, w, w),
+        saved_tensors=(x, w, w, kept if spec.noise is not None else None),
         needs_input_grad=(need_dx, True, True),
-        state=(spec, plan, stats.numpy(), kernels._noise_args(spec.noise)),
+        state=(spec, plan, stats.numpy()),
     )
     with torch.no_grad():
         dx, dweight, dbias, *_ = kernels.FusedTrainNorm.backward(ctx, dy)
@@ -397,27 +408,32 @@ def norm_train(
     group_size: int,
     noise_key: Tensor | None,
     noise: list[float],
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode lp, Ghost or noisy BatchNorm of x (N, C, *): (y, stats (5, G, C)
-    float64, G the number of groups). This body is the torch-op implementation."""
+    float64, G the number of groups; kept: the noise multipliers s with x's shape and dtype,
+    or an empty tensor without noise). This body is the torch-op implementation."""
     variant = (eps, p, centered, group_size, noise_key, noise)
     return _variant_formulas(x, weight, bias, _variant_spec(*variant, key_as_ints=False))
 
 
 def _variant_formulas(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: ops.NormSpec
-) -> tuple[Tensor, Tensor]:
-    y, stats = ops.train(_compute(x), weight, bias, spec)
+) -> tuple[Tensor, Tensor, Tensor]:
+    xc = _compute(x)
+    y, stats = ops.train(xc, weight, bias, spec)
     mean, spread = stats.mean.double(), stats.spread.double()
     scale = torch.sqrt(spread + spec.eps) if spec.p == 2 else spread + spec.eps
     rows = [mean, spread, scale, torch.ones_like(mean), torch.zeros_like(mean)]
-    return y.to(x.dtype), torch.stack(rows)
+    kept = x.new_empty(0)
+    if spec.noise is not None:
+        kept = torch.empty_like(x).copy_(noise_multipliers(x.shape, spec.noise, xc.dtype, x.device))
+    return y.to(x.dtype), torch.stack(rows), kept
 
 
 @norm_train.register_kernel("cpu")
 def _norm_train_cpu(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, *variant: Any
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     spec = _variant_spec(*variant, key_as_ints=_on_loops(x))
     if not _on_loops(x):
         return _variant_formulas(x, weight, bias, spec)
@@ -425,35 +441,40 @@ def _norm_train_cpu(
     found: list[Any] = []
     with torch.no_grad():  # the Function would otherwise wire its own autograd node
         y = kernels.FusedTrainNorm.apply(
-            x, weight, bias, spec, plan, kernels._track_args(None, x.dtype), found
+            x, weight, bias, spec, plan, kernels._track_args(None, x.dtype), found, True
         )
-    return y, torch.from_numpy(found[0])
+    stats, kept = found
+    return y, torch.from_numpy(stats), x.new_empty(0) if kept is None else kept
 
 
 @norm_train.register_fake
-def _norm_train_fake(x: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
-    group_size = args[5]
+def _norm_train_fake(x: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+    group_size, noise_key = args[5], args[6]
     groups = 1 if group_size == 0 else -(-x.shape[0] // group_size)
-    return torch.empty_like(x), x.new_empty((5, groups, x.shape[1]), dtype=torch.float64)
+    kept = x.new_empty(0) if noise_key is None else torch.empty_like(x)
+    return torch.empty_like(x), x.new_empty((5, groups, x.shape[1]), dtype=torch.float64), kept
 
 
-def _norm_train_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+def _norm_train_setup(
+    ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]
+) -> None:
     x, weight, _, eps, p, centered, group_size, noise_key, noise = inputs
-    ctx.save_for_backward(x, weight, output[1], noise_key)
+    ctx.save_for_backward(x, weight, output[1], output[2], noise_key)
     ctx.variant = (eps, p, centered, group_size, noise)
 
 
 def _norm_train_backward(
-    ctx: Any, dy: Tensor | None, _dstats: Tensor | None
+    ctx: Any, dy: Tensor | None, _dstats: Tensor | None, _dkept: Tensor | None
 ) -> tuple[Tensor | None, ...]:
-    x, weight, stats, noise_key = ctx.saved_tensors
+    x, weight, stats, kept, noise_key = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if dy is None:
         return (None,) * 9
     eps, p, centered, group_size, noise = ctx.variant
     dx, dweight, dbias = norm_backward(
-        dy, x, weight, stats, eps, p, centered, group_size, noise_key, noise, bool(needs[0])
-    )
+        dy, x, weight, stats, kept, eps, p, centered, group_size, noise_key, noise,
+        bool(needs[0]),
+    )  # fmt: skip
     return (
         dx if needs[0] else None,
         dweight.to(weight.dtype) if needs[1] else None,
@@ -471,6 +492,7 @@ def norm_backward(
     x: Tensor,
     weight: Tensor | None,
     stats: Tensor,
+    kept: Tensor,
     eps: float,
     p: float,
     centered: bool,
@@ -480,7 +502,8 @@ def norm_backward(
     need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward of :func:`norm_train`: (dx, dweight, dbias) as :func:`batch_norm_backward`.
-    This body is the torch-op implementation (the differentiated forward formulas)."""
+    This body is the torch-op implementation (the differentiated forward formulas, which make
+    the noise again from the key: ``kept`` is for the loops)."""
     spec = _variant_spec(eps, p, centered, group_size, noise_key, noise, key_as_ints=False)
     return _variant_backward_formulas(dy, x, weight, spec, need_dx)
 
@@ -501,13 +524,13 @@ def _variant_backward_formulas(
 
 @norm_backward.register_kernel("cpu")
 def _norm_backward_cpu(
-    dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, *variant: Any
+    dy: Tensor, x: Tensor, weight: Tensor | None, stats: Tensor, kept: Tensor, *variant: Any
 ) -> tuple[Tensor, Tensor, Tensor]:
     need_dx = variant[-1]
     spec = _variant_spec(*variant[:-1], key_as_ints=_on_loops(x))
     if not _on_loops(x):
         return _variant_backward_formulas(dy, x, weight, spec, need_dx)
-    return _fused_backward(dy, x, weight, stats, spec, need_dx)
+    return _fused_backward(dy, x, weight, stats, spec, need_dx, kept)
 
 
 @norm_backward.register_fake
@@ -518,7 +541,7 @@ def _norm_backward_fake(dy: Tensor, x: Tensor, *_: Any) -> tuple[Tensor, Tensor,
 
 
 def _norm_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: object) -> None:
-    dy, x, weight, _, eps, p, centered, group_size, noise_key, noise, _ = inputs
+    dy, x, weight, _, _, eps, p, centered, group_size, noise_key, noise, _ = inputs
     ctx.save_for_backward(dy, x, weight, noise_key)
     ctx.variant = (eps, p, centered, group_size, noise)
 
@@ -561,7 +584,7 @@ def _norm_double_backward(
         None if r is None else r.to(like.dtype)
         for r, like in zip(result, (dy, x, weight if weight is not None else x), strict=True)
     )
-    return (d_dy, d_x, d_w, *(None,) * 8)
+    return (d_dy, d_x, d_w, *(None,) * 9)
 
 
 norm_backward.register_autograd(_norm_double_backward, setup_context=_norm_backward_setup)
@@ -587,7 +610,9 @@ def normalize(
         )
     noise = [] if spec.noise is None else list(spec.noise.spec.constants)
     group_size = 0 if spec.virtual_batch_size is None else v
-    y, stats = norm_train(x, weight, bias, spec.eps, spec.p, spec.centered, group_size, key, noise)
+    y, stats, _ = norm_train(
+        x, weight, bias, spec.eps, spec.p, spec.centered, group_size, key, noise
+    )
     return y, ops.GroupStats(stats[MEAN], stats[SPREAD], counts)
 
 

@@ -16,8 +16,9 @@ Step t's noise is a function of one key, ``step_key(base, t)``: the layer's base
 buffers, so a state_dict holds where the noise stream is and a resumed run continues it, and
 ``torch.compile`` traces the key as integer tensor arithmetic (no generator, no graph break).
 mu_t, sigma_t and every m, s are functions of that key and the unit and position
-(:mod:`bnlab.functional.noise`), applied inside the normalization (the fused CPU kernels
-regenerate s in the backward instead of storing it).
+(:mod:`bnlab.functional.noise`), applied inside the normalization. Memory: in training with
+a gradient wanted, the layer keeps its multipliers s for the backward, one value per activation
+(as dropout keeps its mask; the torch-op path keeps what autograd saves for ``s * a``).
 """
 
 from __future__ import annotations

@@ -110,10 +110,11 @@ def _renorm_args(spec: ops.NormSpec) -> tuple[np.ndarray, np.ndarray]:
 
 class FusedTrainNorm(torch.autograd.Function):
     """Training-mode normalization on the fused kernels: returns y and appends the (5, G, C)
-    float64 statistics (rows mean, spread, ...; per group (virtual batch) and channel) to
-    ``out_stats``, outside the graph: one differentiable output keeps autograd's per-call cost
-    down. ``x`` is readable (:func:`readable`) and ``plan`` is its plan; ``track`` holds the
-    running buffers the kernel moves (:func:`_track_args`)."""
+    float64 statistics (rows mean, spread, ...; per group (virtual batch) and channel) and the
+    noise multipliers s it kept (x's shape; None when not kept) to ``out``, outside the graph:
+    one differentiable output keeps autograd's per-call cost down. ``x`` is readable
+    (:func:`readable`) and ``plan`` is its plan; ``track`` holds the running buffers the kernel
+    moves (:func:`_track_args`). With noise, s is kept when a gradient is wanted or ``keep``."""
 
     @staticmethod
     def forward(
@@ -124,7 +125,8 @@ class FusedTrainNorm(torch.autograd.Function):
         spec: ops.NormSpec,
         plan: Plan,
         track: tuple[np.ndarray, np.ndarray, float, int],
-        out_stats: list[np.ndarray],
+        out: list[Any],
+        keep: bool = False,
     ) -> Tensor:
         xa = plan.array(x)
         y = output_like(x)
@@ -135,42 +137,45 @@ class FusedTrainNorm(torch.autograd.Function):
         noise = _noise_args(spec.noise)
         running, limits = _renorm_args(spec)
         stats = np.empty((5, plan.groups, channels))
+        # the noise multipliers s, kept for the backward when one will run
+        wanted = keep or any(ctx.needs_input_grad[:3])
+        kept = output_like(x) if spec.noise is not None and wanted else None
+        kept_a = plan.array(kept) if kept is not None else plan.empty_array(x.dtype)
         args = (
             plan.blocks, plan.row_blocks, spec.kernel_p, spec.eps, w, b, running, limits, *track,
-            *noise, ya, stats,
+            *noise, kept_a, ya, stats,
         )  # fmt: skip
         plan.enter()
         if plan.planar:
             plan.forward(xa, plan.v, *args)
         else:
             plan.forward(xa, plan.k, plan.v * plan.rows_per_sample, *args)
-        ctx.save_for_backward(x, weight, bias)
-        ctx.state = (spec, plan, stats, noise)
+        ctx.save_for_backward(x, weight, bias, kept)
+        ctx.state = (spec, plan, stats)
         ctx.set_materialize_grads(False)
-        out_stats.append(stats)
+        out.extend((stats, kept))
         return y
 
     @staticmethod
     def backward(
         ctx: Any, dy: Tensor | None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None, None]:
         if dy is None:
-            return None, None, None, None, None, None, None
-        x, weight, bias = ctx.saved_tensors
+            return None, None, None, None, None, None, None, None
+        x, weight, bias, kept = ctx.saved_tensors
         if torch.is_grad_enabled():
             needs = tuple(ctx.needs_input_grad[:3])
             grads = _graph_backward(needs, ctx.state[0], x, weight, bias, dy)
-            return (*grads, None, None, None, None)
-        spec, plan, stats, noise = ctx.state
+            return (*grads, None, None, None, None, None)
+        spec, plan, stats = ctx.state
         need_dx = bool(ctx.needs_input_grad[0])
         xa = plan.array(x)
         dya = plan.array(plan.like(dy, x))
         dx = output_like(x)
         dxa = plan.array(dx)
         w = _param(weight, plan.channels, 1.0, x.dtype)
-        args = (
-            plan.blocks, plan.row_blocks, spec.kernel_p, stats, w, *noise, dxa, need_dx,
-        )  # fmt: skip
+        kept_a = plan.array(kept) if kept is not None else plan.empty_array(x.dtype)
+        args = (plan.blocks, plan.row_blocks, spec.kernel_p, stats, w, kept_a, dxa, need_dx)
         plan.enter()
         if plan.planar:
             dparams = plan.backward(dya, xa, plan.v, *args)
@@ -178,7 +183,7 @@ class FusedTrainNorm(torch.autograd.Function):
             dparams = plan.backward(dya, xa, plan.k, plan.v * plan.rows_per_sample, *args)
         dweight = _grad_of(weight, dparams[0])
         dbias = _grad_of(bias, dparams[1])
-        return (dx if need_dx else None), dweight, dbias, None, None, None, None
+        return (dx if need_dx else None), dweight, dbias, None, None, None, None, None
 
 
 def _grad_of(param: Tensor | None, grad: np.ndarray) -> Tensor | None:
@@ -415,9 +420,9 @@ def train_normalize(
         y, mean, spread = native.train(x, weight, bias, mean_buf, second_buf, ints, reals)
         return y, ops.GroupStats(mean, spread, plan.counts), kind != 0
     track = _track_args(update, x.dtype)
-    out_stats: list[np.ndarray] = []
-    y = FusedTrainNorm.apply(x, weight, bias, spec, plan, track, out_stats)
-    stats = out_stats[0]
+    out: list[Any] = []
+    y = FusedTrainNorm.apply(x, weight, bias, spec, plan, track, out)
+    stats = out[0]
     mean, spread = torch.from_numpy(stats[0]), torch.from_numpy(stats[1])
     return y, ops.GroupStats(mean, spread, plan.counts), track[3] != 0
 

@@ -16,13 +16,14 @@ Arguments, in order (``P``: pointer to the input dtype, ``D``: pointer to float6
 
 * forward: x P, y P, weight P, bias P, running mean P, running second P, stats D (5, G, C);
   n0, n1, n2, v, blocks, row_blocks; p (negative: lp's un-centred form), eps, momentum;
-  kind; noise D, noise count, key.
+  kind; noise D, noise count, key; kept P, keep.
   Planar: (n0, n1, n2) = (N, C, S), ``v`` samples per group. Rows: (M, C * k, k), ``v`` rows
   per group. ``kind`` 0: the running pointers are unused (may be null). noise: the
   configuration (n_mu, n_sigma, r_mu, r_sigma), count 4, or count 0 for none; key:
-  the noise key packed in one int64 (low word first).
+  the noise key packed in one int64 (low word first); kept: x's shape, receives the noise
+  multipliers s for the backward when ``keep`` is 1 (unused, may be null, when 0).
 * backward: dy P, x P, dx P, stats D, weight P, dparams P (2, C); n0, n1, n2, v, blocks,
-  row_blocks; p; need_dx; noise D, noise count, key.
+  row_blocks; p; need_dx; kept P (the forward's s), keep (1 with noise, else 0: unused).
 * eval: x P, y P, mean P, spread P, weight P, bias P; n0, n1, n2, row_blocks; eps; is_var.
 """
 
@@ -58,7 +59,7 @@ def _key(packed):
 
 def _forward_planar(
     xp, yp, wp, bp, mp, sp, statsp, n0, n1, n2, v, blocks, row_blocks, p, eps, momentum, kind,
-    noisep, nnoise, key,
+    noisep, nnoise, key, keptp, keep,
 ):  # fmt: skip
     x = carray(xp, (n0, n1, n2))
     y = carray(yp, (n0, n1, n2))
@@ -67,13 +68,14 @@ def _forward_planar(
     _DRIVER(
         x, v, blocks, row_blocks, p, eps, carray(wp, (n1,)), carray(bp, (n1,)),
         np.empty((0, 0)), np.zeros(2), carray(mp, (tracked,)), carray(sp, (tracked,)),
-        momentum, kind, carray(noisep, (nnoise,)), _key(key), y, stats, _PARALLEL,
+        momentum, kind, carray(noisep, (nnoise,)), _key(key),
+        carray(keptp, (n0 * keep, n1, n2)), y, stats, _PARALLEL,
     )  # fmt: skip
 
 
 def _forward_rows(
     xp, yp, wp, bp, mp, sp, statsp, n0, n1, n2, v, blocks, row_blocks, p, eps, momentum, kind,
-    noisep, nnoise, key,
+    noisep, nnoise, key, keptp, keep,
 ):  # fmt: skip
     x = carray(xp, (n0, n1))
     y = carray(yp, (n0, n1))
@@ -83,27 +85,26 @@ def _forward_rows(
     _DRIVER(
         x, n2, v, blocks, row_blocks, p, eps, carray(wp, (channels,)), carray(bp, (channels,)),
         np.empty((0, 0)), np.zeros(2), carray(mp, (tracked,)), carray(sp, (tracked,)),
-        momentum, kind, carray(noisep, (nnoise,)), _key(key), y, stats, _PARALLEL,
+        momentum, kind, carray(noisep, (nnoise,)), _key(key), carray(keptp, (n0 * keep, n1)),
+        y, stats, _PARALLEL,
     )  # fmt: skip
 
 
 def _backward_planar(
-    dyp, xp, dxp, statsp, wp, dpp, n0, n1, n2, v, blocks, row_blocks, p, need, noisep, nnoise,
-    key,
+    dyp, xp, dxp, statsp, wp, dpp, n0, n1, n2, v, blocks, row_blocks, p, need, keptp, keep,
 ):  # fmt: skip
     x = carray(xp, (n0, n1, n2))
     groups = (n0 + v - 1) // v
     dparams = _DRIVER(
         carray(dyp, (n0, n1, n2)), x, v, blocks, row_blocks, p,
-        carray(statsp, (5, groups, n1)), carray(wp, (n1,)), carray(noisep, (nnoise,)),
-        _key(key), carray(dxp, (n0, n1, n2)), need != 0, _PARALLEL,
+        carray(statsp, (5, groups, n1)), carray(wp, (n1,)), carray(keptp, (n0 * keep, n1, n2)),
+        carray(dxp, (n0, n1, n2)), need != 0, _PARALLEL,
     )  # fmt: skip
     carray(dpp, dparams.shape)[...] = dparams
 
 
 def _backward_rows(
-    dyp, xp, dxp, statsp, wp, dpp, n0, n1, n2, v, blocks, row_blocks, p, need, noisep, nnoise,
-    key,
+    dyp, xp, dxp, statsp, wp, dpp, n0, n1, n2, v, blocks, row_blocks, p, need, keptp, keep,
 ):  # fmt: skip
     x = carray(xp, (n0, n1))
     channels = n1 // n2
@@ -111,7 +112,7 @@ def _backward_rows(
     dparams = _DRIVER(
         carray(dyp, (n0, n1)), x, n2, v, blocks, row_blocks, p,
         carray(statsp, (5, groups, channels)), carray(wp, (channels,)),
-        carray(noisep, (nnoise,)), _key(key), carray(dxp, (n0, n1)), need != 0, _PARALLEL,
+        carray(keptp, (n0 * keep, n1)), carray(dxp, (n0, n1)), need != 0, _PARALLEL,
     )  # fmt: skip
     carray(dpp, dparams.shape)[...] = dparams
 
@@ -142,33 +143,31 @@ def _eval_rows(xp, yp, mp, sp, wp, bp, n0, n1, n2, row_blocks, eps, is_var):
 
 def _py_forward_planar(
     x, v, blocks, row_blocks, p, eps, weight, bias, running, limits, track_mean, track_second,
-    momentum, kind, noise, key, y, stats,
+    momentum, kind, noise, key, kept, y, stats,
 ):  # fmt: skip
     return _DRIVER(
         x, v, blocks, row_blocks, p, eps, weight, bias, running, limits, track_mean,
-        track_second, momentum, kind, noise, key, y, stats, _PARALLEL,
+        track_second, momentum, kind, noise, key, kept, y, stats, _PARALLEL,
     )  # fmt: skip
 
 
 def _py_forward_rows(
     x, k, v_rows, blocks, row_blocks, p, eps, weight, bias, running, limits, track_mean,
-    track_second, momentum, kind, noise, key, y, stats,
+    track_second, momentum, kind, noise, key, kept, y, stats,
 ):  # fmt: skip
     return _DRIVER(
         x, k, v_rows, blocks, row_blocks, p, eps, weight, bias, running, limits, track_mean,
-        track_second, momentum, kind, noise, key, y, stats, _PARALLEL,
+        track_second, momentum, kind, noise, key, kept, y, stats, _PARALLEL,
     )  # fmt: skip
 
 
-def _py_backward_planar(dy, x, v, blocks, row_blocks, p, stats, weight, noise, key, dx, need):
-    return _DRIVER(dy, x, v, blocks, row_blocks, p, stats, weight, noise, key, dx, need, _PARALLEL)
+def _py_backward_planar(dy, x, v, blocks, row_blocks, p, stats, weight, kept, dx, need):
+    return _DRIVER(dy, x, v, blocks, row_blocks, p, stats, weight, kept, dx, need, _PARALLEL)
 
 
-def _py_backward_rows(
-    dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, noise, key, dx, need
-):  # fmt: skip
+def _py_backward_rows(dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, kept, dx, need):
     return _DRIVER(
-        dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, noise, key, dx, need, _PARALLEL
+        dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, kept, dx, need, _PARALLEL
     )
 
 
@@ -185,12 +184,12 @@ ARGUMENTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("xp", "P"), ("yp", "P"), ("wp", "P"), ("bp", "P"), ("mp", "P"), ("sp", "P"),
         ("statsp", "D"), ("n0", "I"), ("n1", "I"), ("n2", "I"), ("v", "I"), ("blocks", "I"),
         ("row_blocks", "I"), ("p", "F"), ("eps", "F"), ("momentum", "F"), ("kind", "I"),
-        ("noisep", "D"), ("nnoise", "I"), ("key", "I"),
+        ("noisep", "D"), ("nnoise", "I"), ("key", "I"), ("keptp", "P"), ("keep", "I"),
     ),
     "backward": (
         ("dyp", "P"), ("xp", "P"), ("dxp", "P"), ("statsp", "D"), ("wp", "P"), ("dpp", "P"),
         ("n0", "I"), ("n1", "I"), ("n2", "I"), ("v", "I"), ("blocks", "I"), ("row_blocks", "I"),
-        ("p", "F"), ("need", "I"), ("noisep", "D"), ("nnoise", "I"), ("key", "I"),
+        ("p", "F"), ("need", "I"), ("keptp", "P"), ("keep", "I"),
     ),
     "eval": (
         ("xp", "P"), ("yp", "P"), ("mp", "P"), ("sp", "P"), ("wp", "P"), ("bp", "P"),

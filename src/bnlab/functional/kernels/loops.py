@@ -19,12 +19,16 @@ pay for waking the thread pool (``parallel``), else serially. Planar reductions 
 (group, channel) and, when those are too few for the cores, over blocks of samples; row-layout
 reductions split over blocks of rows, each task accumulating a partial vector over channels.
 
-Per-element noise (noisy BatchNorm, Algorithm 1) is not stored: a counter-based hash of
-(channel, logical position, key) gives a uniform level u and a normal quantile z
-(:mod:`bnlab.functional.noise`), so the forward and the backward regenerate the same values,
-deterministically for any number of threads. The drivers take the noise as its configuration
-(n_mu, n_sigma, r_mu, r_sigma; empty for none) and the key, and derive the per-channel
-mu_t, sigma_t from them; an activation a becomes (sigma_t + r_sigma z) a + (mu_t + r_mu u).
+Per-element noise (noisy BatchNorm, Algorithm 1): a counter-based hash of (channel, logical
+position, key) gives a uniform level u and a normal quantile z
+(:mod:`bnlab.functional.noise`), deterministically for any number of threads. The forward
+drivers take the noise as its configuration (n_mu, n_sigma, r_mu, r_sigma; empty for none)
+and the key, and derive the per-channel mu_t, sigma_t from them; an activation a becomes
+s a + m, s = sigma_t + r_sigma z, m = mu_t + r_mu u. When a gradient is wanted the forward
+keeps s (one value per activation, in the input dtype, as dropout keeps its mask) and the
+backward drivers take it: gy = dy s. Making z costs a gather from the 256 KiB quantile table
+(about 0.5 ns per value here), more than reading a stored s back; the backward made it again
+until this was measured (see the backward pass note).
 """
 
 from __future__ import annotations
@@ -625,27 +629,32 @@ def _store_coefficient_rows(stats, c0, c1, weight, bias, k, coef):
 
 
 # --------------------------------------------------------------------------------------------
-# Normalize: one read of x, one write of y (noise regenerated from the hash, never stored).
+# Normalize: one read of x, one write of y (with noise kept for a backward, one write of s).
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _planar_normalize_task(x, t, row_blocks, v, coef, noise, key, y):
+def _planar_normalize_task(x, t, row_blocks, v, coef, noise, key, y, kept):
     """Rows (n, c) of block t of ``row_blocks``: a block amortizes the call over many short
-    rows (S = 16 for a 4x4 feature map). ``noise``: (4, C) per-channel parameters, or (4, 0).
+    rows (S = 16 for a 4x4 feature map). ``noise``: (4, C) per-channel parameters, or (4, 0);
+    ``kept``: where the noise multipliers s go (see :func:`_planar_normalize_row`).
     Implements (a part of) ``reference.batch_norm_forward``,
     ``reference.lp_batch_norm_forward``, ``reference.noisy_batch_norm_forward``."""
     n_total, c_total, _ = x.shape
     r0, r1 = _block(0, n_total * c_total, t, row_blocks)
     iota = _iota()
+    scratch = np.empty(_RUN if noise.shape[1] != 0 and kept.shape[0] == 0 else 0, x.dtype)
     for r in range(r0, r1):
-        _planar_normalize_row(x, r // c_total, r % c_total, v, coef, noise, key, iota, y)
+        _planar_normalize_row(
+            x, r // c_total, r % c_total, v, coef, noise, key, iota, y, kept, scratch
+        )
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y):
+def _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y, kept, scratch):
     """Row (n, c): y = ((x - mean_hi) - mean_lo) a + b (see :func:`_coefficients`);
-    with noise, y <- y (sigma_t + r_sigma z) + (mu_t + r_mu u), u and z hashed from the
-    activation's logical position.
+    with noise, y <- y s + m, s = sigma_t + r_sigma z and m = mu_t + r_mu u, u and z hashed
+    from the activation's logical position; s is stored in ``kept`` (x's shape) for the
+    backward, or (``kept`` empty) in the run of ``scratch`` (_RUN values).
     Implements (a part of) ``reference.batch_norm_forward``,
     ``reference.lp_batch_norm_forward``, ``reference.noisy_batch_norm_forward``."""
     n_total, _, size = x.shape
@@ -662,26 +671,31 @@ def _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y):
     unit = dtype(_UNIT_SCALE)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     start = (c * n_total + n) * size
+    keep = kept.shape[0] != 0
     for s0 in range(0, size, _RUN):
         run = min(_RUN, size - s0)
         first = np.uint32(start + s0)
         x_run, y_run = x[n, c, s0 : s0 + run], y[n, c, s0 : s0 + run]
+        s_run = kept[n, c, s0 : s0 + run] if keep else scratch[:run]
         for i in range(run):
             h = _iota_hash(iota, i, first, k0, k1)
             u, z = _level(h >> _S16, unit, x), _normal(h & _LOW16, x)
+            multiplier = sigma + r_sigma * z
+            s_run[i] = multiplier
             bn = ((x_run[i] - mh) - ml) * a + b
-            y_run[i] = bn * (sigma + r_sigma * z) + (mu + r_mu * u)
+            y_run[i] = bn * multiplier + (mu + r_mu * u)
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, key, base, k, y):
-    """Rows of block t; ``noise`` (4, C * k) per column in the input dtype, or (4, 0).
+def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, key, base, k, y, kept):
+    """Rows of block t; ``noise`` (4, C * k) per column in the input dtype, or (4, 0);
+    ``kept`` as :func:`_rows_noisy_normalize`.
     Implements (a part of) ``reference.batch_norm_forward``,
     ``reference.lp_batch_norm_forward``, ``reference.noisy_batch_norm_forward``."""
     m_total, c_total = x.shape
     r0, r1 = _block(0, m_total, t, row_blocks)
     if noise.shape[1] != 0:
-        _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y)
+        _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y, kept)
         return
     # By group, then row: a short row (channels-last with few channels) must not pay a
     # division and four slices each (measured 2x at (1024, 16)).
@@ -764,9 +778,10 @@ def _hash_tile(counters, offset, k0, k1, n, like, z, u):
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
-    """Noise, rows r0..r1 on tiles: y = y_bn (sigma_t + r_sigma z) + (mu_t + r_mu u)
-    per value, y_bn as :func:`_coefficients`, u and z from :func:`_hash_tile`.
+def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y, kept):
+    """Noise, rows r0..r1 on tiles: y = y_bn s + (mu_t + r_mu u), s = sigma_t + r_sigma z
+    per value, y_bn as :func:`_coefficients`, u and z from :func:`_hash_tile`; s is stored in
+    ``kept`` (x's shape) for the backward, or (``kept`` empty) in a scratch tile.
     Implements (a part of) ``reference.noisy_batch_norm_forward``."""
     columns = x.shape[1]
     rows, counters, tiles = _noisy_tiles(x, base, k, noise[:2], 4)
@@ -778,59 +793,40 @@ def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y):
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
     draws = np.empty((2, counters.shape[0]), dtype=x.dtype)
     u, z = draws[0], draws[1]
+    keep = kept.shape[0] != 0
+    kf = kept.reshape(-1)
+    scratch = np.empty(0 if keep else counters.shape[0], dtype=x.dtype)
     for g in range(r0 // v_rows, (r1 + v_rows - 1) // v_rows if r1 > r0 else 0):
         for j in range(4):
             _tile(coef[j, g], rows, tiles[j])
         g0, g1 = max(r0, g * v_rows), min(r1, (g + 1) * v_rows)
         for r in range(g0, g1, rows):
             n = min(rows, g1 - r) * columns
-            xs, ys = xf[r * columns : r * columns + n], yf[r * columns : r * columns + n]
+            lo = r * columns
+            xs, ys = xf[lo : lo + n], yf[lo : lo + n]
+            ss = kf[lo : lo + n] if keep else scratch[:n]
             _hash_tile(counters, np.uint32(r * k), k0, k1, n, x, z, u)
             for i in range(n):
                 bn = ((xs[i] - mh[i]) - ml[i]) * a[i] + b[i]
-                ys[i] = bn * (sigma[i] + r_sigma * z[i]) + (mu[i] + r_mu * u[i])
+                multiplier = sigma[i] + r_sigma * z[i]
+                ss[i] = multiplier
+                ys[i] = bn * multiplier + (mu[i] + r_mu * u[i])
 
 
 # --------------------------------------------------------------------------------------------
 # Backward: one read of (dy, x) for sum(gy) and sum(gy * (x - mean)) (and sum(sign(x - mean))
-# for p = 1), where gy = dy * (sigma_t + r_sigma z) is the gradient at the BN output; then one read
-# of (dy, x) and one write of dx. With noise the sums pass stores gy in dx (when dx is wanted)
-# and the dx pass reads it back in place of dy: one more write of the tensor, but z (a hash and
-# a gather from the quantile table, 0.5-1 ns per value) is made once, not twice. One thread,
-# float32, (64, 128, 16, 16) channels-last: the backward 7.4 ms making z twice, 4.4 storing gy.
+# for p = 1), where gy = dy s is the gradient at the BN output (s = 1 without noise); then one
+# read of (dy, x) and one write of dx. With noise both passes also read the forward's s. (Made
+# again from the hash, z cost the backward more: one thread, float32, (64, 128, 16, 16)
+# channels-last, the backward took 7.4 ms making z in both passes, 4.4 ms making it once.)
 # p = inf also needs the arg-max of
 # |x - mean| per channel: the row layout tracks it per column in the first pass; the planar
 # layout adds a scan of x per (group, channel).
 
 
-@njit(cache=True, fastmath=_REDUCE, inline="always")
-def _noisy_gradient_sums(dy, x, m, start, sigma_t, r_sigma, key, iota, gy_out, s_gy, s_gx):
-    """Noise, a planar row: the sums sum(gy), sum(gy (x - m)) of gy = dy (sigma_t + r_sigma z),
-    hashed and summed in one loop per batch of counters. gy is stored in ``gy_out``: the row of
-    dx (dy's length), for the dx pass to read back, or a scratch run of _RUN values.
-    Implements (a part of) ``reference.noisy_batch_norm_backward``."""
-    size = dy.shape[0]
-    sigma, scale = dy.dtype.type(sigma_t), dy.dtype.type(r_sigma)
-    k0, k1 = np.uint32(key[0]), np.uint32(key[1])
-    whole = gy_out.shape[0] == size
-    for s0 in range(0, size, _RUN):
-        run = min(_RUN, size - s0)
-        first = np.uint32(start + s0)
-        dy_run, x_run = dy[s0 : s0 + run], x[s0 : s0 + run]
-        out = gy_out[s0 : s0 + run] if whole else gy_out[:run]
-        for i in range(run):
-            h = _iota_hash(iota, i, first, k0, k1)
-            g = dy_run[i] * (sigma + scale * _normal(h & _LOW16, dy))
-            out[i] = g
-            gy = np.float64(g)
-            s_gy += gy
-            s_gx += gy * (np.float64(x_run[i]) - m)
-    return s_gy, s_gx
-
-
 @njit(cache=True, fastmath=_REDUCE)
-def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part, dx, need_dx):
-    """Sums of task t; with noise, gy is stored in dx when ``need_dx`` (see the pass note).
+def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, kept, part):
+    """Sums of task t; with noise (``kept``: the forward's s, else empty) gy = dy s.
     Implements (a part of) ``reference.batch_norm_backward``,
     ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``."""
     n_total, c_total, size = x.shape
@@ -842,19 +838,17 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part, dx, n
     s_gy = 0.0
     s_gx = 0.0
     s_sign = 0.0
-    noisy = noise.shape[1] != 0  # with p = 2 only (NormSpec checks)
-    iota = _iota()
-    scratch = np.empty(0 if need_dx or not noisy else _RUN, dtype=dy.dtype)
+    noisy = kept.shape[0] != 0  # with p = 2 only (NormSpec checks)
     for n in range(n0, n1):
         grad = dy[n, c]
-        if noisy:
-            start = (c * n_total + n) * size
-            s_gy, s_gx = _noisy_gradient_sums(
-                dy[n, c], x[n, c], m, start, noise[_SIGMA_T, c], noise[_R_SIGMA, c], key, iota,
-                dx[n, c] if need_dx else scratch, s_gy, s_gx,
-            )  # fmt: skip
-            continue
         x_row = x[n, c]
+        if noisy:
+            s_row = kept[n, c]
+            for s in range(size):
+                gy = np.float64(grad[s] * s_row[s])
+                s_gy += gy
+                s_gx += gy * (np.float64(x_row[s]) - m)
+            continue
         for s in range(size):
             gy = np.float64(grad[s])
             xc = np.float64(x_row[s]) - m
@@ -868,34 +862,23 @@ def _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, noise, key, part, dx, n
 
 
 @njit(cache=True, fastmath=_REDUCE, inline="always")
-def _rows_noisy_grad_sums(dy, x, r0, r1, m, noise, key, base, k, dx, need_dx, s_gy, s_gx):
-    """Noise, rows r0..r1 of one group, on tiles (see _TILE): gy = dy (sigma_t + r_sigma z)
-    summed per tile value, then folded into the per-column sums ``s_gy``, ``s_gx`` (which start
-    at 0); gy stored in dx when ``need_dx``. ``noise``: (4, C * k) per column.
+def _rows_noisy_grad_sums(dy, x, r0, r1, m, kept, s_gy, s_gx):
+    """Noise, rows r0..r1 of one group, on tiles (see _TILE): gy = dy s (``kept``: the
+    forward's s) summed per tile value, then folded into the per-column sums ``s_gy``,
+    ``s_gx`` (which start at 0).
     Implements (a part of) ``reference.noisy_batch_norm_backward``."""
     columns = x.shape[1]
     rows, span = _tile_rows(columns)
-    counters = _tile_counters(base, k, columns, rows)
-    scale = noise[_R_SIGMA, 0]  # one value for every channel
     mean = np.empty(span)
-    sigma = np.empty(span, dtype=dy.dtype)
     acc_gy, acc_gx = np.zeros(span), np.zeros(span)
     _tile(m, rows, mean)
-    _tile(noise[_SIGMA_T], rows, sigma)
-    dyf, xf, dxf = dy.reshape(-1), x.reshape(-1), dx.reshape(-1)
-    k0, k1 = np.uint32(key[0]), np.uint32(key[1])
-    z, no_u = np.empty(span, dtype=dy.dtype), np.empty(0, dtype=dy.dtype)
-    scratch = np.empty(0 if need_dx else span, dtype=dy.dtype)
+    dyf, xf, sf = dy.reshape(-1), x.reshape(-1), kept.reshape(-1)
     for r in range(r0, r1, rows):
         n = min(rows, r1 - r) * columns
         lo = r * columns
-        dys, xs = dyf[lo : lo + n], xf[lo : lo + n]
-        out = dxf[lo : lo + n] if need_dx else scratch[:n]
-        _hash_tile(counters, np.uint32(r * k), k0, k1, n, dy, z, no_u)
+        dys, xs, ss = dyf[lo : lo + n], xf[lo : lo + n], sf[lo : lo + n]
         for i in range(n):
-            g = dys[i] * (sigma[i] + scale * z[i])
-            out[i] = g
-            gy = np.float64(g)
+            gy = np.float64(dys[i] * ss[i])
             acc_gy[i] += gy
             acc_gx[i] += gy * (np.float64(xs[i]) - mean[i])
     for t in range(rows):
@@ -922,13 +905,11 @@ def _grad_sums4(dy, x, r, m, s_gy, s_gx):
 
 
 @njit(cache=True, fastmath=_REDUCE)
-def _rows_grad_sums_task(
-    dy, x, t, v_rows, blocks, p, mean, center, noise, key, base, k, part, top, first, dx, need_dx
-):  # fmt: skip
+def _rows_grad_sums_task(dy, x, t, v_rows, blocks, p, mean, center, kept, part, top, first):
     """Per-column partial sums of block t; p = inf: ``top``/``first`` get each column's
     largest |x - center| (center: the mean, or 0 for the un-centred form) and the first row
-    holding it (merged by :func:`_rows_argmax_channel`). With noise, gy is stored in dx when
-    ``need_dx`` (see the pass note).
+    holding it (merged by :func:`_rows_argmax_channel`). With noise (``kept``: the forward's
+    s, else empty) gy = dy s.
     Implements (a part of) ``reference.batch_norm_backward``,
     ``reference.lp_batch_norm_backward``."""
     m_total, c_total = x.shape
@@ -951,8 +932,15 @@ def _rows_grad_sums_task(
         for c in range(c_total):
             top_t[c] = -1.0
             first_t[c] = -1
-    if noise.shape[1] != 0:  # with p = 2 only (NormSpec checks)
-        _rows_noisy_grad_sums(dy, x, r0, r1, m, noise, key, base, k, dx, need_dx, s_gy, s_gx)
+    if kept.shape[0] != 0:  # with p = 2 only (NormSpec checks)
+        if c_total < _SHORT_ROW:
+            _rows_noisy_grad_sums(dy, x, r0, r1, m, kept, s_gy, s_gx)
+            return
+        for r in range(r0, r1):
+            for c in range(c_total):
+                gy = np.float64(dy[r, c] * kept[r, c])
+                s_gy[c] += gy
+                s_gx[c] += gy * (np.float64(x[r, c]) - m[c])
         return
     if not track:  # 2-D indexing, no row slices: short rows pay for slices
         if p == 2.0:  # short rows: four rows per sweep, as the forward's sums
@@ -1067,30 +1055,30 @@ def _store_grad_coefficients(
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noisy, dx):
-    """dx = a gy + b phi + k over rows (n, c) of block t; gy = dy, or with noise (``noisy``)
-    dy (sigma_t + r_sigma z), which the sums pass stored in dx.
+def _planar_dx_task(dy, x, t, row_blocks, v, p, coef, kept, dx):
+    """dx = a gy + b phi + k over rows (n, c) of block t; gy = dy, or with noise dy s
+    (``kept``: the forward's s, else empty).
     Implements (a part of) ``reference.batch_norm_backward``,
     ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``."""
     n_total, c_total, _ = x.shape
     r0, r1 = _block(0, n_total * c_total, t, row_blocks)
     for r in range(r0, r1):
-        _planar_dx_row(dy, x, r // c_total, r % c_total, v, p, coef, noisy, dx)
+        _planar_dx_row(dy, x, r // c_total, r % c_total, v, p, coef, kept, dx)
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
-def _planar_dx_row(dy, x, n, c, v, p, coef, noisy, dx):
+def _planar_dx_row(dy, x, n, c, v, p, coef, kept, dx):
     """Row (n, c): dx = a gy + b phi(x - mean) + k, phi the identity (p = 2) or the sign
-    (p = 1); gy = dy, or with noise the stored dy (sigma_t + r_sigma z).
+    (p = 1); gy = dy, or with noise dy s (``kept``: the forward's s, else empty).
     Implements (a part of) ``reference.batch_norm_backward``,
     ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``."""
     size = x.shape[2]
     g = n // v
     mh, ml, a, b, k = coef[0, g, c], coef[1, g, c], coef[2, g, c], coef[3, g, c], coef[4, g, c]
-    if noisy:  # p = 2; gy in dx, stored by the sums pass
-        x_row, dx_row = x[n, c], dx[n, c]
+    if kept.shape[0] != 0:  # p = 2
+        dy_row, s_row, x_row, dx_row = dy[n, c], kept[n, c], x[n, c], dx[n, c]
         for s in range(size):
-            dx_row[s] = a * dx_row[s] + b * ((x_row[s] - mh) - ml) + k
+            dx_row[s] = a * (dy_row[s] * s_row[s]) + b * ((x_row[s] - mh) - ml) + k
     elif p == 1.0:
         one_t = x.dtype.type  # the sign in x's dtype: an integer sign made the loop float64
         for s in range(size):
@@ -1102,7 +1090,7 @@ def _planar_dx_row(dy, x, n, c, v, p, coef, noisy, dx):
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE)
-def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noisy, dx):
+def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, kept, dx):
     """Row-layout :func:`_planar_dx_task`.
     Implements (a part of) ``reference.batch_norm_backward``,
     ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``."""
@@ -1111,10 +1099,11 @@ def _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noisy, dx):
     for g in range(r0 // v_rows, (r1 + v_rows - 1) // v_rows if r1 > r0 else 0):  # as normalize
         mh, ml, a, b, offset = coef[0, g], coef[1, g], coef[2, g], coef[3, g], coef[4, g]
         g0, g1 = max(r0, g * v_rows), min(r1, (g + 1) * v_rows)
-        if noisy:  # p = 2; gy in dx, stored by the sums pass
+        if kept.shape[0] != 0:  # p = 2; gy = dy s
             for r in range(g0, g1):
                 for c in range(c_total):
-                    dx[r, c] = a[c] * dx[r, c] + b[c] * ((x[r, c] - mh[c]) - ml[c]) + offset[c]
+                    gy = dy[r, c] * kept[r, c]
+                    dx[r, c] = a[c] * gy + b[c] * ((x[r, c] - mh[c]) - ml[c]) + offset[c]
         elif p == 1.0:
             one_t = x.dtype.type  # the sign in x's dtype (see _planar_dx_row)
             for r in range(g0, g1):
@@ -1276,7 +1265,7 @@ def _group_counts(n_total, v, per_sample):
 @njit(cache=True)
 def _planar_fused_forward_task(
     x, t, v, p, centered, eps, count, weight, bias, running, limits, noise, key, part, mean,
-    stats, coef, y,
+    stats, coef, y, kept,
 ):  # fmt: skip
     """Statistics, coefficients and normalized rows of (group, channel) t: the unfused passes'
     own functions on one task, in their order (the same numbers, bit for bit).
@@ -1296,8 +1285,9 @@ def _planar_fused_forward_task(
     )  # fmt: skip
     _store_coefficient_rows(stats[:, g, c : c + 1], c, c + 1, weight, bias, 1, coef[:, g])
     iota = _iota()
+    scratch = np.empty(_RUN if noise.shape[1] != 0 and kept.shape[0] == 0 else 0, x.dtype)
     for n in range(g * v, min(x.shape[0], (g + 1) * v)):
-        _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y)
+        _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y, kept, scratch)
 
 
 @njit(cache=True, parallel=_PARALLEL)
@@ -1318,12 +1308,15 @@ def forward_planar(
     track_kind,
     noise,
     key,
+    kept,
     y,
     stats,
     parallel,
 ):
     """Training forward on (N, C, S); fills ``stats``, the (5, G, C) float64 statistics (the
-    caller's array: the native glue's tensor), and returns it.
+    caller's array: the native glue's tensor), and returns it. With noise, ``kept`` (x's
+    shape) receives each activation's multiplier s for the backward; empty: not kept (no
+    gradient wanted).
 
     y = weight (r (x - mean) / s + d) + bias per (group, channel), with s = sqrt(var + eps)
     (BatchNorm: ``reference.batch_norm_forward``), s = the lp dispersion + eps
@@ -1355,13 +1348,13 @@ def forward_planar(
             for t in prange(tasks):
                 _planar_fused_forward_task(
                     x, t, v, p, centered, eps, count, weight, bias, running, limits, params, key,
-                    part, mean, stats, coef, y,
+                    part, mean, stats, coef, y, kept,
                 )  # fmt: skip
         else:
             for t in range(tasks):
                 _planar_fused_forward_task(
                     x, t, v, p, centered, eps, count, weight, bias, running, limits, params, key,
-                    part, mean, stats, coef, y,
+                    part, mean, stats, coef, y, kept,
                 )  # fmt: skip
         _update_running(
             stats, count, track_mean, track_second, momentum, track_kind, np.int64(0), c_total
@@ -1411,9 +1404,9 @@ def forward_planar(
     params = _noise_params(noise, key, c_total)
     if parallel:
         for t in prange(row_blocks):
-            _planar_normalize_task(x, t, row_blocks, v, coef, params, key, y)
+            _planar_normalize_task(x, t, row_blocks, v, coef, params, key, y, kept)
     else:
-        _planar_normalize_task(x, np.int64(0), np.int64(1), v, coef, params, key, y)
+        _planar_normalize_task(x, np.int64(0), np.int64(1), v, coef, params, key, y, kept)
     return stats
 
 
@@ -1475,14 +1468,15 @@ def forward_rows(
     track_kind,
     noise,
     key,
+    kept,
     y,
     stats,
     parallel,
 ):
     """Training forward on rows (M, C * k): column j holds channel j // k (k = 1 for
     channels-last, k = S for a contiguous input with a small feature map); groups are
-    ``v_rows`` rows. Fills and returns the (5, G, C) ``stats``. Memory passes and ``p`` as
-    :func:`forward_planar`.
+    ``v_rows`` rows. Fills and returns the (5, G, C) ``stats``. Memory passes, ``p`` and
+    ``kept`` as :func:`forward_planar`.
     Implements (a part of) ``reference.batch_norm_forward``,
     ``reference.lp_batch_norm_forward``, ``reference.batch_renorm_forward``,
     ``reference.noisy_batch_norm_forward``, ``reference.running_update``.
@@ -1533,16 +1527,18 @@ def forward_rows(
     base = _column_base(columns, k, m_total)
     if parallel:
         for t in prange(row_blocks):
-            _rows_normalize_task(x, t, v_rows, row_blocks, coef, col_noise, key, base, k, y)
+            _rows_normalize_task(x, t, v_rows, row_blocks, coef, col_noise, key, base, k, y, kept)
     else:
-        _rows_normalize_task(x, np.int64(0), v_rows, np.int64(1), coef, col_noise, key, base, k, y)
+        _rows_normalize_task(
+            x, np.int64(0), v_rows, np.int64(1), coef, col_noise, key, base, k, y, kept
+        )
     return stats
 
 
 @njit(cache=True)
 def _planar_fused_backward_task(
-    dy, x, t, v, p, centered, center, stats, count, weight, noise, key, part, argmax_at,
-    argmax_sign, coef, terms, dx, need_dx,
+    dy, x, t, v, p, centered, center, stats, count, weight, kept, part, argmax_at, argmax_sign,
+    coef, terms, dx, need_dx,
 ):  # fmt: skip
     """Sums, coefficients and dx rows of (group, channel) t, as the unfused passes compute them
     (bit for bit): part[2, t] becomes the arg-max addend (p = inf), terms[t] the group's
@@ -1552,7 +1548,7 @@ def _planar_fused_backward_task(
     c_total = x.shape[1]
     g, c = t // c_total, t % c_total
     mean = stats[MEAN]
-    _planar_grad_sums_task(dy, x, t, v, np.int64(1), p, mean, noise, key, part, dx, need_dx)
+    _planar_grad_sums_task(dy, x, t, v, np.int64(1), p, mean, kept, part)
     if p != 1.0 and p != 2.0:
         _planar_argmax_task(x, t, v, center, argmax_at, argmax_sign)
     part[2, t], terms[t] = _store_grad_coefficients(
@@ -1560,24 +1556,21 @@ def _planar_fused_backward_task(
         weight, g, c, c, c + 1, coef,
     )  # fmt: skip
     if need_dx:
-        noisy = noise.shape[1] != 0
         for n in range(g * v, min(x.shape[0], (g + 1) * v)):
-            _planar_dx_row(dy, x, n, c, v, p, coef, noisy, dx)
+            _planar_dx_row(dy, x, n, c, v, p, coef, kept, dx)
 
 
 @njit(cache=True, parallel=_PARALLEL)
-def backward_planar(
-    dy, x, v, blocks, row_blocks, p, stats, weight, noise, key, dx, need_dx, parallel
-):
+def backward_planar(dy, x, v, blocks, row_blocks, p, stats, weight, kept, dx, need_dx, parallel):
     """Fused backward on (N, C, S); writes dx (if ``need_dx``), returns (2, C) d weight, d bias.
 
     dx = a gy + b phi(x - mean) + offset per (group, channel) (:func:`_store_grad_coefficients`;
-    gy = dy, or dy (sigma_t + r_sigma z) with noise): ``reference.batch_norm_backward``,
-    ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``.
+    gy = dy, or dy s with noise, ``kept`` the forward's multipliers s, else empty):
+    ``reference.batch_norm_backward``, ``reference.lp_batch_norm_backward``,
+    ``reference.noisy_batch_norm_backward``.
 
-    Memory passes: read dy and x (sums), read dy and x, write dx (with noise, the sums pass
-    hashes z and writes gy to dx, the dx pass reads gy and x). p = inf: plus a scan of x per
-    (group, channel) for the arg-max of |x - mean|.
+    Memory passes: read dy and x (sums), read dy and x, write dx (with noise both passes also
+    read s). p = inf: plus a scan of x per (group, channel) for the arg-max of |x - mean|.
     With ``blocks`` 1 a task does all of this for one (group, channel) (see
     :func:`forward_planar`): one read of dy and x from memory where a channel fits the cache.
     ``p`` < 0: lp's un-centred form of |p|.
@@ -1594,8 +1587,6 @@ def backward_planar(
     mean = stats[MEAN]
     # p = inf: the arg-max of |x - center|, center the mean or (un-centred) 0.
     center = mean if centered else _filled(0.0, (groups, c_total))
-    params = _noise_params(noise, key, c_total)
-    noisy = noise.shape[0] != 0  # the sums pass stores gy in dx
     argmax_sign = _filled(0.0, (groups, c_total))
     argmax_at = _no_index(groups, c_total)
     dparams = np.empty((2, c_total), dtype=weight.dtype)
@@ -1605,13 +1596,13 @@ def backward_planar(
         if parallel:
             for t in prange(tasks):
                 _planar_fused_backward_task(
-                    dy, x, t, v, p, centered, center, stats, count, weight, params, key, part,
+                    dy, x, t, v, p, centered, center, stats, count, weight, kept, part,
                     argmax_at, argmax_sign, coef, terms, dx, need_dx,
                 )  # fmt: skip
         else:
             for t in range(tasks):
                 _planar_fused_backward_task(
-                    dy, x, t, v, p, centered, center, stats, count, weight, params, key, part,
+                    dy, x, t, v, p, centered, center, stats, count, weight, kept, part,
                     argmax_at, argmax_sign, coef, terms, dx, need_dx,
                 )  # fmt: skip
         totals = np.zeros((2, c_total))
@@ -1626,10 +1617,10 @@ def backward_planar(
         return dparams
     if parallel:
         for t in prange(tasks):
-            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, params, key, part, dx, need_dx)
+            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, kept, part)
     else:
         for t in range(tasks):
-            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, params, key, part, dx, need_dx)
+            _planar_grad_sums_task(dy, x, t, v, blocks, p, mean, kept, part)
     sums = _filled(0.0, (3, groups, c_total))
     for t in range(tasks):
         gc = t // blocks
@@ -1648,20 +1639,20 @@ def backward_planar(
     if need_dx:
         if parallel:
             for t in prange(row_blocks):
-                _planar_dx_task(dy, x, t, row_blocks, v, p, coef, noisy, dx)
+                _planar_dx_task(dy, x, t, row_blocks, v, p, coef, kept, dx)
         else:
-            _planar_dx_task(dy, x, np.int64(0), np.int64(1), v, p, coef, noisy, dx)
+            _planar_dx_task(dy, x, np.int64(0), np.int64(1), v, p, coef, kept, dx)
         _add_at_argmax(dx, argmax_at, sums[2])
     return dparams
 
 
 @njit(cache=True, parallel=_PARALLEL)
 def backward_rows(
-    dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, noise, key, dx, need_dx, parallel,
+    dy, x, k, v_rows, blocks, row_blocks, p, stats, weight, kept, dx, need_dx, parallel,
 ):  # fmt: skip
     """Row-layout :func:`backward_planar` (columns as :func:`forward_rows`). Memory passes:
     read dy and x (sums, and the arg-max for p = inf), read dy and x, write dx (with noise as
-    :func:`backward_planar`). ``p`` as :func:`backward_planar`.
+    :func:`backward_planar`). ``p`` and ``kept`` as :func:`backward_planar`.
     Implements (a part of) ``reference.batch_norm_backward``,
     ``reference.lp_batch_norm_backward``, ``reference.noisy_batch_norm_backward``."""
     centered = p > 0.0
@@ -1679,20 +1670,15 @@ def backward_rows(
     first = np.empty(tracked, dtype=np.int64)
     col_mean = stats[MEAN] if k == 1 else _columns(stats[MEAN : MEAN + 1], k)[0]
     col_center = col_mean if centered else _filled(0.0, (groups, columns))
-    col_noise = _noise_columns(_noise_params(noise, key, channels), k, x)
-    noisy = noise.shape[0] != 0  # the sums pass stores gy in dx
-    base = _column_base(columns, k, m_total)
     if parallel:
         for t in prange(tasks):
             _rows_grad_sums_task(
-                dy, x, t, v_rows, blocks, p, col_mean, col_center, col_noise, key, base, k,
-                part, top, first, dx, need_dx,
+                dy, x, t, v_rows, blocks, p, col_mean, col_center, kept, part, top, first
             )  # fmt: skip
     else:
         for t in range(tasks):
             _rows_grad_sums_task(
-                dy, x, t, v_rows, blocks, p, col_mean, col_center, col_noise, key, base, k,
-                part, top, first, dx, need_dx,
+                dy, x, t, v_rows, blocks, p, col_mean, col_center, kept, part, top, first
             )  # fmt: skip
     argmax = (groups, channels) if track else (0, 0)
     argmax_at = np.empty(argmax, dtype=np.int64)
@@ -1715,9 +1701,9 @@ def backward_rows(
     if need_dx:
         if parallel:
             for t in prange(row_blocks):
-                _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, noisy, dx)
+                _rows_dx_task(dy, x, t, v_rows, row_blocks, p, coef, kept, dx)
         else:
-            _rows_dx_task(dy, x, np.int64(0), v_rows, np.int64(1), p, coef, noisy, dx)
+            _rows_dx_task(dy, x, np.int64(0), v_rows, np.int64(1), p, coef, kept, dx)
         _add_at_argmax(dx, argmax_at, addend)
     return dparams
 

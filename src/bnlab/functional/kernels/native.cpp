@@ -33,10 +33,9 @@ using torch::autograd::variable_list;
 
 using ForwardFn = void (*)(void*, void*, void*, void*, void*, void*, double*, int64_t, int64_t,
                            int64_t, int64_t, int64_t, int64_t, double, double, double, int64_t,
-                           const double*, int64_t, int64_t);
+                           const double*, int64_t, int64_t, void*, int64_t);
 using BackwardFn = void (*)(void*, void*, void*, double*, void*, void*, int64_t, int64_t,
-                            int64_t, int64_t, int64_t, int64_t, double, int64_t, const double*,
-                            int64_t, int64_t);
+                            int64_t, int64_t, int64_t, int64_t, double, int64_t, void*, int64_t);
 using EvalFn = void (*)(void*, void*, void*, void*, void*, void*, int64_t, int64_t, int64_t,
                         int64_t, double, int64_t);
 
@@ -213,7 +212,7 @@ void check_cpu(const Tensor& t, const char* name) {
 struct TrainNormBackward : public torch::autograd::Node {
   using Node::Node;
 
-  torch::autograd::SavedVariable x_, weight_, bias_;
+  torch::autograd::SavedVariable x_, weight_, bias_, kept_;
   Tensor stats_;
   std::vector<int64_t> ints_;
   std::vector<double> reals_;
@@ -226,6 +225,7 @@ struct TrainNormBackward : public torch::autograd::Node {
     x_.reset_data();
     weight_.reset_data();
     bias_.reset_data();
+    kept_.reset_data();
     stats_.reset();
   }
 
@@ -264,11 +264,11 @@ struct TrainNormBackward : public torch::autograd::Node {
     Tensor dx = need_dx ? output_like(x) : at::empty_like(x);
     Tensor w = or_filled(weight, ints_[CHANNELS], 1.0, x);
     Tensor dparams = at::empty({2, ints_[CHANNELS]}, x.options());
+    Tensor kept = ints_[NOISE] > 0 ? kept_.unpack() : Tensor();
     auto run = reinterpret_cast<BackwardFn>(ints_[BACKWARD]);
     run(dy.data_ptr(), x.data_ptr(), dx.data_ptr(), stats_.data_ptr<double>(), w.data_ptr(),
         dparams.data_ptr(), ints_[N0], ints_[N1], ints_[N2], ints_[V], ints_[BLOCKS],
-        ints_[ROW_BLOCKS], reals_[P], need_dx ? 1 : 0, reals_.data() + NOISE_CONF, ints_[NOISE],
-        ints_[KEY]);
+        ints_[ROW_BLOCKS], reals_[P], need_dx ? 1 : 0, ptr(kept), kept.defined() ? 1 : 0);
     if (need_dx) {
       result[0] = dx;
     }
@@ -284,7 +284,8 @@ struct TrainNormBackward : public torch::autograd::Node {
 
 // Training normalization: y, or (y, mean (G, C), spread (G, C)) with ``with_stats`` (float64
 // views of the loop's (5, G, C) statistics). When a gradient is wanted, y's grad_fn is a
-// TrainNormBackward that saves x, weight, bias (autograd's saved tensors) and the statistics.
+// TrainNormBackward that saves x, weight, bias (autograd's saved tensors) and the statistics;
+// with noise also the multipliers s the forward kept (x's shape), which the backward reads.
 py::object train(const Tensor& x, const std::optional<Tensor>& weight_in,
                  const std::optional<Tensor>& bias_in, const std::optional<Tensor>& track_mean,
                  const std::optional<Tensor>& track_second, const std::vector<int64_t>& ints,
@@ -301,13 +302,15 @@ py::object train(const Tensor& x, const std::optional<Tensor>& weight_in,
   Tensor stats = at::empty({5, ints[GROUPS], channels}, x.options().dtype(at::kDouble));
   Tensor w = or_filled(weight, channels, 1.0, x);
   Tensor b = or_filled(bias, channels, 0.0, x);
+  const bool wants_grad = torch::autograd::compute_requires_grad(x, weight, bias);
+  Tensor kept = wants_grad && ints[NOISE] > 0 ? output_like(x) : Tensor();
   auto run = reinterpret_cast<ForwardFn>(ints[FORWARD]);
   run(x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(),
       ptr(defined_or_empty(track_mean)), ptr(defined_or_empty(track_second)),
       stats.data_ptr<double>(), ints[N0], ints[N1], ints[N2], ints[V], ints[BLOCKS],
       ints[ROW_BLOCKS], reals[P], reals[EPS], reals[MOMENTUM], ints[KIND],
-      reals.data() + NOISE_CONF, ints[NOISE], ints[KEY]);
-  if (torch::autograd::compute_requires_grad(x, weight, bias)) {
+      reals.data() + NOISE_CONF, ints[NOISE], ints[KEY], ptr(kept), kept.defined() ? 1 : 0);
+  if (wants_grad) {
     auto node = c10::make_intrusive<TrainNormBackward>(
         torch::autograd::collect_next_edges(x, weight, bias));
     node->x_ = torch::autograd::SavedVariable(x, false);
@@ -315,6 +318,7 @@ py::object train(const Tensor& x, const std::optional<Tensor>& weight_in,
     node->has_bias_ = bias.defined();
     node->weight_ = torch::autograd::SavedVariable(weight, false);
     node->bias_ = torch::autograd::SavedVariable(bias, false);
+    node->kept_ = torch::autograd::SavedVariable(kept, false);
     node->stats_ = stats;
     node->ints_ = ints;
     node->reals_ = reals;

@@ -25,6 +25,12 @@ PLANAR_MIN_SPATIAL = 64
 """A contiguous input with fewer spatial values per (sample, channel) runs on the row loops,
 one row per sample, as (N, C * S): rows of 16 values are too short for the vector units."""
 
+_EMPTY = {
+    (rank, dtype): np.empty((0,) * rank, dtype=np.float32 if dtype == torch.float32 else np.float64)
+    for rank in (2, 3)
+    for dtype in (torch.float32, torch.float64)
+}
+
 _PLAN_CACHE_SIZE = 512
 _plans: dict[tuple[Any, ...], Plan] = {}
 
@@ -137,6 +143,11 @@ class Plan:
         if self.perm is not None:
             a = a.transpose(self.perm)
         return a.reshape(self.view_shape)
+
+    def empty_array(self, dtype: torch.dtype) -> np.ndarray:
+        """An empty array of this plan's rank in ``dtype``: a loop's "none" for an optional
+        array of x's shape (noisy BatchNorm's kept multipliers)."""
+        return _EMPTY[(len(self.view_shape), dtype)]
 
     def like(self, t: Tensor, x: Tensor) -> Tensor:
         """t with x's strides (t itself when they match already)."""
