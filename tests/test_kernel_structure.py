@@ -110,10 +110,18 @@ def _undocumented_kernels(path: Path) -> list[str]:
     return missing
 
 
+LOOPS = FUNCTIONAL / "kernels" / "loops"
+# Every module of the loops package holds kernels but these two (the re-exports, numba's cache).
+KERNEL_MODULES = sorted(
+    path for path in LOOPS.glob("*.py") if path.name not in ("__init__.py", "cache_locator.py")
+)
+
+
 def test_every_loop_names_the_reference_function_it_implements():
-    kernels = FUNCTIONAL / "kernels"
-    for name in ("loops.py", "eval_loops.py"):
-        assert _undocumented_kernels(kernels / name) == [], name
+    passes = {"stats_pass", "normalize_pass", "backward_pass", "noise_draws", "eval_pass"}
+    assert passes | {"drivers", "loop_common"} <= {path.stem for path in KERNEL_MODULES}
+    for path in KERNEL_MODULES:
+        assert _undocumented_kernels(path) == [], path.name
 
 
 def test_the_docstring_check_sees_a_missing_or_wrong_pointer(tmp_path: Path):
@@ -125,3 +133,70 @@ def test_the_docstring_check_sees_a_missing_or_wrong_pointer(tmp_path: Path):
         'def d():\n    """A helper: no equation of its own."""\n'
     )
     assert _undocumented_kernels(source) == ["b", "c"]
+
+
+def test_loop_functions_are_cached_against_every_loop_module():
+    """numba's locator for a loop function is the package's (stamp: the digest of every loop
+    module) in the folder numba would have chosen; a function elsewhere keeps numba's own."""
+    from numba.core import caching
+
+    from bnlab.functional.kernels import entries
+    from bnlab.functional.kernels.loops import cache_locator, drivers, noise_draws
+
+    numba_own = [c for c in caching.CacheImpl._locator_classes if c not in cache_locator.LOCATORS]
+    for function in (noise_draws._noise_params, drivers.forward_rows_serial):
+        py_func = function.py_func
+        locator = caching.FunctionCache(py_func)._impl.locator
+        assert isinstance(locator, cache_locator.LOCATORS)
+        assert locator.get_source_stamp() == cache_locator.source_digest()
+        source = inspect.getfile(py_func)
+        found = next(filter(None, (c.from_function(py_func, source) for c in numba_own)))
+        assert locator.get_cache_path() == found.get_cache_path()
+    locator = caching.FunctionCache(entries._key.py_func)._impl.locator
+    assert not isinstance(locator, cache_locator.LOCATORS)
+
+
+_CHILD = """
+import json
+import numpy as np
+from bnlab.functional.kernels.loops import noise_draws
+conf = np.array([0.5, 2.0, 0.25, 0.125])
+params = noise_draws._noise_params(conf, np.array([1, 2], dtype=np.uint64), 2)
+stats = noise_draws._noise_params.stats
+print(json.dumps({"rows": params[2:].tolist(), "hits": sum(stats.cache_hits.values())}))
+"""
+
+
+def test_an_edit_of_one_loop_module_recompiles_the_loops_that_read_it(tmp_path: Path):
+    """In a copy of the package: _noise_params (noise_draws.py) compiles in the noise rows of
+    loop_common.py; after an edit of loop_common.py alone a new process must not load the
+    cached machine code (numba's own stamp would: noise_draws.py is unchanged)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import bnlab
+
+    copy = tmp_path / "src" / "bnlab"
+    ignore = shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc")
+    shutil.copytree(Path(bnlab.__file__).parent, copy, ignore=ignore)
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
+    env["PYTHONPATH"] = str(tmp_path / "src")
+
+    def run() -> dict:
+        command = [sys.executable, "-c", _CHILD]
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.splitlines()[-1])
+
+    rows = [[0.25, 0.25], [0.125, 0.125]]  # r_mu, r_sigma per channel
+    assert run() == {"rows": rows, "hits": 0}
+    assert run() == {"rows": rows, "hits": 1}  # the disk cache serves a second process
+    common = copy / "functional" / "kernels" / "loops" / "loop_common.py"
+    source = common.read_text()
+    line = "_MU_T, _SIGMA_T, _R_MU, _R_SIGMA = range(4)"
+    assert line in source
+    common.write_text(source.replace(line, "_MU_T, _SIGMA_T, _R_SIGMA, _R_MU = range(4)"))
+    assert run() == {"rows": rows[::-1], "hits": 0}

@@ -387,13 +387,13 @@ def test_noise_goes_with_batch_norm_statistics_only():
 
 @pytest.mark.parametrize("channels", [1, 7, 300])
 def test_channel_noise_parameters_are_the_same_bits_on_both_paths_and_in_range(channels):
-    from bnlab.functional.kernels import loops
+    from bnlab.functional.kernels.loops import noise_draws
 
     spec = F.NoiseSpec(n_mu=0.7, n_sigma=2.5, r_mu=0.2, r_sigma=0.1)
     draw = noise.draw(spec, torch.device("cpu"), torch.Generator().manual_seed(channels))
     mu, sigma = draw.channel_params(channels)
     conf = np.array(spec.constants)
-    params = loops._noise_params(conf, np.array(draw.key, dtype=np.uint64), channels)
+    params = noise_draws._noise_params(conf, np.array(draw.key, dtype=np.uint64), channels)
     assert torch.equal(torch.from_numpy(params[0]), mu)
     assert torch.equal(torch.from_numpy(params[1]), sigma)
     assert (params[2] == 0.2).all() and (params[3] == 0.1).all()
@@ -402,7 +402,7 @@ def test_channel_noise_parameters_are_the_same_bits_on_both_paths_and_in_range(c
         assert mu.unique().numel() == channels and sigma.unique().numel() == channels
     draws = R.noise_draws((2, channels), draw.key, spec.n_mu, spec.n_sigma)
     assert rel_err(mu, draws.mu_t) <= 1e-15 and rel_err(sigma, draws.sigma_t) <= 1e-15
-    assert loops._noise_params(np.empty(0), np.zeros(2, np.uint64), channels).shape == (4, 0)
+    assert noise_draws._noise_params(np.empty(0), np.zeros(2, np.uint64), channels).shape == (4, 0)
 
 
 @pytest.mark.parametrize("glue", GLUES)

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.skipif(not kernels.numba_available(), reason="numba not
 KEY = (0x9E3779B9, 0x7F4A7C15)
 
 
-def _loops():
-    from bnlab.functional.kernels import loops
+def _noise_draws():
+    from bnlab.functional.kernels.loops import noise_draws
 
-    return loops
+    return noise_draws
 
 
 def _hash_reference(counters: np.ndarray) -> np.ndarray:
@@ -31,9 +31,9 @@ def _hash_reference(counters: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("start", [0, 2**32 - 100, 3 * 2**32 + 17])
 def test_hash_run_matches_torch_hash_across_the_32_bit_wrap(start):
-    loops = _loops()
+    draws = _noise_draws()
     h = np.empty(300, dtype=np.uint32)
-    loops._hash_run(start, 300, np.array(KEY, dtype=np.uint64), h)
+    draws._hash_run(start, 300, np.array(KEY, dtype=np.uint64), h)
     expected = _hash_reference(np.arange(start, start + 300))
     np.testing.assert_array_equal(h.astype(np.int64), expected)
 
@@ -41,18 +41,18 @@ def test_hash_run_matches_torch_hash_across_the_32_bit_wrap(start):
 def test_tile_counters_are_the_logical_counters_past_the_32_bit_wrap():
     """Row layout with k = 3 columns per channel and 2^31 rows: a tile's counters plus its first
     row times k are c * N * S + n * S + s (mod 2^32, as the kernels and noise.hash32 take them)."""
-    loops = _loops()
+    draws = _noise_draws()
     k, rows, columns = 3, 2**31, 12
-    base = loops._column_base(columns, k, rows)
+    base = draws._column_base(columns, k, rows)
     tile_rows = 4
-    counters = loops._tile_counters(base, k, columns, tile_rows).astype(np.int64)
+    counters = draws._tile_counters(base, k, columns, tile_rows).astype(np.int64)
     first = rows - 5
     j = np.tile(np.arange(columns), tile_rows)
     row = first + np.repeat(np.arange(tile_rows), columns)
     logical = (j // k) * (rows * k) + row * k + j % k  # c * N * S + n * S + s
     np.testing.assert_array_equal((counters + first * k) % 2**32, logical % 2**32)
     hashed = [
-        loops._hash32(np.uint32((c + first * k) % 2**32), *map(np.uint32, KEY)) for c in counters
+        draws._hash32(np.uint32((c + first * k) % 2**32), *map(np.uint32, KEY)) for c in counters
     ]
     np.testing.assert_array_equal(np.array(hashed, dtype=np.int64), _hash_reference(logical))
 

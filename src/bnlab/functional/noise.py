@@ -112,7 +112,7 @@ class NoiseDraw(NamedTuple):
         self, channels: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
     ) -> tuple[Tensor, Tensor]:
         """``(mu_t, sigma_t)``, each (channels,), computed in float64 then cast to ``dtype``.
-        The kernels compute the same (``kernels.loops._noise_params``)."""
+        The kernels compute the same (``kernels.loops.noise_draws._noise_params``)."""
         spec = self.spec
         counter = torch.arange(2 * channels, device=torch.device(device), dtype=torch.int64)
         u = (hash32(counter, (self.key[1], self.key[0])).double() + 0.5) * 2.0**-32
@@ -169,7 +169,7 @@ def _mul32(x: Tensor, c: int) -> Tensor:
 def hash32(counter: Any, key: tuple[Word, Word]) -> Any:
     """lowbias32 (C. Wellons), keyed: ``lowbias32((counter mod 2^32) ^ key[0]) + key[1]`` mod
     2^32; int64 in (tensors or Python ints), values in [0, 2^32) out. The kernels compute the
-    same function (``kernels.loops._hash32``)."""
+    same function (``kernels.loops.noise_draws._hash32``)."""
     x = (counter & _M32) ^ key[0]
     x = x ^ (x >> 16)
     x = _mul32(x, _MUL1)

@@ -17,8 +17,8 @@ second derivatives from :mod:`bnlab.functional.operators`, the torch-op formulas
 variants), so higher derivatives are exact.
 
 The package: :mod:`.runtime` (loading numba and the loops, fork handling), :mod:`.plan` (an
-input's geometry on the loops, output allocation), :mod:`.loops` and :mod:`.eval_loops` (the
-numba loops), :mod:`.entries` (their C entry points), :mod:`.native` (the C++ glue),
+input's geometry on the loops, output allocation), :mod:`.loops` (the numba loops, a module
+per pass and the drivers), :mod:`.entries` (their C entry points), :mod:`.native` (the C++ glue),
 :mod:`.prepare` (ahead-of-time compilation); this module holds the Python autograd Functions
 and the calls the dispatcher makes (:func:`train_native`, :func:`train_normalize`,
 :func:`eval_normalize`).

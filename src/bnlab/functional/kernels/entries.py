@@ -1,16 +1,17 @@
 """C entry points of the loops (numba ``cfunc``), called by the native glue (:mod:`.native`).
 
 Each entry takes raw pointers and sizes, wraps them as arrays (``numba.carray``, no copy) and
-runs the same driver the Python path calls (:mod:`.loops`, :mod:`.eval_loops`), so both paths
-compute the same numbers. BatchNorm, lp, ghost batches and noise come here (not renorm: its
-arguments are the empty arrays the drivers take for "none").
+runs the same driver the Python path calls (:mod:`.loops.drivers`, :mod:`.loops.eval_pass`), so
+both paths compute the same numbers. BatchNorm, lp, ghost batches and noise come here (not
+renorm: its arguments are the empty arrays the drivers take for "none").
 
 An entry is compiled on first use for one (driver, parallel, dtype) and cached on disk like the
 loops. The Python Function path calls the drivers through twins of its own
 (:func:`python_driver`), which pass ``parallel`` as the entries do, so that both paths share
 one compilation of each driver. numba checks a cached function against its own source file
-only, not against the loops it calls, so each entry's name carries a hash of :mod:`.loops` and
-:mod:`.eval_loops`: edited loops get entries of their own instead of stale cached ones.
+only, not against the loops it calls, so each entry's name carries the digest of every loop
+module (:func:`.loops.cache_locator.source_digest`, the loops' own cache stamp): edited loops
+get entries of their own instead of stale cached ones.
 
 Arguments, in order (``P``: pointer to the input dtype, ``D``: pointer to float64):
 
@@ -29,17 +30,15 @@ Arguments, in order (``P``: pointer to the input dtype, ``D``: pointer to float6
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import types as pytypes
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numba import carray, cfunc, njit, types
 
-from bnlab.functional.kernels import eval_loops, loops
+from bnlab.functional.kernels.loops import drivers, eval_pass
+from bnlab.functional.kernels.loops.cache_locator import source_digest
 from bnlab.functional.kernels.runtime import load_loops
 
 # Replaced per compiled twin (see _twin): the driver the entry calls and whether it runs on
@@ -212,12 +211,12 @@ def _signature(stage: str, dtype: Any) -> Any:
 
 
 _TEMPLATES: dict[str, tuple[Callable[..., None], Any]] = {
-    "forward_planar": (_forward_planar, loops),
-    "forward_rows": (_forward_rows, loops),
-    "backward_planar": (_backward_planar, loops),
-    "backward_rows": (_backward_rows, loops),
-    "eval_planar": (_eval_planar, eval_loops),
-    "eval_rows": (_eval_rows, eval_loops),
+    "forward_planar": (_forward_planar, drivers),
+    "forward_rows": (_forward_rows, drivers),
+    "backward_planar": (_backward_planar, drivers),
+    "backward_rows": (_backward_rows, drivers),
+    "eval_planar": (_eval_planar, eval_pass),
+    "eval_rows": (_eval_rows, eval_pass),
 }
 TEMPLATES: tuple[str, ...] = tuple(_TEMPLATES)
 """Every entry's name, ``stage_layout`` (what :func:`address` and :func:`python_driver` take)."""
@@ -234,15 +233,6 @@ _compiled: dict[tuple[str, bool, str], Any] = {}
 _python: dict[tuple[str, bool], Any] = {}
 
 
-@functools.cache
-def _loops_version() -> str:
-    """A hash of the loops' sources (see the module docstring)."""
-    digest = hashlib.sha1(usedforsecurity=False)
-    for module in (loops, eval_loops):
-        digest.update(Path(module.__file__ or "").read_bytes())
-    return digest.hexdigest()[:12]
-
-
 def _twin(name: str, parallel: bool, python: bool = False) -> Callable[..., Any]:
     """The template of ``name`` (the C entry's, or with ``python`` the Python path's) bound to
     its driver (serial or parallel build)."""
@@ -252,7 +242,7 @@ def _twin(name: str, parallel: bool, python: bool = False) -> Callable[..., Any]
     env = dict(template.__globals__)
     env["_DRIVER"] = getattr(module, name + suffix)
     env["_PARALLEL"] = parallel
-    qualname = f"{name}{suffix}_{'python' if python else 'entry'}_{_loops_version()}"
+    qualname = f"{name}{suffix}_{'python' if python else 'entry'}_{source_digest()[:12]}"
     twin = pytypes.FunctionType(template.__code__, env, qualname, template.__defaults__)
     twin.__qualname__ = qualname
     return twin

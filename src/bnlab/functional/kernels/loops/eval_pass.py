@@ -6,7 +6,8 @@ One read of x and one write of y, in the input dtype, with the per-channel coeff
 out once per call in float64 (so float32 output carries the rounding of one subtraction, one
 multiply and one add). Kept apart from the training loops: the inner loop is a plain
 multiply-add that the compiler vectorizes, with no branch for noise or virtual batches.
-Layouts as :mod:`.loops`: planar (N, C, S) and rows (M, C * k), column j holding channel j // k.
+Layouts as the training loops' (:mod:`bnlab.functional.kernels.loops`): planar (N, C, S) and
+rows (M, C * k), column j holding channel j // k.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from bnlab.functional.kernels.loops import _ELEMENTWISE, _PARALLEL, _block, _serial_twin
+from bnlab.functional.kernels.loops.loop_common import (
+    _ELEMENTWISE,
+    _PARALLEL,
+    _block,
+    _serial_twin,
+)
 
 
 @njit(cache=True)
