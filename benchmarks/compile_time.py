@@ -1,9 +1,10 @@
 """Cold compile time of the numba kernel entries: ``python benchmarks/compile_time.py``.
 
-numba caches compiled kernels on disk, keyed on the source file's path, so a fresh clone pays
-the compilation once. This script measures that cost without touching the real cache: it
-copies ``src/bnlab`` to a temporary directory and, in a child process importing that copy with
-an empty ``NUMBA_CACHE_DIR``, compiles each entry of :mod:`bnlab.functional.kernels.entries`
+numba caches compiled kernels on disk, keyed on their source files (the loops on every module
+of ``bnlab.functional.kernels.loops``), so a fresh clone pays the compilation once. This script
+measures that cost without touching the real cache: it copies ``src/bnlab`` (the loops package
+with it) to a temporary directory and, in a child process importing that copy with an empty
+``NUMBA_CACHE_DIR``, compiles each entry of :mod:`bnlab.functional.kernels.entries`
 (``entries.address(name, parallel, dtype)``) in turn, printing the CPU and wall seconds each
 one added. Entries share helpers, so an entry's time depends on what was compiled before it:
 the order is the one given (default: every template, parallel then serial, float32 then

@@ -1,6 +1,7 @@
-"""The kernels package's structure (issue 15, item 4): no import circle between the kernels, the
-noise and the torch-op formulas; one table of the entries' C arguments that native.cpp and the
-entry templates follow."""
+"""The kernels package's structure (issue 15, item 4): no import circle between the kernels (the
+loop modules included), the noise and the torch-op formulas; one table of the entries' C
+arguments that native.cpp and the entry templates follow; every loop's docstring points to its
+reference function; numba's disk cache of the loops keyed on every loop module."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ MODULES = {
     "bnlab.functional.kernels.native": FUNCTIONAL / "kernels" / "native.py",
     "bnlab.functional.kernels.plan": FUNCTIONAL / "kernels" / "plan.py",
     "bnlab.functional.kernels.runtime": FUNCTIONAL / "kernels" / "runtime.py",
+    "bnlab.functional.kernels.entries": FUNCTIONAL / "kernels" / "entries.py",
+    "bnlab.functional.kernels.loops": FUNCTIONAL / "kernels" / "loops" / "__init__.py",
+} | {
+    f"bnlab.functional.kernels.loops.{path.stem}": path
+    for path in (FUNCTIONAL / "kernels" / "loops").glob("*.py")
+    if path.stem != "__init__"
 }
 
 
