@@ -16,6 +16,7 @@ is the measured ratio (``bnlab bench layers``' timing, interleaved with the othe
 
 from __future__ import annotations
 
+import functools
 import time
 
 import click
@@ -36,6 +37,7 @@ from bnlab.bench.layers import (
 from bnlab.functional.kernels.runtime import load_loops
 
 
+@functools.cache
 def _draw_loop():  # type: ignore[no-untyped-def]
     load_loops()
     from bnlab.functional.kernels.loops import noise_draws as nd

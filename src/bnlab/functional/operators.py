@@ -209,10 +209,9 @@ def _fused_backward(
     weight's stand-in gives dweight and dbias in x's dtype."""
     x, plan = kernels.planned(x, spec.virtual_batch_size)
     w = weight if weight is not None else torch.ones(x.shape[1], dtype=x.dtype)
-    if kept is not None and spec.noise is not None:
-        kept = plan.like(kept, x)
+    kept = plan.like(kept, x) if kept is not None and spec.noise is not None else None
     ctx = SimpleNamespace(
-        saved_tensors=(x, w, w, kept if spec.noise is not None else None),
+        saved_tensors=(x, w, w, kept),
         needs_input_grad=(need_dx, True, True),
         state=(spec, plan, stats.numpy()),
     )

@@ -7,14 +7,14 @@ without compiling. The dispatcher in :mod:`bnlab.functional` is the only caller.
 What runs here: CPU float32/float64 tensors, dense in NCHW-style or channels-last layout (any
 other strides are made contiguous first). The same loops serve BatchNorm and every variant (lp
 statistics, ghost batches, renorm, noise) with one statistics pass, one normalize pass, and a
-fused two-pass backward; the backward saves x, the parameters and per-channel statistics, never
-x_hat. Two glues call them: the native one (:mod:`.native`, a C++ autograd node; BatchNorm, lp,
-ghost and noise through :func:`train_native`, and eval) and :class:`FusedTrainNorm`, a Python
-autograd.Function (renorm, and everything where the native glue is off or not built). A
-backward run with ``create_graph=True`` (double backward, e.g. Hessian-vector products) runs
-the registered graph backward on both (:func:`use_graph_backward`: BatchNorm's closed-form
-second derivatives from :mod:`bnlab.functional.operators`, the torch-op formulas for the other
-variants), so higher derivatives are exact.
+fused two-pass backward; the backward saves x, the parameters and per-channel statistics (with
+noise also the multipliers s), never x_hat. Two glues call them: the native one (:mod:`.native`,
+a C++ autograd node; BatchNorm, lp, ghost and noise through :func:`train_native`, and eval) and
+:class:`FusedTrainNorm`, a Python autograd.Function (renorm, and everything where the native
+glue is off or not built). A backward run with ``create_graph=True`` (double backward, e.g.
+Hessian-vector products) runs the registered graph backward on both (:func:`use_graph_backward`:
+BatchNorm's closed-form second derivatives from :mod:`bnlab.functional.operators`, the torch-op
+formulas for the other variants), so higher derivatives are exact.
 
 The package: :mod:`.runtime` (loading numba and the loops, fork handling), :mod:`.plan` (an
 input's geometry on the loops, output allocation), :mod:`.loops` (the numba loops, a module
@@ -140,7 +140,7 @@ class FusedTrainNorm(torch.autograd.Function):
         # the noise multipliers s, kept for the backward when one will run
         wanted = keep or any(ctx.needs_input_grad[:3])
         kept = output_like(x) if spec.noise is not None and wanted else None
-        kept_a = plan.array(kept) if kept is not None else plan.empty_array(x.dtype)
+        kept_a = plan.optional_array(kept, x.dtype)
         args = (
             plan.blocks, plan.row_blocks, spec.kernel_p, spec.eps, w, b, running, limits, *track,
             *noise, kept_a, ya, stats,
@@ -174,7 +174,7 @@ class FusedTrainNorm(torch.autograd.Function):
         dx = output_like(x)
         dxa = plan.array(dx)
         w = _param(weight, plan.channels, 1.0, x.dtype)
-        kept_a = plan.array(kept) if kept is not None else plan.empty_array(x.dtype)
+        kept_a = plan.optional_array(kept, x.dtype)
         args = (plan.blocks, plan.row_blocks, spec.kernel_p, stats, w, kept_a, dxa, need_dx)
         plan.enter()
         if plan.planar:

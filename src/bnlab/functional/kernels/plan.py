@@ -144,10 +144,11 @@ class Plan:
             a = a.transpose(self.perm)
         return a.reshape(self.view_shape)
 
-    def empty_array(self, dtype: torch.dtype) -> np.ndarray:
-        """An empty array of this plan's rank in ``dtype``: a loop's "none" for an optional
-        array of x's shape (noisy BatchNorm's kept multipliers)."""
-        return _EMPTY[(len(self.view_shape), dtype)]
+    def optional_array(self, t: Tensor | None, dtype: torch.dtype) -> np.ndarray:
+        """:meth:`array` of t, or for None an empty array of this plan's rank in ``dtype``: a
+        loop's "none" for an optional array of x's shape (noisy BatchNorm's kept
+        multipliers)."""
+        return self.array(t) if t is not None else _EMPTY[(len(self.view_shape), dtype)]
 
     def like(self, t: Tensor, x: Tensor) -> Tensor:
         """t with x's strides (t itself when they match already)."""

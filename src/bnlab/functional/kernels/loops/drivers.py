@@ -24,7 +24,6 @@ from bnlab.functional.kernels.loops.backward_pass import (
 )
 from bnlab.functional.kernels.loops.loop_common import _PARALLEL, MEAN, _serial_twin
 from bnlab.functional.kernels.loops.noise_draws import (
-    _RUN,
     _column_base,
     _iota,
     _noise_columns,
@@ -33,6 +32,7 @@ from bnlab.functional.kernels.loops.noise_draws import (
 from bnlab.functional.kernels.loops.normalize_pass import (
     _planar_normalize_row,
     _planar_normalize_task,
+    _row_scratch,
     _rows_normalize_task,
 )
 from bnlab.functional.kernels.loops.stats_pass import (
@@ -106,7 +106,7 @@ def _planar_fused_forward_task(
     )  # fmt: skip
     _store_coefficient_rows(stats[:, g, c : c + 1], c, c + 1, weight, bias, 1, coef[:, g])
     iota = _iota()
-    scratch = np.empty(_RUN if noise.shape[1] != 0 and kept.shape[0] == 0 else 0, x.dtype)
+    scratch = _row_scratch(noise, kept, x)
     for n in range(g * v, min(x.shape[0], (g + 1) * v)):
         _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y, kept, scratch)
 

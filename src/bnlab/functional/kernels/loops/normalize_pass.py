@@ -38,11 +38,19 @@ def _planar_normalize_task(x, t, row_blocks, v, coef, noise, key, y, kept):
     n_total, c_total, _ = x.shape
     r0, r1 = _block(0, n_total * c_total, t, row_blocks)
     iota = _iota()
-    scratch = np.empty(_RUN if noise.shape[1] != 0 and kept.shape[0] == 0 else 0, x.dtype)
+    scratch = _row_scratch(noise, kept, x)
     for r in range(r0, r1):
         _planar_normalize_row(
             x, r // c_total, r % c_total, v, coef, noise, key, iota, y, kept, scratch
         )
+
+
+@njit(cache=True, inline="always")
+def _row_scratch(noise, kept, like):
+    """Where :func:`_planar_normalize_row` puts a run's noise multipliers when the forward
+    keeps none: _RUN values in like's dtype with noise and ``kept`` empty, else empty.
+    A helper: no equation of its own."""
+    return np.empty(_RUN if noise.shape[1] != 0 and kept.shape[0] == 0 else 0, like.dtype)
 
 
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
