@@ -2,11 +2,12 @@
 benchmarks/noise_floor.py`` (one thread, thread CPU time; ``--quick`` for fewer repeats).
 
 Algorithm 1 draws, at every training step, a uniform m and a normal s for every activation. On
-the kernels each draw is one keyed hash of the activation's position and, for s, one look-up in
-the 2^16-entry quantile table (a vector gather). The "draws" column times exactly that work for
-the shape's number of activations (a numba loop over the loops' own hash and quantile
-functions, the draws written to a scratch run that stays in L1: nothing applied, nothing
-stored), which any implementation of this noise adds to BatchNorm's forward. So
+the kernels each draw is one keyed hash of the activation's position and, for s, a second hash
+and an odd polynomial of the sum of four 12-bit digits (``bnlab.functional.noise.normals``).
+The "draws" column times exactly that work for the shape's number of activations (a numba loop
+over the loops' own hash and normal functions, the draws written to a scratch run that stays in
+L1: nothing applied, nothing stored), which any implementation of this noise adds to
+BatchNorm's forward. So
 
     bound = (bnlab BatchNorm forward+backward + draws) / torch.nn BatchNorm forward+backward
 
@@ -43,7 +44,7 @@ def _draw_loop():  # type: ignore[no-untyped-def]
     from bnlab.functional.kernels.loops import noise_draws as nd
 
     iota_hash, level, normal, iota = nd._iota_hash, nd._level, nd._normal, nd._iota
-    run_length, s16, low16, unit_scale = nd._RUN, nd._S16, nd._LOW16, nd._UNIT_SCALE
+    run_length, s16, top, unit_scale = nd._RUN, nd._S16, nd._TOP, nd._UNIT_SCALE
 
     @njit(cache=False)
     def draws(n, key, u, z):  # type: ignore[no-untyped-def]
@@ -58,7 +59,7 @@ def _draw_loop():  # type: ignore[no-untyped-def]
             for i in range(run):
                 h = iota_hash(offsets, i, first, k0, k1)
                 u[i] = level(h >> s16, unit, u)
-                z[i] = normal(h & low16, z)
+                z[i] = normal(h, iota_hash(offsets, i, np.uint32(first ^ top), k0, k1), z)
             total += z[0] + u[0]  # keeps the loop's results live
         return total
 

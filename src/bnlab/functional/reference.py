@@ -25,7 +25,6 @@ paths make them.
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 
 import numpy as np
@@ -368,9 +367,8 @@ def noise_draws(
     Per unit c: u_c, v_c = (h + 1/2) / 2^32 of the hashes of counters 2c, 2c + 1 under the
     swapped key; mu_t = n_mu (2 u_c - 1), sigma_t = 1 + (n_sigma - 1) v_c.
     Per activation (n, c, j) (j the flat spatial index): the hash h of counter c N S + n S + j;
-    u = (2 (h >> 16) + 1 - 2^16) / 2^16 (uniform on 2^16 levels of (-1, 1)) and
-    z = Phi^-1(((h & 0xFFFF) + 1/2) / 2^16) (the normal's inverse CDF at 2^16 equiprobable
-    levels: inverse-transform sampling of N(0, 1), within +-4.33).
+    u = (2 (h >> 16) + 1 - 2^16) / 2^16 (uniform on 2^16 levels of (-1, 1)) and z from
+    :func:`_normal_from_bits` of h's low 16 bits and the hash h2 of the counter XOR 2^31.
     """
     n, c = shape[0], shape[1]
     size = math.prod(shape[2:])
@@ -386,20 +384,35 @@ def noise_draws(
     )
     h = _lowbias32(counter, key)
     u = (2.0 * (h >> np.uint64(16)).astype(np.float64) + 1 - NOISE_LEVELS) / NOISE_LEVELS
-    z = _normal_quantiles()[(h & np.uint64(0xFFFF)).astype(np.int64)]
+    h2 = _lowbias32(counter ^ np.uint64(1 << 31), key)
+    z = _normal_from_bits(h & np.uint64(0xFFFF), h2)
     return NoiseDraws(mu_t, sigma_t, u.reshape(shape), z.reshape(shape))
 
 
-_QUANTILES: list[Array] = []
+NORMAL_COEFFICIENTS = (
+    1.6668350390281728,
+    0.04817025527518963,
+    0.027934047585635034,
+    -0.01692257687815148,
+    0.005337823409600361,
+)
+"""The odd polynomial of :func:`_normal_from_bits` (written out here again: the reference
+shares no code with the paths it checks)."""
 
 
-def _normal_quantiles() -> Array:
-    """Phi^-1((k + 1/2) / 2^16) for k < 2^16 (the standard library's inverse normal CDF)."""
-    if not _QUANTILES:
-        inv_cdf = statistics.NormalDist().inv_cdf
-        levels = (np.arange(NOISE_LEVELS) + 0.5) / NOISE_LEVELS
-        _QUANTILES.append(np.array([inv_cdf(float(q)) for q in levels]))
-    return _QUANTILES[0]
+def _normal_from_bits(low: NDArray[np.integer], high: NDArray[np.integer]) -> Array:
+    """Standard normal values from 48 bits: ``low`` (16 bits) above ``high`` (32 bits), read as
+    four 12-bit digits a, b, c, d; their sum, centred and scaled, w = (a + b + c + d - 8190)
+    / 4096 (four uniforms: mean 0, variance 1/3, within +-2), goes through the odd polynomial
+    z = w (c0 + w^2 (c1 + ... + w^2 c4)) fitted to the normal's quantiles, float64."""
+    bits = (low.astype(np.uint64) << np.uint64(32)) | high.astype(np.uint64)
+    digits = [(bits >> np.uint64(12 * i)) & np.uint64(0xFFF) for i in range(4)]
+    w = (sum(d.astype(np.int64) for d in digits) - 8190).astype(np.float64) / 4096
+    w2 = w * w
+    z = np.zeros_like(w)
+    for coefficient in reversed(NORMAL_COEFFICIENTS):
+        z = z * w2 + coefficient
+    return z * w
 
 
 def algorithm1_noise(

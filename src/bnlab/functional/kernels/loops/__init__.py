@@ -20,19 +20,20 @@ pay for waking the thread pool (``parallel``), else serially. Planar reductions 
 reductions split over blocks of rows, each task accumulating a partial vector over channels.
 
 Per-element noise (noisy BatchNorm, Algorithm 1): a counter-based hash of (channel, logical
-position, key) gives a uniform level u and a normal quantile z
+position, key) gives a uniform level u and, with a second hash, a normal z
 (:mod:`bnlab.functional.noise`), deterministically for any number of threads. The forward
 drivers take the noise as its configuration (n_mu, n_sigma, r_mu, r_sigma; empty for none)
 and the key, and derive the per-channel mu_t, sigma_t from them; an activation a becomes
 s a + m, s = sigma_t + r_sigma z, m = mu_t + r_mu u. When a gradient is wanted the forward
 keeps s (one value per activation, in the input dtype, as dropout keeps its mask) and the
-backward drivers take it: gy = dy s. Making z costs a gather from the 256 KiB quantile table
-(about 0.5 ns per value here), more than reading a stored s back; the backward made it again
-until this was measured (see the backward pass note).
+backward drivers take it: gy = dy s. When that was measured, making z cost a gather from a
+256 KiB quantile table (about 0.5 ns per value here), more than reading a stored s back; the
+backward had made it again (see the backward pass note). z is now two hashes and a polynomial
+(:func:`.noise_draws._normal`), and the backward still reads s.
 
 The modules, by pass: :mod:`.stats_pass` (the statistics, the running buffers, the normalize
 coefficients), :mod:`.normalize_pass`, :mod:`.backward_pass`, :mod:`.noise_draws` (the noise
-hash, its quantiles, the noise parameters and the row loops' tiles) and :mod:`.eval_pass` (eval
+hash, its normal, the noise parameters and the row loops' tiles) and :mod:`.eval_pass` (eval
 mode), with what they share in :mod:`.loop_common`; the training drivers the glues call
 (:func:`forward_planar`, :func:`forward_rows`, :func:`backward_planar`, :func:`backward_rows`
 and their serial twins) in :mod:`.drivers`. :mod:`.cache_locator` keys numba's disk cache of

@@ -14,11 +14,11 @@ from bnlab.functional.kernels.loops.loop_common import (
     _block,
 )
 from bnlab.functional.kernels.loops.noise_draws import (
-    _LOW16,
     _RUN,
     _S16,
+    _TOP,
     _UNIT_SCALE,
-    _hash_tile,
+    _hash32,
     _iota,
     _iota_hash,
     _level,
@@ -83,7 +83,8 @@ def _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y, kept, scratch):
         s_run = kept[n, c, s0 : s0 + run] if keep else scratch[:run]
         for i in range(run):
             h = _iota_hash(iota, i, first, k0, k1)
-            u, z = _level(h >> _S16, unit, x), _normal(h & _LOW16, x)
+            u = _level(h >> _S16, unit, x)
+            z = _normal(h, _iota_hash(iota, i, np.uint32(first ^ _TOP), k0, k1), x)
             multiplier = sigma + r_sigma * z
             s_run[i] = multiplier
             bn = ((x_run[i] - mh) - ml) * a + b
@@ -114,8 +115,9 @@ def _rows_normalize_task(x, t, v_rows, row_blocks, coef, noise, key, base, k, y,
 @njit(cache=True, fastmath=_ELEMENTWISE, inline="always")
 def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y, kept):
     """Noise, rows r0..r1 on tiles: y = y_bn s + (mu_t + r_mu u), s = sigma_t + r_sigma z
-    per value, y_bn as :func:`_coefficients`, u and z from :func:`_hash_tile`; s is stored in
-    ``kept`` (x's shape) for the backward, or (``kept`` empty) in a scratch tile.
+    per value, y_bn as :func:`_coefficients`, u and z hashed from the tile's counters in the
+    same loop; s is stored in ``kept`` (x's shape) for the backward, or (``kept`` empty) in a
+    scratch tile.
     Implements (a part of) ``reference.noisy_batch_norm_forward``."""
     columns = x.shape[1]
     rows, counters, tiles = _noisy_tiles(x, base, k, noise[:2], 4)
@@ -125,8 +127,7 @@ def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y, kept)
     r_mu, r_sigma = noise[_R_MU, 0], noise[_R_SIGMA, 0]
     xf, yf = x.reshape(-1), y.reshape(-1)
     k0, k1 = np.uint32(key[0]), np.uint32(key[1])
-    draws = np.empty((2, counters.shape[0]), dtype=x.dtype)
-    u, z = draws[0], draws[1]
+    unit = x.dtype.type(_UNIT_SCALE)
     keep = kept.shape[0] != 0
     kf = kept.reshape(-1)
     scratch = np.empty(0 if keep else counters.shape[0], dtype=x.dtype)
@@ -139,9 +140,12 @@ def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y, kept)
             lo = r * columns
             xs, ys = xf[lo : lo + n], yf[lo : lo + n]
             ss = kf[lo : lo + n] if keep else scratch[:n]
-            _hash_tile(counters, np.uint32(r * k), k0, k1, n, x, z, u)
+            offset = np.uint32(r * k)
             for i in range(n):
+                counter = np.uint32(counters[i] + offset)
+                h = _hash32(counter, k0, k1)
+                z = _normal(h, _hash32(np.uint32(counter ^ _TOP), k0, k1), x)
                 bn = ((xs[i] - mh[i]) - ml[i]) * a[i] + b[i]
-                multiplier = sigma[i] + r_sigma * z[i]
+                multiplier = sigma[i] + r_sigma * z
                 ss[i] = multiplier
-                ys[i] = bn * multiplier + (mu[i] + r_mu * u[i])
+                ys[i] = bn * multiplier + (mu[i] + r_mu * _level(h >> _S16, unit, x))
