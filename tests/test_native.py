@@ -18,6 +18,7 @@ import bnlab.functional as F
 import bnlab.nn as bnn
 from bnlab.functional import kernels, ops
 from bnlab.functional.kernels import native
+from bnlab.functional.noise import seed_key, step_key
 from helpers import rel_err
 
 pytestmark = pytest.mark.skipif(not kernels.numba_available(), reason="numba not installed")
@@ -356,6 +357,40 @@ def test_the_batch_counter_moves_as_add_does():
         ours(x), reference(x)
     assert ours.num_batches_tracked.item() == reference.num_batches_tracked.item() == 3
     assert rel_err(ours.running_mean, reference.running_mean) <= 1e-6
+
+
+@needs_glue
+@pytest.mark.parametrize("step", [0, 1, 2**31 - 1, 2**31, 2**32 + 5, 2**62 - 2])
+def test_the_next_noise_key_is_step_key_of_the_buffers(step):
+    """The glue's next key equals noise.step_key of the base key and the step (across the
+    counter's 32-bit wrap, 2 step >= 2^32), and moves the step counter as add_(1) does; buffers
+    it does not take (another dtype, a key word past 32 bits, an inference tensor) get -1 and
+    are left as they were. A layer draws the same keys through the glue as through Python."""
+    glue = native.loaded()
+    base = torch.tensor(seed_key(7), dtype=torch.int64)
+    steps = torch.tensor(step, dtype=torch.int64)
+    version = steps._version
+    packed = glue.next_noise_key(base, steps)
+    low, high = step_key(tuple(base.tolist()), step)
+    assert packed == low | (high << 32)
+    assert steps.item() == step + 1 and steps._version == version + 1
+    with torch.inference_mode():
+        frozen = torch.tensor(step, dtype=torch.int64)
+    for key, counter in (
+        (base, torch.tensor(5, dtype=torch.int32)),
+        (torch.tensor([2**32, 1], dtype=torch.int64), steps),
+        (torch.tensor([1, -1], dtype=torch.int64), steps),
+        (base, frozen),
+    ):
+        before = counter.item()
+        assert glue.next_noise_key(key, counter) == -1 and counter.item() == before
+    layers = [bnn.NoisyBatchNorm2d(3, seed=11) for _ in range(2)]
+    x = torch.randn(4, 3, 2, 2)
+    with native.disabled():
+        python_keys = [layers[0]._next_draw().key for _ in range(3)]
+    assert [layers[1]._next_draw().key for _ in range(3)] == python_keys
+    assert layers[0].noise_steps.item() == layers[1].noise_steps.item() == 3
+    torch.testing.assert_close(layers[0](x), layers[1](x), rtol=0, atol=0)
 
 
 def test_each_checkout_builds_its_glue_in_a_folder_of_its_own(monkeypatch, tmp_path):

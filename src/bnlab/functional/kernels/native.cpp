@@ -387,6 +387,50 @@ void count_batch(Tensor& counter) {
   counter.add_(1);
 }
 
+// lowbias32 (C. Wellons), keyed, on uint32: noise.hash32 for a counter and key words below 2^32.
+uint32_t hash32(uint32_t counter, uint32_t k0, uint32_t k1) {
+  uint32_t x = counter ^ k0;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x + k1;
+}
+
+// A noisy layer's next step key from its buffers, the base key (2,) and the step counter: the
+// packed noise.step_key(base, step) (low word first), with the counter moved on as add_(1)
+// moves it (version counter included). The Python calls (tolist, int, add_ and two hashes on
+// Python ints) cost about 5 us a step. Returns -1, touching nothing, unless both are plain CPU
+// int64 tensors as count_batch takes them and the key words and the step are non-negative
+// with the words below 2^32; the caller then takes the Python way.
+int64_t next_noise_key(Tensor& base, Tensor& steps) {
+  auto plain = [](const Tensor& t, int64_t numel) {
+    return t.is_cpu() && t.scalar_type() == at::kLong && t.numel() == numel &&
+           t.is_contiguous() && !t.is_inference() && !t.requires_grad() &&
+           !t.key_set().has(c10::DispatchKey::Python) &&
+           typeid(*t.unsafeGetTensorImpl()) == typeid(c10::TensorImpl);
+  };
+  if (!plain(base, 2) || !plain(steps, 1)) {
+    return -1;
+  }
+  const int64_t* words = base.data_ptr<int64_t>();
+  int64_t* step = steps.data_ptr<int64_t>();
+  constexpr int64_t kWord = int64_t{1} << 32;
+  if (words[0] < 0 || words[0] >= kWord || words[1] < 0 || words[1] >= kWord || *step < 0 ||
+      *step > std::numeric_limits<int64_t>::max() / 2 - 1) {
+    return -1;
+  }
+  const auto k0 = static_cast<uint32_t>(words[0]);
+  const auto k1 = static_cast<uint32_t>(words[1]);
+  const auto counter = static_cast<uint32_t>(static_cast<uint64_t>(*step) * 2);
+  const uint32_t low = hash32(counter, k0, k1);
+  const uint32_t high = hash32(counter + 1, k0, k1) & 0x7FFFFFFFu;
+  *step += 1;
+  steps.unsafeGetTensorImpl()->bump_version();
+  return static_cast<int64_t>(low) | (static_cast<int64_t>(high) << 32);
+}
+
 void set_double_backward(py::object f) {
   if (double_backward == nullptr) {
     double_backward = new py::object();
@@ -401,6 +445,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("eval", &bnlab::eval, "Eval normalization on the fused kernels (no autograd)");
   m.def("set_double_backward", &bnlab::set_double_backward);
   m.def("count_batch", &bnlab::count_batch, "counter += 1, as counter.add_(1)");
+  m.def("next_noise_key", &bnlab::next_noise_key,
+        "A noisy layer's packed step key from its buffers, the step counter moved on; -1: none");
   m.def("output_like", &bnlab::output_like, "An output with x's shape and strides");
   m.def("output_cache", &bnlab::output_cache_state,
         "(bytes held, limit) of the cache of freed large outputs; sets the limit when given",
