@@ -42,11 +42,12 @@ from bnlab.functional.kernels.runtime import load_loops
 def _draw_loop():  # type: ignore[no-untyped-def]
     load_loops()
     from bnlab.functional.kernels.loops import noise_draws as nd
+    from bnlab.functional.kernels.loops.loop_common import _ELEMENTWISE
 
     iota_hash, level, normal, iota = nd._iota_hash, nd._level, nd._normal, nd._iota
     run_length, s16, top, unit_scale = nd._RUN, nd._S16, nd._TOP, nd._UNIT_SCALE
 
-    @njit(cache=False)
+    @njit(cache=False, fastmath=_ELEMENTWISE)  # the normalizing loops' flags (contraction)
     def draws(n, key, u, z):  # type: ignore[no-untyped-def]
         """u, z of activations 0 .. n - 1 (as the forward makes them), in runs of _RUN."""
         offsets = iota()
