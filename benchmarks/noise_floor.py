@@ -5,7 +5,7 @@ Algorithm 1 draws, at every training step, a uniform m and a normal s for every 
 the kernels each draw is one keyed hash of the activation's position and, for s, a second hash
 and an odd polynomial of the sum of four 12-bit digits (``bnlab.functional.noise.normals``).
 The "draws" column times exactly that work for the shape's number of activations (a numba loop
-over the loops' own hash and normal functions, the draws written to a scratch run that stays in
+over the loops' own draw function, the draws written to a scratch run that stays in
 L1: nothing applied, nothing stored), which any implementation of this noise adds to
 BatchNorm's forward. So
 
@@ -44,8 +44,8 @@ def _draw_loop():  # type: ignore[no-untyped-def]
     from bnlab.functional.kernels.loops import noise_draws as nd
     from bnlab.functional.kernels.loops.loop_common import _ELEMENTWISE
 
-    iota_hash, level, normal, iota = nd._iota_hash, nd._level, nd._normal, nd._iota
-    run_length, s16, top, unit_scale = nd._RUN, nd._S16, nd._TOP, nd._UNIT_SCALE
+    draw, iota = nd._draws, nd._iota
+    run_length, unit_scale = nd._RUN, nd._UNIT_SCALE
 
     @njit(cache=False, fastmath=_ELEMENTWISE)  # the normalizing loops' flags (contraction)
     def draws(n, key, u, z):  # type: ignore[no-untyped-def]
@@ -58,9 +58,7 @@ def _draw_loop():  # type: ignore[no-untyped-def]
             run = min(run_length, n - s0)
             first = np.uint32(s0)
             for i in range(run):
-                h = iota_hash(offsets, i, first, k0, k1)
-                u[i] = level(h >> s16, unit, u)
-                z[i] = normal(h, iota_hash(offsets, i, np.uint32(first ^ top), k0, k1), z)
+                u[i], z[i] = draw(np.uint32(offsets[i] + first), k0, k1, unit, u)
             total += z[0] + u[0]  # keeps the loop's results live
         return total
 

@@ -104,7 +104,7 @@ class NoisyBatchNorm(BatchNorm):
         base_tensor, steps = buffers["noise_key"], buffers["noise_steps"]
         assert base_tensor is not None and steps is not None
         glue = native.loaded()
-        if glue is not None:  # the same key and counter in 0.3 us instead of 5
+        if glue is not None:  # the same key and counter: this draw 1.1 us instead of 5
             packed = glue.next_noise_key(base_tensor, steps)
             if packed >= 0:
                 return F.NoiseDraw.from_packed(self.noise, packed)

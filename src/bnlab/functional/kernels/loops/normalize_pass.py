@@ -15,15 +15,10 @@ from bnlab.functional.kernels.loops.loop_common import (
 )
 from bnlab.functional.kernels.loops.noise_draws import (
     _RUN,
-    _S16,
-    _TOP,
     _UNIT_SCALE,
-    _hash32,
+    _draws,
     _iota,
-    _iota_hash,
-    _level,
     _noisy_tiles,
-    _normal,
     _tile,
 )
 
@@ -82,9 +77,7 @@ def _planar_normalize_row(x, n, c, v, coef, noise, key, iota, y, kept, scratch):
         x_run, y_run = x[n, c, s0 : s0 + run], y[n, c, s0 : s0 + run]
         s_run = kept[n, c, s0 : s0 + run] if keep else scratch[:run]
         for i in range(run):
-            h = _iota_hash(iota, i, first, k0, k1)
-            u = _level(h >> _S16, unit, x)
-            z = _normal(h, _iota_hash(iota, i, np.uint32(first ^ _TOP), k0, k1), x)
+            u, z = _draws(np.uint32(iota[i] + first), k0, k1, unit, x)
             multiplier = sigma + r_sigma * z
             s_run[i] = multiplier
             bn = ((x_run[i] - mh) - ml) * a + b
@@ -142,10 +135,8 @@ def _rows_noisy_normalize(x, r0, r1, v_rows, coef, noise, key, base, k, y, kept)
             ss = kf[lo : lo + n] if keep else scratch[:n]
             offset = np.uint32(r * k)
             for i in range(n):
-                counter = np.uint32(counters[i] + offset)
-                h = _hash32(counter, k0, k1)
-                z = _normal(h, _hash32(np.uint32(counter ^ _TOP), k0, k1), x)
+                u, z = _draws(np.uint32(counters[i] + offset), k0, k1, unit, x)
                 bn = ((xs[i] - mh[i]) - ml[i]) * a[i] + b[i]
                 multiplier = sigma[i] + r_sigma * z
                 ss[i] = multiplier
-                ys[i] = bn * multiplier + (mu[i] + r_mu * _level(h >> _S16, unit, x))
+                ys[i] = bn * multiplier + (mu[i] + r_mu * u)
